@@ -1,0 +1,1 @@
+"""headlab.dashboard."""

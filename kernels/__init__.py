@@ -1,0 +1,20 @@
+"""Fused attention with statistics: the output plus what analyses need, without T x T memory."""
+
+from .dispatch import BACKEND_ENV, BACKENDS, attention_with_stats, register_backend, resolve_backend
+from .eager import attention_probs, eager_attention_with_stats, stats_from_probs
+from .stats import AttentionStats, MaskSpec
+from .torch_backend import torch_attention_with_stats
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "AttentionStats",
+    "MaskSpec",
+    "attention_probs",
+    "attention_with_stats",
+    "eager_attention_with_stats",
+    "register_backend",
+    "resolve_backend",
+    "stats_from_probs",
+    "torch_attention_with_stats",
+]

@@ -1,0 +1,70 @@
+"""One entry point, several backends: ``attention_with_stats`` picks one per call.
+
+Choice order: the ``backend`` argument, then ``HEADLAB_ATTN_BACKEND``, then the device
+(CUDA -> triton once that backend is registered, anything else -> torch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .eager import eager_attention_with_stats
+from .stats import AttentionStats, MaskSpec
+from .torch_backend import torch_attention_with_stats
+
+BackendFn = Callable[..., tuple[torch.Tensor, AttentionStats]]
+
+# The seam for faster kernels: a backend registers a function with the eager signature.
+BACKENDS: dict[str, BackendFn] = {
+    "eager": eager_attention_with_stats,
+    "torch": torch_attention_with_stats,
+}
+BACKEND_ENV = "HEADLAB_ATTN_BACKEND"
+
+
+def register_backend(name: str, fn: BackendFn) -> None:
+    BACKENDS[name] = fn
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    name = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+    if name not in BACKENDS:
+        known = ", ".join(sorted(BACKENDS))
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: auto, {known}")
+    return name
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    key_padding: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    q_offset: int = 0,
+    row_mask=None,
+    sinks: torch.Tensor | None = None,
+    backend: str | None = None,
+    **backend_kwargs,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Attention output and its statistics without materialising the probabilities (except ``eager``).
+
+    q ``[batch, head, query, dim]``; k, v ``[batch, kv_head, key, dim]`` (GQA: head divisible by
+    kv_head); ``key_padding`` ``[batch, key]`` True for real tokens; ``sinks`` ``[head]`` learned
+    sink logits added to each row's denominator. Returns output ``[batch, head, query, dim_v]`` in
+    q's dtype and ``AttentionStats`` in fp32.
+    """
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads evenly")
+    mask = MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fn = BACKENDS[resolve_backend(q.device, backend)]
+    return fn(q, k, v, mask, scale, sinks, **backend_kwargs)

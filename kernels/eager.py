@@ -1,0 +1,74 @@
+"""The readable oracle: materialise the full ``[batch, head, query, key]`` probabilities, then reduce.
+
+O(H·T²) memory; used by tests and for small T. The fast paths must agree with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .stats import AttentionStats, MaskSpec
+
+
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[batch, kv_head, key, dim]`` -> ``[batch, head, key, dim]`` (head h reads kv head h // group)."""
+    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: MaskSpec,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full probabilities ``[batch, head, query, key]`` (fp32), log-sum-exp and visibility."""
+    batch, n_heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), expand_kv(k, n_heads).float()) * scale
+    allowed = mask.allowed(0, n_q, n_k, q.device).expand(batch, 1, n_q, n_k)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.float().view(1, n_heads, 1, 1).expand(batch, n_heads, n_q, 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :n_k]
+    return probs, lse, allowed
+
+
+def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | None = None) -> AttentionStats:
+    """Reduce materialised probabilities ``[batch, head, query, key]`` into ``AttentionStats``.
+
+    Also the bridge from other sources of probabilities (``output_attentions``) to the same numbers.
+    """
+    batch, n_heads, n_q, n_k = probs.shape
+    probs = probs.float()
+    allowed = mask.allowed(0, n_q, n_k, probs.device).expand(batch, 1, n_q, n_k)
+    counted = mask.rows_counted(0, n_q, batch, probs.device) & allowed.any(dim=-1)[:, 0]
+    weight = counted[:, None, :, None].float()
+    first = mask.first_key(batch, probs.device)
+    if lse is None:
+        lse = torch.full((batch, n_heads, n_q), float("nan"), device=probs.device)
+    return AttentionStats(
+        lse=lse.float(),
+        entropy=torch.special.entr(probs).sum(-1),
+        key_mass=(probs * weight).sum(dim=2),
+        key_count=(allowed[:, 0] & counted[:, :, None]).sum(dim=1).float(),
+        first_mass=probs.gather(-1, first.view(batch, 1, 1, 1).expand(batch, n_heads, n_q, 1))[..., 0],
+        row_counted=counted,
+        first_key=first,
+    )
+
+
+def eager_attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: MaskSpec,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> output ``[batch, head, query, dim_v]``."""
+    probs, lse, _ = attention_probs(q, k, mask, scale, sinks)
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, expand_kv(v, q.shape[1]).float()).to(q.dtype)
+    return out, stats_from_probs(probs, mask, lse)
