@@ -76,6 +76,10 @@ def sinks(
     from .loading import load
     from .prompts import read_prompts
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         # Cheap checks first: a bad flag should not wait for a model to load.
         if max_tokens <= 0:

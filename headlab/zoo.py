@@ -75,7 +75,7 @@ def _tiny_llava_config() -> PretrainedConfig:
     )
     return AutoConfig.for_model(
         "llava", text_config=text, vision_config=vision, image_token_index=IMAGE_ID,
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_feature_layer=-2, vision_feature_select_strategy="default",  # as LLaVA-1.5
     )
 
 
