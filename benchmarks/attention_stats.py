@@ -29,6 +29,11 @@ current RSS right before the measured forward (``rss_before_mib``) and the pre-f
 peak and ``peak MiB`` is a lower bound; ``peak_over_rss_mib`` (peak minus the current RSS before)
 is the upper-bound reading.
 
+The cpus may be shared with other work: the worker also records, over the timed repeats, the CPU
+time that other processes used (``/proc/stat`` busy time minus its own ``getrusage`` time), as
+``other_load_cores``; rows above 0.1 cores are listed under the table, since with two torch threads
+a busy second core slows OpenMP barriers down by an order of magnitude (``--threads 1`` avoids it).
+
 Eager is not started when its attention weights alone, ``L * H * T^2 * 4`` bytes, exceed
 ``--max-eager-gib`` or 90 % of the memory available now; the row then says
 ``skipped (estimated X GiB)``. A ``RuntimeError``/``MemoryError`` about memory inside the worker,
@@ -71,6 +76,7 @@ N_THREADS = 2
 SEED = 0
 N_KEYS, EPS = 8, 0.3
 DEFAULT_JSON = Path("benchmarks/results/attention_stats_cpu.json")
+BUSY_CORES = 0.1  # foreign CPU load above which a timing is flagged as shared
 MIB = 2**20
 GIB = 2**30
 
@@ -101,6 +107,22 @@ def available_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes on the machine spent busy so far (``/proc/stat``, all cpus)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def release_free_memory() -> None:
@@ -191,11 +213,11 @@ def is_oom(err: BaseException) -> bool:
         or "failed to allocate" in text
 
 
-def worker(method: str, length: int, repeats: int) -> dict[str, Any]:
+def worker(method: str, length: int, repeats: int, threads: int) -> dict[str, Any]:
     """Run inside the fresh process: memory on the first forward, time over the next ``repeats``."""
     import torch
 
-    torch.set_num_threads(N_THREADS)
+    torch.set_num_threads(threads)
     model, loaded = build_model()
     run, check = make_runner(method, model, loaded)
     gen = torch.Generator().manual_seed(SEED)
@@ -210,10 +232,12 @@ def worker(method: str, length: int, repeats: int) -> dict[str, Any]:
         first_s = time.perf_counter() - start
         after = maxrss_bytes()
         times = []
+        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         for _ in range(repeats):
             start = time.perf_counter()
             run(ids)
             times.append(time.perf_counter() - start)
+        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     except (RuntimeError, MemoryError) as err:
         if is_oom(err):
             return {"status": "OOM", "note": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
@@ -228,6 +252,11 @@ def worker(method: str, length: int, repeats: int) -> dict[str, Any]:
         "maxrss_after_mib": after / MIB,
         "rss_before_mib": None if rss_before is None else rss_before / MIB,
         "peak_over_rss_mib": None if rss_before is None else (after - rss_before) / MIB,
+        "own_cpu_cores": (own1 - own0) / max(wall1 - wall0, 1e-9),
+        # CPU time other processes burnt on this machine while the repeats ran, in cores: > ~0.1 means
+        # the timings shared the cpus (with 2 threads, OpenMP barriers then slow down a lot).
+        "other_load_cores": None if busy0 is None or busy1 is None
+        else max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9),
         "check": check(),
     }
 
@@ -240,10 +269,10 @@ def eager_estimate_bytes(length: int) -> int:
     return MODEL_CONFIG["num_hidden_layers"] * MODEL_CONFIG["num_attention_heads"] * length**2 * 4
 
 
-def run_case(method: str, length: int, repeats: int, timeout: float) -> dict[str, Any]:
+def run_case(method: str, length: int, repeats: int, threads: int, timeout: float) -> dict[str, Any]:
     """One (method, T) in a fresh interpreter; the worker prints its result as the last stdout line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", method, str(length),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
     except subprocess.TimeoutExpired:
@@ -257,7 +286,7 @@ def run_case(method: str, length: int, repeats: int, timeout: float) -> dict[str
     return json.loads(lines[-1])
 
 
-def machine() -> dict[str, Any]:
+def machine(threads: int) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -273,7 +302,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_count": os.cpu_count(),
-        "torch_threads": N_THREADS,
+        "torch_threads": threads,
         "memory_gib": None if total is None else round(total, 1),
         "device": "cpu",
     }
@@ -300,6 +329,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             label = r["status"] if r["status"] != "skipped" else r["note"]
             cells = [label, "—", "—", "—"]
         out.append(f"| {r['T']} | {r['method']} | " + " | ".join(cells) + " |")
+    busy = [f"T={r['T']} {r['method']} ({r['other_load_cores']:.2f})" for r in rows
+            if (r.get("other_load_cores") or 0) > BUSY_CORES]
+    if busy:
+        out.append(f"\nOther processes used > {BUSY_CORES} cores while these were timed (cores in brackets): "
+                   + ", ".join(busy) + ".")
     return "\n".join(out)
 
 
@@ -309,6 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after the measured first one")
     parser.add_argument("--repeats-long", type=int, nargs=2, metavar=("MIN_T", "N"), default=None,
                         help="use N repeats instead for T >= MIN_T (e.g. 8192 2)")
+    parser.add_argument("--threads", type=int, default=N_THREADS, help="torch.set_num_threads in workers")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--max-eager-gib", type=float, default=16.0,
                         help="skip eager when L*H*T^2*4 bytes exceeds this")
@@ -322,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._worker:
         method, length = args._worker[0], int(args._worker[1])
-        print(json.dumps(worker(method, length, args.repeats)), flush=True)
+        print(json.dumps(worker(method, length, args.repeats, args.threads)), flush=True)
         return
 
     methods = ["sdpa"] + [m for m in args.methods if m != "sdpa"]  # the baseline always runs, first
@@ -345,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"T={length} {method}: {row['note']}", file=sys.stderr, flush=True)
                     continue
             tick = time.perf_counter()
-            row.update(run_case(method, length, repeats, args.timeout))
+            row.update(run_case(method, length, repeats, args.threads, args.timeout))
             row["wall_s"] = time.perf_counter() - tick
             if method == "sdpa" and row["status"] == "ok":
                 base = row
@@ -353,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["time_ratio"] = ratio(row["time_s"], base.get("time_s"))
                 row["memory_ratio"] = ratio(row["peak_mib"], base.get("peak_mib"))
             rows.append(row)
-            summary = (f"time {row['time_s']:.3f} s, peak {row['peak_mib']:.1f} MiB" if row["status"] == "ok"
+            summary = (f"time {row['time_s']:.3f} s, peak {row['peak_mib']:.1f} MiB, "
+                       f"other load {fmt(row.get('other_load_cores'), '.2f')} cores" if row["status"] == "ok"
                        else f"{row['status']}: {row.get('note', '')}")
             print(f"T={length} {method}: {summary} (worker {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
 
@@ -364,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         "description": "one forward pass, batch 1, fp32, CPU; peak = ru_maxrss growth over the first "
                        "forward in a fresh process; time = median of the following repeats",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": machine(args.threads),
         "model": {"model_type": "qwen3", **MODEL_CONFIG, "dtype": "float32", "random_init_seed": SEED},
         "statistics": {"KeyImportance": {"n_keys": N_KEYS, "eps": EPS}, "RowMeans": {}},
         "max_eager_gib": args.max_eager_gib,

@@ -84,7 +84,8 @@ class LazyMask:
             return MaskSpec(True, None, offset, padding, query_valid)
         if self.mask_function is bidirectional_mask_function:
             return MaskSpec(False, None, offset, padding, query_valid)
-        return MaskSpec(False, None, offset, None, query_valid, row_mask=self.rows)
+        # Padding is already inside the rows; passing it too keeps first_key right under left padding.
+        return MaskSpec(False, None, offset, padding, query_valid, row_mask=self.rows)
 
 
 def headlab_mask(

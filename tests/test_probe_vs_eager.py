@@ -111,3 +111,34 @@ def test_probe_leaves_vision_tower_alone(load_model):
     assert sorted(probe.last) == list(range(loaded.arch.n_layers))
     assert probe.last[0].key_mass.shape == (1, loaded.arch.n_heads, ids.shape[1])
     assert loaded.arch.image_mask(ids).sum() == n_image
+
+
+def test_sliding_window_layers_use_the_models_own_mask():
+    # Sliding-window layers get transformers' composed mask function: the lazy row-mask path.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from headlab.arch import Arch
+    from headlab.loading import LoadedModel
+    from headlab.tokenizer import byte_tokenizer
+
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=258,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    tok = byte_tokenizer(add_bos=False)
+    loaded = LoadedModel("window", model, tok, Arch.from_model(model, tok), "test")
+    enc = tok(TEXT, return_tensors="pt", padding=True)
+    eager = run_eager(loaded, enc)
+    with torch.no_grad(), AttentionProbe(loaded) as probe:
+        got_logits = model(**enc).logits
+    valid = enc.attention_mask.bool()
+    torch.testing.assert_close(got_logits[valid], eager.logits[valid], atol=1e-5, rtol=1e-4)
+    for layer, window in ((0, 5), (1, None)):
+        mask = MaskSpec(causal=True, window=window, key_padding=valid, query_valid=valid)
+        want = stats_from_probs(eager.attentions[layer], mask)
+        torch.testing.assert_close(probe.last[layer].key_mass, want.key_mass, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probe.last[layer].key_count, want.key_count)
+    assert probe.last[0].key_count[0, 0] == 5  # a key is seen by exactly `window` queries
