@@ -117,3 +117,18 @@ def test_console_script_runs_from_a_fresh_process(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: unknown model 'nonexistent-model'")
     assert len(bad.stderr.strip().splitlines()) <= 2
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
+    import torch
+
+    import headlab.analyses.sinks as sinks_module
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(sinks_module, "analyze_sinks", no_memory)
+    result = runner.invoke(analyze_app, ["sinks", *FAST, "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "out of memory" in result.output and "--batch-size" in result.output
+    assert not (tmp_path / "runs").exists()
