@@ -182,15 +182,8 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         "",
         "## Top heads by attention received by the first token",
         "",
-        tables["sink_heads"].head(10).to_markdown(index=False) if _has_tabulate() else
+        "```",
         tables["sink_heads"].head(10).to_string(index=False),
+        "```",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

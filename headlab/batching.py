@@ -21,9 +21,13 @@ class Batch:
     tokens: list[list[str]]
 
 
-def check_max_tokens(loaded: LoadedModel, max_tokens: int) -> None:
+def check_positive_tokens(max_tokens: int) -> None:
     if max_tokens <= 0:
         raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+
+
+def check_max_tokens(loaded: LoadedModel, max_tokens: int) -> None:
+    check_positive_tokens(max_tokens)
     limit = loaded.arch.max_positions
     if limit is not None and max_tokens > limit:
         raise InputError(

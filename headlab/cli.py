@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 
@@ -73,6 +72,7 @@ def sinks(
 ) -> None:
     """Attention sinks (Gu et al.) and massive activations (Sun et al.)."""
     from .analyses.sinks import SinksConfig, analyze_sinks
+    from .batching import check_positive_tokens
     from .loading import load
     from .prompts import read_prompts
 
@@ -82,8 +82,7 @@ def sinks(
         hf_logging.disable_progress_bar()
     try:
         # Cheap checks first: a bad flag should not wait for a model to load.
-        if max_tokens <= 0:
-            raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+        check_positive_tokens(max_tokens)
         if n_prompts is not None and n_prompts <= 0:
             raise InputError(f"--n-prompts must be positive, got {n_prompts}")
         runs_dir = check_runs_dir(out or default_runs_dir())
@@ -137,6 +136,3 @@ def models() -> None:
     console.print(table)
     console.print("Also: any Hugging Face id (org/name) or a local folder in Hugging Face format.")
 
-
-def main() -> None:  # pragma: no cover - python -m headlab.cli
-    analyze_app(sys.argv[1:])

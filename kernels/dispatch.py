@@ -53,18 +53,19 @@ def attention_with_stats(
     row_mask=None,
     sinks: torch.Tensor | None = None,
     backend: str | None = None,
+    mask: MaskSpec | None = None,
     **backend_kwargs,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention output and its statistics without materialising the probabilities (except ``eager``).
 
     q ``[batch, head, query, dim]``; k, v ``[batch, kv_head, key, dim]`` (GQA: head divisible by
     kv_head); ``key_padding`` ``[batch, key]`` True for real tokens; ``sinks`` ``[head]`` learned
-    sink logits added to each row's denominator. Returns output ``[batch, head, query, dim_v]`` in
-    q's dtype and ``AttentionStats`` in fp32.
+    sink logits added to each row's denominator; a ready ``mask`` replaces the mask arguments.
+    Returns output ``[batch, head, query, dim_v]`` in q's dtype and ``AttentionStats`` in fp32.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads evenly")
-    mask = MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
+    mask = mask or MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = BACKENDS[resolve_backend(q.device, backend)]
     return fn(q, k, v, mask, scale, sinks, **backend_kwargs)

@@ -143,11 +143,8 @@ def headlab_attention_forward(
     causal = bool(getattr(module, "is_causal", True))
     spec = mask_spec_from(attention_mask, causal=causal, window=sliding_window,
                           n_q=query.shape[2], n_k=key.shape[2])
-    out, stats = attention_with_stats(
-        query, key, value, causal=spec.causal, scale=scaling, window=spec.window,
-        key_padding=spec.key_padding, query_valid=spec.query_valid, q_offset=spec.q_offset,
-        row_mask=spec.row_mask, sinks=s_aux, backend=probe.backend,
-    )
+    out, stats = attention_with_stats(query, key, value, scale=scaling, sinks=s_aux, backend=probe.backend,
+                                      mask=spec)
     probe.record(layer, stats)
     return out.transpose(1, 2).contiguous(), None
 
