@@ -15,4 +15,9 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==${TORCH_VERSION}" > "$constraints"
 .venv/bin/pip install -q "torch==${TORCH_VERSION}"
 .venv/bin/pip install -q -c "$constraints" -e ".[dev]"
+# Chromium renders static figure exports (kaleido) and runs the dashboard's browser test.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi
+command -v chromium >/dev/null 2>&1 || echo "note: no chromium found; figure export and the browser test need it (apt-get install chromium)"
 .venv/bin/python -c "import torch, headlab; print('headlab', headlab.__version__, 'torch', torch.__version__)"
