@@ -32,6 +32,7 @@ class SinksConfig:
     massive_abs: float = 100.0  # Sun et al.: |x| > 100 ...
     massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of its hidden state
     top_heads: int = 10
+    token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
     backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
 
 
@@ -47,11 +48,18 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     importance = KeyImportance(arch.n_layers, arch.n_heads, config.n_keys, config.eps)
     rows = RowMeans(arch.n_layers, arch.n_heads)
 
+    batch_alpha: dict[int, torch.Tensor] = {}
+
     def on_stats(layer, stats):
         importance.add(layer, stats)
         rows.add(layer, stats)
+        # Mean attention each key receives, per prompt: alpha at every position, not only the first n_keys.
+        batch_alpha[layer] = (stats.key_mass / stats.key_count.clamp(min=1)[:, None, :]).float().cpu()
 
     first_norms, median_norms, massive, n_tokens = [], [], [], 0
+    n_kept = min(len(prompts), config.token_view_prompts)
+    token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
+    token_rows: list[dict] = []
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
     with torch.no_grad(), AttentionProbe(loaded, on_stats, backend=config.backend), ResidualProbe(loaded) as resid:
         for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
@@ -65,6 +73,12 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
                 first_norms.append(norms[:, 0])
                 median_norms.append(norms.median(dim=1).values)
                 massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config)
+                if prompt_index < n_kept:
+                    for layer, alpha_b in batch_alpha.items():
+                        token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
+                    token_rows += [{"prompt": prompt_index, "position": pos, "token": tok}
+                                   for pos, tok in enumerate(batch.tokens[row][:length])]
+            batch_alpha.clear()
             bar.update(len(batch.indices))
     bar.close()
 
@@ -74,6 +88,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     first_norm = torch.stack(first_norms).mean(0)
     median_norm = torch.stack(median_norms).mean(0)
     tables = _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, massive, config)
+    tables["tokens"] = pd.DataFrame(token_rows, columns=["prompt", "position", "token"])
     summary = _summary(loaded, prompts, n_tokens, alpha, sink_rate, tables, config)
     return Result(
         analysis="sinks",
@@ -83,7 +98,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         tables=tables,
         tensors={"alpha": alpha, "sink_rate": sink_rate, "entropy": entropy, "first_mass": first_mass,
                  "sink_heads": (alpha[:, :, 0] > config.eps).to(torch.uint8),
-                 "first_token_norm": first_norm, "median_token_norm": median_norm},
+                 "first_token_norm": first_norm, "median_token_norm": median_norm,
+                 "token_alpha": token_alpha},
         figures=_figures(loaded.name, alpha, sink_rate, first_norm, median_norm, config),
         summary=summary,
         report=_report(summary, tables),

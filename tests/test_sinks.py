@@ -52,6 +52,21 @@ def test_tiny_model_run_has_every_table(load_model):
     result = analyze_sinks(load_model("tiny-qwen3"), bundled_prompts()[:3],
                            SinksConfig(max_tokens=24), progress=False)
     assert set(result.tables) == {"sink_heads", "key_importance", "sink_rate", "residual_norms",
-                                  "massive_activations", "massive_dims"}
+                                  "massive_activations", "massive_dims", "tokens"}
     assert result.tensors["alpha"].shape == (4, 4, 8)
     assert len(result.tables["residual_norms"]) == 4
+
+
+def test_token_alpha_agrees_with_alpha(load_model):
+    loaded = load_model("minilm")
+    prompts = bundled_prompts()[:5]
+    result = analyze_sinks(loaded, prompts, SinksConfig(max_tokens=16, batch_size=2), progress=False)
+    token_alpha = result.tensors["token_alpha"]  # [prompt, layer, head, position]
+    assert token_alpha.shape == (5, loaded.arch.n_layers, loaded.arch.n_heads, 16)
+    # Mean over prompts of per-prompt alpha at the first positions is the run's alpha.
+    torch.testing.assert_close(token_alpha[..., :8].nanmean(0), result.tensors["alpha"], atol=1e-5, rtol=1e-5)
+    tokens = result.tables["tokens"]
+    lengths = tokens.groupby("prompt").size()
+    for prompt, length in lengths.items():
+        assert not token_alpha[prompt, :, :, :length].isnan().any()
+        assert token_alpha[prompt, :, :, length:].isnan().all()
