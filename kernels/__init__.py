@@ -2,7 +2,7 @@
 
 from .dispatch import BACKEND_ENV, BACKENDS, attention_with_stats, register_backend, resolve_backend
 from .eager import attention_probs, eager_attention_with_stats, stats_from_probs
-from .stats import AttentionStats, MaskSpec
+from .stats import AttentionStats, MaskSpec, StatsRequest, distance_bin_edges, distance_bins
 from .torch_backend import torch_attention_with_stats
 
 __all__ = [
@@ -10,8 +10,11 @@ __all__ = [
     "BACKEND_ENV",
     "AttentionStats",
     "MaskSpec",
+    "StatsRequest",
     "attention_probs",
     "attention_with_stats",
+    "distance_bin_edges",
+    "distance_bins",
     "eager_attention_with_stats",
     "register_backend",
     "resolve_backend",

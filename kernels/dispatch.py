@@ -12,12 +12,13 @@ from collections.abc import Callable
 import torch
 
 from .eager import eager_attention_with_stats
-from .stats import AttentionStats, MaskSpec
+from .stats import AttentionStats, MaskSpec, StatsRequest
 from .torch_backend import torch_attention_with_stats
 
 BackendFn = Callable[..., tuple[torch.Tensor, AttentionStats]]
 
-# The seam for faster kernels: a backend registers a function with the eager signature.
+# The seam for faster kernels: a backend registers a function with the eager signature
+# (q, k, v, mask, scale, sinks, request=None).
 BACKENDS: dict[str, BackendFn] = {
     "eager": eager_attention_with_stats,
     "torch": torch_attention_with_stats,
@@ -54,13 +55,15 @@ def attention_with_stats(
     sinks: torch.Tensor | None = None,
     backend: str | None = None,
     mask: MaskSpec | None = None,
+    request: StatsRequest | None = None,
     **backend_kwargs,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention output and its statistics without materialising the probabilities (except ``eager``).
 
     q ``[batch, head, query, dim]``; k, v ``[batch, kv_head, key, dim]`` (GQA: head divisible by
     kv_head); ``key_padding`` ``[batch, key]`` True for real tokens; ``sinks`` ``[head]`` learned
-    sink logits added to each row's denominator; a ready ``mask`` replaces the mask arguments.
+    sink logits added to each row's denominator; a ready ``mask`` replaces the mask arguments;
+    ``request`` asks for optional statistics (distance profiles).
     Returns output ``[batch, head, query, dim_v]`` in q's dtype and ``AttentionStats`` in fp32.
     """
     if q.shape[1] % k.shape[1]:
@@ -68,4 +71,4 @@ def attention_with_stats(
     mask = mask or MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = BACKENDS[resolve_backend(q.device, backend)]
-    return fn(q, k, v, mask, scale, sinks, **backend_kwargs)
+    return fn(q, k, v, mask, scale, sinks, request=request, **backend_kwargs)

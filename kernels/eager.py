@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import AttentionStats, MaskSpec
+from .stats import AttentionStats, MaskSpec, StatsRequest, add_distance, distance_index, distance_shape
 
 
 def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -36,7 +36,8 @@ def attention_probs(
     return probs, lse, allowed
 
 
-def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | None = None) -> AttentionStats:
+def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | None = None,
+                     request: StatsRequest | None = None) -> AttentionStats:
     """Reduce materialised probabilities ``[batch, head, query, key]`` into ``AttentionStats``.
 
     Also the bridge from other sources of probabilities (``output_attentions``) to the same numbers.
@@ -49,6 +50,14 @@ def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | No
     first = mask.first_key(batch, probs.device)
     if lse is None:
         lse = torch.full((batch, n_heads, n_q), float("nan"), device=probs.device)
+    distance_mass = distance_count = None
+    if request is not None and request.distance:
+        n_bins = distance_shape(n_q, n_k, mask.q_offset)
+        distance_mass = torch.zeros(batch, n_heads, 2, n_bins, device=probs.device)
+        distance_count = torch.zeros(batch, 2, n_bins, device=probs.device)
+        index = distance_index(0, n_q, 0, n_k, mask.q_offset, n_bins, probs.device)
+        add_distance(distance_mass.view(batch, n_heads, -1), distance_count.view(batch, -1), probs * weight,
+                     allowed[:, 0] & counted[:, :, None], index)
     return AttentionStats(
         lse=lse.float(),
         entropy=torch.special.entr(probs).sum(-1),
@@ -57,6 +66,8 @@ def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | No
         first_mass=probs.gather(-1, first.view(batch, 1, 1, 1).expand(batch, n_heads, n_q, 1))[..., 0],
         row_counted=counted,
         first_key=first,
+        distance_mass=distance_mass,
+        distance_count=distance_count,
     )
 
 
@@ -67,8 +78,9 @@ def eager_attention_with_stats(
     mask: MaskSpec,
     scale: float,
     sinks: torch.Tensor | None = None,
+    request: StatsRequest | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> output ``[batch, head, query, dim_v]``."""
     probs, lse, _ = attention_probs(q, k, mask, scale, sinks)
     out = torch.einsum("bhqk,bhkd->bhqd", probs, expand_kv(v, q.shape[1]).float()).to(q.dtype)
-    return out, stats_from_probs(probs, mask, lse)
+    return out, stats_from_probs(probs, mask, lse, request)

@@ -68,6 +68,69 @@ class MaskSpec:
         return padding.int().argmax(dim=-1)
 
 
+def distance_bins(distance: torch.Tensor) -> torch.Tensor:
+    """Bin index of non-negative integer distances: exact for 0..3, then two bins per octave.
+
+    Left edges 0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, …: log-spaced, so a 32k context needs 30 bins.
+    ``frexp`` makes it exact (no float log): d = m · 2^e with m in [0.5, 1), bin = 2(e - 1) + [m >= 0.75].
+    """
+    mantissa, exponent = torch.frexp(distance.double())
+    binned = 2 * (exponent.long() - 1) + (mantissa >= 0.75).long()
+    return torch.where(distance < 2, distance.long(), binned)
+
+
+def n_distance_bins(max_distance: int) -> int:
+    return int(distance_bins(torch.tensor(max(max_distance, 0)))) + 1
+
+
+def distance_bin_edges(n_bins: int) -> list[int]:
+    """Left edge (smallest distance) of each of ``n_bins`` bins."""
+    edges = [0, 1]
+    while len(edges) < n_bins:
+        octave = 2 ** (len(edges) // 2)
+        edges.append(octave if len(edges) % 2 == 0 else 3 * octave // 2)
+    return edges[:n_bins]
+
+
+def distance_shape(n_q: int, n_k: int, q_offset: int) -> int:
+    """Bins per side for a call with these sizes; every backend must use this same number."""
+    return n_distance_bins(max(n_k - 1, n_q - 1 + q_offset))
+
+
+def distance_index(q_start: int, q_end: int, k_start: int, k_end: int, q_offset: int, n_bins: int,
+                   device: torch.device) -> torch.Tensor:
+    """``[rows, keys]`` flat index side · n_bins + bin of each (query, key) pair of a tile."""
+    rows = torch.arange(q_start, q_end, device=device)[:, None] + q_offset
+    keys = torch.arange(k_start, k_end, device=device)[None, :]
+    signed = rows - keys
+    return (signed < 0).long() * n_bins + distance_bins(signed.abs())
+
+
+def add_distance(mass: torch.Tensor, count: torch.Tensor, probs: torch.Tensor, pairs: torch.Tensor,
+                 index: torch.Tensor) -> None:
+    """Scatter one tile into the distance accumulators (in place).
+
+    mass ``[batch, head, 2 · bins]``; count ``[batch, 2 · bins]``; probs ``[batch, head, rows, keys]``
+    already zero on rows that are not counted; pairs ``[batch, rows, keys]`` counted and visible;
+    index ``[rows, keys]`` from ``distance_index``.
+    """
+    batch, n_heads = probs.shape[:2]
+    flat = index.reshape(1, -1)
+    mass.view(batch * n_heads, -1).scatter_add_(1, flat.expand(batch * n_heads, -1),
+                                                probs.reshape(batch * n_heads, -1).float())
+    count.scatter_add_(1, flat.expand(batch, -1), pairs.reshape(batch, -1).float())
+
+
+@dataclass
+class StatsRequest:
+    """Optional statistics a caller asks for on top of the always-computed ones.
+
+    - ``distance``: attention mass binned by query–key distance (``distance_bins``), per head.
+    """
+
+    distance: bool = False
+
+
 @dataclass
 class AttentionStats:
     """Per-(batch, head) statistics of one attention call; all fp32.
@@ -80,6 +143,11 @@ class AttentionStats:
     - ``first_mass``: ``[batch, head, query]`` mass each row puts on the first real key.
     - ``row_counted``: ``[batch, query]`` which rows were counted (real queries with a visible key).
     - ``first_key``: ``[batch]`` index of the first real key, so readers need not know the padding side.
+    - ``distance_mass`` (if requested): ``[batch, head, side, bin]`` mass summed over counted rows by
+      distance bin; side 0 holds keys at or before the query (d = i - j >= 0, i in absolute positions,
+      q_offset included), side 1 keys after it (d = j - i > 0; zero under a causal mask).
+    - ``distance_count`` (if requested): ``[batch, side, bin]`` number of (counted query, visible key)
+      pairs per bin, so ``distance_mass / distance_count`` is the mean attention of one key at that distance.
     """
 
     lse: torch.Tensor
@@ -89,6 +157,9 @@ class AttentionStats:
     first_mass: torch.Tensor
     row_counted: torch.Tensor
     first_key: torch.Tensor
+    distance_mass: torch.Tensor | None = None
+    distance_count: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AttentionStats:
-        return AttentionStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return AttentionStats(**{k: None if v is None else v.to(device) for k, v in moved.items()})

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .stats import AttentionStats, MaskSpec
+from .stats import AttentionStats, MaskSpec, StatsRequest, add_distance, distance_index, distance_shape
 
 # Two fp32 buffers per chunk (scores, probabilities). A small budget keeps each chunk in cache and
 # lets the allocator reuse memory: measured on CPU, 256 MiB chunks were ~2x slower than 16 MiB.
@@ -42,6 +42,7 @@ def torch_attention_with_stats(
     mask: MaskSpec,
     scale: float,
     sinks: torch.Tensor | None = None,
+    request: StatsRequest | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``."""
@@ -65,6 +66,11 @@ def torch_attention_with_stats(
     key_mass = torch.zeros(batch, n_heads, n_k, dtype=torch.float32, device=device)
     key_count = torch.zeros(batch, n_k, dtype=torch.float32, device=device)
     row_counted = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
+    distance_mass = distance_count = None
+    if request is not None and request.distance:
+        n_bins = distance_shape(n_q, n_k, mask.q_offset)
+        distance_mass = torch.zeros(batch, n_heads, 2, n_bins, dtype=torch.float32, device=device)
+        distance_count = torch.zeros(batch, 2, n_bins, dtype=torch.float32, device=device)
 
     for start in range(0, n_q, chunk):
         stop = min(start + chunk, n_q)
@@ -100,7 +106,13 @@ def torch_attention_with_stats(
         row_counted[:, start:stop] = counted
         weights = counted[:, None, None, :].to(probs.dtype).expand(batch, n_heads, 1, rows)
         key_mass[..., lo:hi] += (weights @ probs)[:, :, 0]
-        key_count[:, lo:hi] += (allowed[:, 0] & counted[:, :, None]).sum(dim=1)
+        pairs = allowed[:, 0] & counted[:, :, None]  # [batch, rows, width]
+        key_count[:, lo:hi] += pairs.sum(dim=1)
+        if distance_mass is not None:
+            index = distance_index(start, stop, lo, hi, mask.q_offset, n_bins, device)
+            add_distance(distance_mass.view(batch, n_heads, -1), distance_count.view(batch, -1),
+                         probs * counted[:, None, :, None], pairs.expand(batch, -1, -1), index)
 
-    stats = AttentionStats(lse, entropy, key_mass, key_count, first_mass, row_counted, first_key)
+    stats = AttentionStats(lse, entropy, key_mass, key_count, first_mass, row_counted, first_key,
+                           distance_mass, distance_count)
     return out, stats

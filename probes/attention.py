@@ -23,7 +23,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from headlab.kernels import AttentionStats, MaskSpec, attention_with_stats
+from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_with_stats
 
 ATTN_IMPLEMENTATION = "headlab"
 
@@ -144,7 +144,7 @@ def headlab_attention_forward(
     spec = mask_spec_from(attention_mask, causal=causal, window=sliding_window,
                           n_q=query.shape[2], n_k=key.shape[2])
     out, stats = attention_with_stats(query, key, value, scale=scaling, sinks=s_aux, backend=probe.backend,
-                                      mask=spec)
+                                      mask=spec, request=probe.request)
     probe.record(layer, stats)
     return out.transpose(1, 2).contiguous(), None
 
@@ -160,13 +160,16 @@ class AttentionProbe:
 
     ``on_stats(layer, stats)`` is called once per probed layer per forward pass; by default the
     statistics of the last forward are kept in ``self.last`` (``{layer: AttentionStats}``).
+    ``request`` asks the kernels for optional statistics (e.g. ``StatsRequest(distance=True)``).
     """
 
     def __init__(self, loaded, on_stats: Callable[[int, AttentionStats], None] | None = None,
-                 backend: str | None = None, layers: list[int] | None = None):
+                 backend: str | None = None, layers: list[int] | None = None,
+                 request: StatsRequest | None = None):
         self.model = loaded.model
         self.arch = loaded.arch
         self.backend = backend
+        self.request = request
         self.on_stats = on_stats
         self.layers = set(range(self.arch.n_layers) if layers is None else layers)
         self.last: dict[int, AttentionStats] = {}
