@@ -136,3 +136,28 @@ def models() -> None:
     console.print(table)
     console.print("Also: any Hugging Face id (org/name) or a local folder in Hugging Face format.")
 
+
+
+@headlab_app.command("dashboard")
+def dashboard(
+    runs: Path = typer.Option(None, help="runs folder to browse (default: $HEADLAB_RUNS or ./runs)"),
+    port: int = typer.Option(8501, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 exposes the dashboard to the network"),
+) -> None:
+    """Browse saved runs in a Streamlit app (localhost only unless --host says otherwise)."""
+    import subprocess
+
+    from .dashboard.launch import check_dashboard_runs, dashboard_url, streamlit_command
+
+    try:
+        runs_dir = check_dashboard_runs(runs or default_runs_dir())
+        command = streamlit_command(runs_dir, host, port)
+    except HeadlabError as err:
+        fail(str(err))
+    console.print(f"headlab dashboard on {dashboard_url(host, port)} (runs: {runs_dir}); Ctrl+C stops it",
+                  highlight=False, soft_wrap=True)
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code=code)

@@ -1,0 +1,79 @@
+"""What every run can show without knowing its analysis: summary, saved figures, tables, report, and
+for two runs, their figures side by side and the difference of every [layer, head] tensor they share."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from headlab.result import Result
+
+from .plots import difference_heatmap
+from .widgets import show_figure, show_table
+
+
+def run_name(run: Result) -> str:
+    return run.path.name if run.path is not None else f"{run.analysis}-{run.model}"
+
+
+def show_header(run: Result) -> None:
+    st.caption(f"analysis **{run.analysis}** · model **{run.model}** · run `{run_name(run)}`")
+    scalars = {k: v for k, v in run.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        columns = st.columns(min(len(scalars), 6))
+        for column, (name, value) in zip(columns, list(scalars.items())[:6], strict=False):
+            column.metric(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+    with st.expander("summary and config (manifest)"):
+        st.json({"summary": run.summary, "config": run.config}, expanded=False)
+
+
+def show_saved_figures(run: Result, key: str, names: list[str] | None = None) -> None:
+    for name in names if names is not None else sorted(run.figures):
+        # A copy: cached runs are shared between reruns and sessions and must not be mutated.
+        show_figure(go.Figure(run.figures[name]), key=f"{key}-fig-{name}", name=f"{run_name(run)}-{name}")
+
+
+def show_tables(run: Result, key: str, names: list[str] | None = None) -> None:
+    for name in names if names is not None else sorted(run.tables):
+        table = run.tables[name]
+        with st.expander(f"table {name} ({len(table)} rows)"):
+            show_table(table, key=f"{key}-table-{name}", name=f"{run_name(run)}-{name}")
+
+
+def show_report(run: Result) -> None:
+    if run.report.strip():
+        with st.expander("report.md"):
+            st.markdown(run.report)
+
+
+def render_generic(run: Result, key: str) -> None:
+    show_header(run)
+    if not run.figures and not run.tables:
+        st.info("This run saved no figures and no tables.")
+    show_saved_figures(run, key)
+    show_tables(run, key)
+    show_report(run)
+
+
+def shared_grids(left: Result, right: Result) -> list[str]:
+    """Names of the 2-D tensors (e.g. ``[layer, head]``) both runs hold with the same shape."""
+    return sorted(name for name in set(left.tensors) & set(right.tensors)
+                  if left.tensors[name].ndim == 2 and left.tensors[name].shape == right.tensors[name].shape
+                  and left.tensors[name].is_floating_point())
+
+
+def compare_generic(left: Result, right: Result, key: str) -> None:
+    grids = shared_grids(left, right)
+    if grids:
+        name = st.selectbox("tensor to subtract (right - left)", grids, key=f"{key}-grid")
+        fig = difference_heatmap(left.tensors[name], right.tensors[name],
+                                 f"{name}: {run_name(right)} - {run_name(left)}", f"Δ {name}")
+        show_figure(fig, key=f"{key}-diff-{name}", name=f"diff-{name}")
+    else:
+        st.info("The two runs share no [layer, head] tensor of the same shape, so there is no difference heatmap.")
+    columns = st.columns(2)
+    for column, run, side in zip(columns, (left, right), ("left", "right"), strict=True):
+        with column:
+            st.subheader(run_name(run))
+            show_header(run)
+            show_saved_figures(run, f"{key}-{side}")
