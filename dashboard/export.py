@@ -31,7 +31,7 @@ def figure_image(fig: go.Figure, fmt: str, width: int = 900, height: int = 600) 
     # kaleido's launcher (choreographer) searches PATH and reads BROWSER_PATH; tell it about a browser found elsewhere.
     os.environ.setdefault("BROWSER_PATH", browser)
     try:
-        return pio.to_image(fig, format=fmt, width=width, height=height, engine="kaleido")
+        return pio.to_image(fig, format=fmt, width=width, height=height)
     except Exception as err:  # kaleido raises plain RuntimeErrors/ChromeNotFoundError when no browser runs
         raise ExportError(f"{fmt.upper()} export failed ({type(err).__name__}: {err}); install chromium "
                           "(apt-get install chromium) or set BROWSER_PATH to a chrome/chromium binary") from err
