@@ -1,0 +1,493 @@
+"""The empirical position-bias graph of a real model: methods.md §6 (b) and §8.
+
+Three parts, one run:
+1. from the statistics path (no T x T, any length): attention by query-key distance and by key
+   position per layer and head, the lost-in-the-middle curve (mass against relative position, beside
+   uniform attention under the same mask) and the recency trend fit f(i) = a·exp(-k i) per layer with
+   debiasing weights w_i = f(0)/f(i) = exp(k i);
+2. the head-averaged cumulative rollout P^(t) over the model's layers, from eager attention on the
+   first ``rollout_tokens`` tokens of a few prompts (T x T per layer: short prompts only), with the
+   theoretical P^(t) for the model's mask and positional scheme beside it;
+3. the key-value retrieval probe task (``retrieval_task``) by position of the queried pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from headlab.batching import batches, check_max_tokens
+from headlab.errors import InputError
+from headlab.kernels import StatsRequest, distance_bin_edges
+from headlab.loading import LoadedModel
+from headlab.probes import AttentionProbe
+from headlab.probes.position import SEGMENTS, PositionProfile, head_mean_attention
+from headlab.prompts import hash_inputs
+from headlab.result import Result, to_json_safe
+
+from .position_graphs import (
+    GraphSpec,
+    cumulative_attention,
+    cumulative_heatmaps,
+    first_mass_figure,
+    pick_depths,
+    repeated_attention,
+    synthetic_attention,
+)
+from .retrieval_task import PLACEMENTS, RetrievalConfig, is_language_model, retrieval_figure, run_retrieval
+
+ROLLOUT_LIMIT = 1024  # the rollout holds [layer, head, T, T] of one prompt: 40 x 40 x 1024² fp32 is 6.7 GB
+SIDES = ("before", "after")  # keys at or before the query (d = i - j), keys after it (d = j - i)
+
+
+@dataclass
+class PositionBiasConfig:
+    max_tokens: int = 512
+    batch_size: int = 8
+    n_relative: int = 10  # bins of relative key position for the lost-in-the-middle curve
+    fit_skip_first: int = 1  # key positions left out of the trend fit: the first token is a sink
+    rollout_tokens: int = 128  # rollout on each prompt's first N tokens (0: no rollout)
+    rollout_prompts: int = 8
+    retrieval_trials: int = 12  # 0: no retrieval task
+    retrieval_pairs: int = 8
+    seed: int = 0
+    backend: str | None = None
+
+    def check(self) -> None:
+        if self.n_relative < 3:
+            raise InputError(f"--n-relative must be at least 3 (first, middle, last), got {self.n_relative}")
+        if not 0 <= self.rollout_tokens <= ROLLOUT_LIMIT:
+            raise InputError(f"--rollout-tokens must lie between 0 (off) and {ROLLOUT_LIMIT}: the rollout "
+                             f"materialises T x T attention per layer; got {self.rollout_tokens}")
+        if self.rollout_prompts < 1:
+            raise InputError(f"--rollout-prompts must be positive, got {self.rollout_prompts}")
+        if self.fit_skip_first < 0:
+            raise InputError(f"fit_skip_first must be >= 0, got {self.fit_skip_first}")
+        if self.retrieval_trials < 0:
+            raise InputError(f"--retrieval-trials must be >= 0 (0 turns the task off), got {self.retrieval_trials}")
+        if self.retrieval_trials:
+            RetrievalConfig(self.retrieval_trials, self.retrieval_pairs, self.seed, self.batch_size).check()
+
+
+# ----------------------------------------------------------------------------------------------- trend fit
+
+
+@dataclass
+class ExpTrend:
+    """f(i) = a·exp(-k i); k > 0: attention falls with position (primacy), k < 0: it rises (recency)."""
+
+    a: float
+    k: float
+    r2: float  # weighted R² of the fit in log space
+    n_points: int
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return self.a * np.exp(-self.k * np.asarray(positions, dtype=float))
+
+    def debias_weights(self, n_positions: int) -> np.ndarray:
+        """w_i = f(0) / f(i) = exp(k i), i = 0 … n - 1 (methods.md §8)."""
+        return np.exp(self.k * np.arange(n_positions))
+
+
+def fit_exponential_trend(positions, values, weights=None) -> ExpTrend:
+    """Weighted least squares of log f(i) = log a - k i over the points with a positive value.
+
+    A log-linear fit (not nonlinear least squares on f) so that each position counts by its relative
+    error, whatever its magnitude; ``weights`` (e.g. the number of (query, key) pairs behind each
+    mean) weight the squared log residuals. Needs at least two distinct positions.
+    """
+    x = np.asarray(positions, dtype=float)
+    y = np.asarray(values, dtype=float)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    keep = np.isfinite(y) & (y > 0) & np.isfinite(w) & (w > 0)
+    x, y, w = x[keep], y[keep], w[keep]
+    if len(np.unique(x)) < 2:
+        raise InputError("the trend fit needs at least two positions with positive attention; "
+                         "use longer prompts or --max-tokens")
+    log_y = np.log(y)
+    design = np.stack([np.ones_like(x), -x], axis=1)
+    root = np.sqrt(w)
+    (log_a, k), *_ = np.linalg.lstsq(design * root[:, None], log_y * root, rcond=None)
+    residual = log_y - design @ np.array([log_a, k])
+    mean = np.average(log_y, weights=w)
+    total = np.sum(w * (log_y - mean) ** 2)
+    r2 = 1.0 - np.sum(w * residual**2) / total if total > 0 else 1.0
+    return ExpTrend(float(np.exp(log_a)), float(k), float(r2), int(len(x)))
+
+
+def layer_trends(profile: PositionProfile, skip_first: int) -> list[ExpTrend | None]:
+    """Per layer, the trend of the head-averaged mean attention received vs key position (None: too few points)."""
+    mean = (profile.key_mass.mean(1) / profile.key_count).numpy()  # [layer, position]
+    counts = profile.key_count.numpy()
+    positions = np.arange(mean.shape[1])
+    trends = []
+    for layer in range(mean.shape[0]):
+        keep = positions >= skip_first
+        try:
+            trends.append(fit_exponential_trend(positions[keep], mean[layer, keep], counts[layer, keep]))
+        except InputError:
+            trends.append(None)
+    return trends
+
+
+# ----------------------------------------------------------------------------------------------- rollout
+
+
+def model_graph_spec(loaded: LoadedModel, n_tokens: int) -> tuple[GraphSpec, GraphSpec | None]:
+    """Theory graphs matching the model: uniform attention under its mask, content-free RoPE if it uses RoPE."""
+    config = loaded.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or []
+    all_sliding = bool(window) and bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
+    mask = "window" if all_sliding else ("causal" if loaded.arch.causal else "bidirectional")
+    uniform = GraphSpec(mask, n_tokens=n_tokens, window=window or 8)
+    rope = getattr(text, "rope_parameters", None) or {}
+    base = rope.get("rope_theta") if isinstance(rope, dict) else None
+    base = base or getattr(text, "rope_theta", None)
+    if base is None:
+        return uniform, None
+    return uniform, GraphSpec(mask, n_tokens=n_tokens, window=window or 8, encoding="rope", rope_base=float(base),
+                              head_dim=loaded.arch.head_dim)
+
+
+def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig):
+    """Head-averaged P^(t) over the model's layers on each prompt's first ``rollout_tokens`` tokens.
+
+    Returns (first-token mass ``[variant, layer]`` averaged over prompts and query rows, the first
+    prompt's ``[variant, layer, T, T]``, its token count, prompts used); variant 0 is the plain rollout,
+    1 the residual-aware one.
+    """
+    n_tokens = min(config.max_tokens, config.rollout_tokens)
+    first_mass, example, used = [], None, 0
+    for batch in batches(loaded, prompts[:config.rollout_prompts], n_tokens, batch_size=1):
+        layers = head_mean_attention(loaded, batch.input_ids)
+        variants = torch.stack([cumulative_attention(layers), cumulative_attention(layers, residual=True)])
+        first_mass.append(variants[..., 0].mean(-1))  # [variant, layer]
+        if example is None:
+            example = variants
+        used += 1
+    return torch.stack(first_mass).mean(0), example, used
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig | None = None,
+                          progress: bool = True) -> Result:
+    config = config or PositionBiasConfig()
+    if not prompts:
+        raise InputError("no prompts to analyse")
+    config.check()
+    check_max_tokens(loaded, config.max_tokens)
+    arch = loaded.arch
+    profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal)
+    n_tokens = 0
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.name}", disable=not progress)
+    with torch.no_grad(), AttentionProbe(loaded, profile.add, backend=config.backend,
+                                         request=StatsRequest(distance=True)):
+        for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
+            loaded.model(input_ids=batch.input_ids.to(loaded.device),
+                         attention_mask=batch.attention_mask.to(loaded.device))
+            n_tokens += int(batch.attention_mask.sum())
+            bar.update(len(batch.indices))
+    bar.close()
+
+    trends = layer_trends(profile, config.fit_skip_first)
+    notes: list[str] = []
+    tensors = _profile_tensors(profile, trends, config)
+    tables = _profile_tables(profile, trends)
+
+    rollout = None
+    if config.rollout_tokens:
+        first_mass, example, used = empirical_rollout(loaded, prompts, config)
+        rollout = _rollout_parts(loaded, first_mass, example, used)
+        tensors.update(rollout["tensors"])
+        tables["rollout_first_mass"] = rollout["table"]
+        if loaded.arch.causal:
+            notes.append(f"rollout on the first {example.shape[-1]} tokens of {used} prompts: under a causal mask "
+                         "the same attention as in the full prompts at those positions")
+        else:
+            notes.append(f"rollout on the first {example.shape[-1]} tokens of {used} prompts: this model is "
+                         "bidirectional, so the truncated prompts are inputs of their own")
+    else:
+        notes.append("rollout off (--rollout-tokens 0)")
+
+    retrieval = None
+    if config.retrieval_trials and not is_language_model(loaded):
+        notes.append(f"retrieval task skipped: {loaded.name} is not a causal language model")
+    elif config.retrieval_trials:
+        retrieval_config = RetrievalConfig(config.retrieval_trials, config.retrieval_pairs, config.seed,
+                                           config.batch_size)
+        rbar = tqdm(total=config.retrieval_trials * len(PLACEMENTS), unit="item", desc="retrieval task",
+                    disable=not progress)
+        trials, by_placement = run_retrieval(loaded, retrieval_config, rbar)
+        rbar.close()
+        tables["retrieval_trials"], tables["retrieval_by_placement"] = trials, by_placement
+        retrieval = by_placement
+    else:
+        notes.append("retrieval task off (--retrieval-trials 0)")
+
+    summary = _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, notes)
+    figures = _figures(loaded.name, profile, tensors, trends, rollout, retrieval, config)
+    return Result(
+        analysis="position_bias",
+        model=loaded.name,
+        revision=loaded.revision,
+        config={**asdict(config), "bos": arch.bos, "n_prompts": len(prompts), "source": loaded.source},
+        tables=tables,
+        tensors=tensors,
+        figures=figures,
+        summary=summary,
+        report=_report(summary, tables),
+        input_hash=hash_inputs(prompts),
+    )
+
+
+def _profile_tensors(profile: PositionProfile, trends, config) -> dict[str, torch.Tensor]:
+    relative, relative_uniform = profile.relative_mean()
+    segments, segments_uniform = profile.segment_mean()
+    n_positions = profile.key_count.shape[-1]
+    nan = float("nan")
+    return {
+        "distance_mass": profile.distance_mass.float(),
+        "distance_count": profile.distance_count.float(),
+        "distance_mean": profile.distance_mean(),
+        "distance_share": profile.distance_share(),
+        "position_mean": profile.position_mean(),
+        "position_pairs": profile.key_count.float(),
+        "relative_mean": relative,
+        "relative_uniform": relative_uniform,
+        "segment_mean": segments,
+        "segment_uniform": segments_uniform,
+        "trend_a": torch.tensor([t.a if t else nan for t in trends]),
+        "trend_k": torch.tensor([t.k if t else nan for t in trends]),
+        "debias_weights": torch.tensor(np.stack([t.debias_weights(n_positions) if t else np.full(n_positions, nan)
+                                                 for t in trends]), dtype=torch.float32),
+    }
+
+
+def _profile_tables(profile: PositionProfile, trends) -> dict[str, pd.DataFrame]:
+    n_layers, n_heads, _, n_bins = profile.distance_mass.shape
+    edges = distance_bin_edges(n_bins + 1)
+    mean, share = profile.distance_mean(), profile.distance_share()
+    layer, head, side, bin_ = np.meshgrid(np.arange(n_layers), np.arange(n_heads), np.arange(2), np.arange(n_bins),
+                                          indexing="ij")
+    pairs = profile.distance_count[:, None].expand(-1, n_heads, -1, -1)
+    distance = pd.DataFrame({
+        "layer": layer.ravel(), "head": head.ravel(), "side": np.array(SIDES)[side.ravel()], "bin": bin_.ravel(),
+        "d_min": np.array(edges[:-1])[bin_.ravel()], "d_max": np.array(edges[1:])[bin_.ravel()] - 1,
+        "pairs": pairs.numpy().ravel(), "mean_attention": mean.numpy().ravel(), "mass_share": share.numpy().ravel(),
+    })
+    distance = distance[distance["pairs"] > 0].reset_index(drop=True)
+
+    position_mean = (profile.key_mass.mean(1) / profile.key_count).float().numpy()  # [layer, position]
+    layer, position = np.meshgrid(np.arange(n_layers), np.arange(position_mean.shape[1]), indexing="ij")
+    positions = pd.DataFrame({"layer": layer.ravel(), "position": position.ravel(),
+                              "pairs": profile.key_count.numpy().ravel(), "mean_attention": position_mean.ravel()})
+    positions = positions[positions["pairs"] > 0].reset_index(drop=True)
+    for name, column in (("a", "a"), ("k", "k")):
+        values = {i: getattr(t, column) for i, t in enumerate(trends) if t}
+        positions[f"trend_{name}"] = positions["layer"].map(values)
+    positions["trend"] = positions["trend_a"] * np.exp(-positions["trend_k"] * positions["position"])
+    positions["debias_weight"] = np.exp(positions["trend_k"] * positions["position"])
+    positions = positions.drop(columns=["trend_a", "trend_k"])
+
+    relative, relative_uniform = profile.relative_mean()
+    n_rel = relative.shape[-1]
+    rel_rows = [{"layer": lay, "bin": b, "rel_start": b / n_rel, "rel_end": (b + 1) / n_rel,
+                 "mean_attention": float(relative[lay, :, b].mean()), "uniform": float(relative_uniform[lay, b]),
+                 "ratio_to_uniform": float(relative[lay, :, b].mean() / relative_uniform[lay, b])}
+                for lay in range(n_layers) for b in range(n_rel)]
+    segments, segments_uniform = profile.segment_mean()
+    seg_rows = [{"layer": lay, "head": h, "segment": name, "mean_attention": float(segments[lay, h, s]),
+                 "uniform": float(segments_uniform[lay, s]),
+                 "ratio_to_uniform": float(segments[lay, h, s] / segments_uniform[lay, s])}
+                for lay in range(n_layers) for h in range(n_heads) for s, name in enumerate(SEGMENTS)]
+    trend_rows = [{"layer": lay, "a": t.a if t else None, "k": t.k if t else None, "r2": t.r2 if t else None,
+                   "n_positions": t.n_points if t else 0} for lay, t in enumerate(trends)]
+    return {"distance_profile": distance, "position_profile": positions, "relative_profile": pd.DataFrame(rel_rows),
+            "segments": pd.DataFrame(seg_rows), "trend": pd.DataFrame(trend_rows)}
+
+
+def _rollout_parts(loaded: LoadedModel, first_mass: torch.Tensor, example: torch.Tensor, used: int) -> dict:
+    """Empirical rollout tensors and table, with the theory for the model's mask and positional scheme."""
+    n_layers, n_tokens = example.shape[1], example.shape[-1]
+    uniform_spec, rope_spec = model_graph_spec(loaded, n_tokens)
+    theory = {}
+    for label, spec in (("uniform", uniform_spec), ("rope", rope_spec)):
+        if spec is None:
+            continue
+        attention = synthetic_attention(spec)
+        for variant, residual in (("rollout", False), ("residual", True)):
+            theory[f"{label}_{variant}"] = repeated_attention(attention, n_layers, residual)[..., 0].mean(-1)
+    rows = []
+    for depth in range(n_layers):
+        row = {"depth": depth, "rollout": float(first_mass[0, depth]), "residual": float(first_mass[1, depth])}
+        row.update({f"theory_{name}": float(values[depth]) for name, values in theory.items()})
+        rows.append(row)
+    return {
+        "tensors": {"rollout_first_mass": first_mass.float(), "rollout_example": example.float()},
+        "table": pd.DataFrame(rows), "theory": theory, "specs": (uniform_spec, rope_spec),
+        "n_tokens": n_tokens, "prompts": used,
+    }
+
+
+def _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, notes) -> dict:
+    relative = tensors["relative_mean"].mean((0, 1)) / tensors["relative_uniform"].mean(0)  # [bin]
+    n_rel = len(relative)
+    third = max(1, n_rel // 3)
+    ends = torch.cat([relative[:third], relative[-third:]]).mean()
+    middle = relative[third:n_rel - third].mean() if n_rel > 2 * third else relative[n_rel // 2]
+    segment = tensors["segment_mean"].mean((0, 1)) / tensors["segment_uniform"].mean(0)
+    ks = [t.k for t in trends if t]
+    out = {
+        "model": loaded.name,
+        "n_prompts": len(prompts),
+        "n_tokens": n_tokens,
+        "n_layers": loaded.arch.n_layers,
+        "n_heads": loaded.arch.n_heads,
+        "causal": loaded.arch.causal,
+        "trend_k_mean": float(np.mean(ks)) if ks else None,
+        "trend_k_by_layer": [t.k if t else None for t in trends],
+        "trend_r2_by_layer": [t.r2 if t else None for t in trends],
+        "segment_ratio_to_uniform": dict(zip(SEGMENTS, segment.tolist(), strict=True)),
+        "middle_vs_ends": float(middle / ends),
+        "notes": notes,
+    }
+    if rollout is not None:
+        first = rollout["tensors"]["rollout_first_mass"]
+        out.update(rollout_tokens=rollout["n_tokens"], rollout_prompts=rollout["prompts"],
+                   rollout_first_mass_final=float(first[0, -1]), rollout_residual_first_mass_final=float(first[1, -1]),
+                   theory_uniform_first_mass_final=float(rollout["theory"]["uniform_rollout"][-1]))
+    if retrieval is not None:
+        out["retrieval_accuracy"] = dict(zip(retrieval["placement"], retrieval["accuracy"], strict=True))
+        out["retrieval_mean_logprob"] = dict(zip(retrieval["placement"], retrieval["mean_logprob"], strict=True))
+        out["retrieval_chance"] = float(retrieval["chance"].iloc[0])
+    return to_json_safe(out)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _figures(model, profile, tensors, trends, rollout, retrieval, config) -> dict[str, go.Figure]:
+    figures = {
+        "distance_profile": _distance_figure(model, profile),
+        "position_profile": _position_figure(model, profile, trends),
+        "segments": _segments_figure(model, tensors),
+        "lost_in_the_middle": _relative_figure(model, tensors),
+    }
+    if rollout is not None:
+        example = rollout["tensors"]["rollout_example"]
+        depths = pick_depths(example.shape[1])
+        figures["rollout"] = cumulative_heatmaps(example[0], depths, f"{model}: head-mean rollout (first prompt)")
+        figures["rollout_residual"] = cumulative_heatmaps(example[1], depths,
+                                                          f"{model}: residual-aware rollout (first prompt)")
+        first = rollout["tensors"]["rollout_first_mass"]
+        curves = {"model: rollout": first[0], "model: residual-aware": first[1]}
+        names = {"uniform": rollout["specs"][0].label(),
+                 "rope": rollout["specs"][1].label() if rollout["specs"][1] else ""}
+        for key, values in rollout["theory"].items():
+            kind, variant = key.split("_")
+            curves[f"theory ({names[kind]}){', residual-aware' if variant == 'residual' else ''}"] = values
+        figures["first_mass_vs_depth"] = first_mass_figure(curves, f"{model}: mass on the first token vs depth "
+                                                                   f"(T = {rollout['n_tokens']})")
+    if retrieval is not None:
+        figures["retrieval"] = retrieval_figure(model, retrieval)
+    return figures
+
+
+def _distance_figure(model: str, profile: PositionProfile) -> go.Figure:
+    mean = profile.distance_mean().mean(1)  # [layer, side, bin]
+    n_bins = mean.shape[-1]
+    x = np.array(distance_bin_edges(n_bins)) + 1
+    fig = go.Figure()
+    for layer in range(mean.shape[0]):
+        for side, dash in ((0, "solid"), (1, "dash")):
+            pairs = profile.distance_count[layer, side] > 0
+            if not pairs.any():
+                continue
+            fig.add_trace(go.Scatter(x=x[pairs.numpy()], y=mean[layer, side][pairs].numpy(), mode="lines+markers",
+                                     name=f"layer {layer}" + (" (keys after)" if side else ""),
+                                     line={"dash": dash}, legendgroup=str(layer)))
+    fig.update_layout(title=f"{model}: mean attention of one key vs distance (head mean; dashed: keys after)",
+                      xaxis_title="1 + |i - j| (bin left edge)", yaxis_title="mean attention per key",
+                      xaxis_type="log", yaxis_type="log")
+    return fig
+
+
+def _position_figure(model: str, profile: PositionProfile, trends) -> go.Figure:
+    mean = (profile.key_mass.mean(1) / profile.key_count).numpy()
+    positions = np.arange(mean.shape[1])
+    fig = go.Figure()
+    for layer, trend in enumerate(trends):
+        seen = profile.key_count[layer].numpy() > 0
+        fig.add_trace(go.Scatter(x=positions[seen], y=mean[layer, seen], mode="lines", name=f"layer {layer}",
+                                 legendgroup=str(layer)))
+        if trend is not None:
+            fig.add_trace(go.Scatter(x=positions[seen], y=trend(positions[seen]), mode="lines",
+                                     line={"dash": "dot"}, name=f"fit k={trend.k:.4g}", legendgroup=str(layer)))
+    fig.update_layout(title=f"{model}: mean attention received vs key position (head mean; dotted: a·exp(-k i))",
+                      xaxis_title="key position i", yaxis_title="mean attention received", yaxis_type="log")
+    return fig
+
+
+def _segments_figure(model: str, tensors) -> go.Figure:
+    ratio = tensors["segment_mean"].mean(1) / tensors["segment_uniform"]  # [layer, segment]
+    fig = go.Figure([go.Bar(x=list(range(ratio.shape[0])), y=ratio[:, s].numpy(), name=name)
+                     for s, name in enumerate(SEGMENTS)])
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title=f"{model}: attention received by segment, relative to uniform attention (1 = none)",
+                      xaxis_title="layer", yaxis_title="mean attention / uniform", barmode="group", yaxis_type="log")
+    return fig
+
+
+def _relative_figure(model: str, tensors) -> go.Figure:
+    ratio = tensors["relative_mean"].mean(1) / tensors["relative_uniform"]  # [layer, bin]
+    n_rel = ratio.shape[-1]
+    x = (np.arange(n_rel) + 0.5) / n_rel
+    fig = go.Figure([go.Scatter(x=x, y=ratio[layer].numpy(), mode="lines", name=f"layer {layer}", opacity=0.6)
+                     for layer in range(ratio.shape[0])])
+    fig.add_trace(go.Scatter(x=x, y=ratio.nanmean(0).numpy(), mode="lines+markers", name="mean over layers",
+                             line={"width": 4, "color": "black"}))
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title=f"{model}: lost in the middle: attention received vs relative key position "
+                            "(first token left out), relative to uniform attention",
+                      xaxis_title="relative key position", yaxis_title="mean attention / uniform")
+    return fig
+
+
+def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
+    k = summary["trend_k_mean"]
+    lines = [
+        f"# Position bias: {summary['model']}",
+        "",
+        f"- prompts: {summary['n_prompts']}, tokens: {summary['n_tokens']}, "
+        f"{'causal' if summary['causal'] else 'bidirectional'}",
+        "- attention received relative to uniform attention: "
+        + ", ".join(f"{name} {value:.3g}" for name, value in summary["segment_ratio_to_uniform"].items()),
+        f"- middle vs ends (relative position, first token left out): {summary['middle_vs_ends']:.3g}",
+        f"- trend f(i) = a·exp(-k i), mean k over layers: {'n/a' if k is None else f'{k:.4g}'} "
+        "(k > 0: earlier keys get more; debiasing weights w_i = exp(k i))",
+    ]
+    if "rollout_first_mass_final" in summary:
+        lines.append(f"- rollout over {summary['n_layers']} layers (T = {summary['rollout_tokens']}): first-token "
+                     f"mass {summary['rollout_first_mass_final']:.3f} (residual-aware "
+                     f"{summary['rollout_residual_first_mass_final']:.3f}; uniform-attention theory "
+                     f"{summary['theory_uniform_first_mass_final']:.3f})")
+    if "retrieval_accuracy" in summary:
+        acc = ", ".join(f"{p} {a:.2f}" for p, a in summary["retrieval_accuracy"].items())
+        lines.append(f"- retrieval accuracy by placement: {acc} (chance {summary['retrieval_chance']:.3f})")
+    lines += [f"- note: {note}" for note in summary["notes"]]
+    lines += ["", "## Trend fit per layer", "", "```", tables["trend"].to_string(index=False), "```"]
+    if "retrieval_by_placement" in tables:
+        lines += ["", "## Retrieval task", "", "```", tables["retrieval_by_placement"].to_string(index=False), "```"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ExpTrend", "PositionBiasConfig", "analyze_position_bias", "fit_exponential_trend"]
