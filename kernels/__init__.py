@@ -1,6 +1,6 @@
 """Fused attention with statistics: the output plus what analyses need, without T x T memory."""
 
-from .dispatch import BACKEND_ENV, BACKENDS, attention_with_stats, register_backend, resolve_backend
+from .dispatch import BACKEND_ENV, BACKENDS, BackendError, attention_with_stats, register_backend, resolve_backend
 from .eager import attention_probs, eager_attention_with_stats, stats_from_probs
 from .stats import AttentionStats, MaskSpec, StatsRequest, distance_bin_edges, distance_bins
 from .torch_backend import torch_attention_with_stats
@@ -9,6 +9,7 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
     "AttentionStats",
+    "BackendError",
     "MaskSpec",
     "StatsRequest",
     "attention_probs",

@@ -1,15 +1,18 @@
 """One entry point, several backends: ``attention_with_stats`` picks one per call.
 
 Choice order: the ``backend`` argument, then ``HEADLAB_ATTN_BACKEND``, then the device
-(CUDA -> triton once that backend is registered, anything else -> torch).
+(CUDA -> triton when triton is installed, anything else -> torch).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
 import torch
+
+from headlab.errors import InputError
 
 from .eager import eager_attention_with_stats
 from .stats import AttentionStats, MaskSpec, StatsRequest
@@ -17,12 +20,27 @@ from .torch_backend import torch_attention_with_stats
 
 BackendFn = Callable[..., tuple[torch.Tensor, AttentionStats]]
 
+
+class BackendError(InputError, ValueError):
+    """An attention backend that does not exist or cannot run here."""
+
+
+def triton_attention_with_stats(*args, **kwargs) -> tuple[torch.Tensor, AttentionStats]:
+    """The Triton backend, imported on first use: importing it compiles nothing, but ``triton.jit`` reads
+    ``TRITON_INTERPRET`` when the kernels are decorated, so a late import lets tests choose the interpreter."""
+    from .triton_backend import triton_attention_with_stats as run
+
+    return run(*args, **kwargs)
+
+
 # The seam for faster kernels: a backend registers a function with the eager signature
 # (q, k, v, mask, scale, sinks, request=None).
 BACKENDS: dict[str, BackendFn] = {
     "eager": eager_attention_with_stats,
     "torch": torch_attention_with_stats,
 }
+if importlib.util.find_spec("triton") is not None:
+    BACKENDS["triton"] = triton_attention_with_stats
 BACKEND_ENV = "HEADLAB_ATTN_BACKEND"
 
 
@@ -31,12 +49,17 @@ def register_backend(name: str, fn: BackendFn) -> None:
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """``backend`` (or ``$HEADLAB_ATTN_BACKEND``): auto, eager, torch or triton -> the backend to run."""
     name = backend or os.environ.get(BACKEND_ENV) or "auto"
     if name == "auto":
         return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+    if name == "triton" and name not in BACKENDS:
+        raise BackendError("attention backend 'triton' needs the triton package: pip install triton "
+                           "(Linux with a CUDA GPU), or use backend 'torch'")
     if name not in BACKENDS:
         known = ", ".join(sorted(BACKENDS))
-        raise ValueError(f"unknown attention backend {name!r}; choose one of: auto, {known}")
+        raise BackendError(f"unknown attention backend {name!r}; choose one of: auto, {known} "
+                           f"(argument backend= or ${BACKEND_ENV})")
     return name
 
 
@@ -63,11 +86,11 @@ def attention_with_stats(
     q ``[batch, head, query, dim]``; k, v ``[batch, kv_head, key, dim]`` (GQA: head divisible by
     kv_head); ``key_padding`` ``[batch, key]`` True for real tokens; ``sinks`` ``[head]`` learned
     sink logits added to each row's denominator; a ready ``mask`` replaces the mask arguments;
-    ``request`` asks for optional statistics (distance profiles).
+    ``request`` asks for optional statistics (distance profiles, key groups, partial outputs).
     Returns output ``[batch, head, query, dim_v]`` in q's dtype and ``AttentionStats`` in fp32.
     """
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads evenly")
+        raise InputError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads evenly")
     mask = mask or MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = BACKENDS[resolve_backend(q.device, backend)]

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from .stats import AttentionStats, MaskSpec, StatsRequest, add_distance, distance_index, distance_shape
+from .stats import (
+    AttentionStats,
+    MaskSpec,
+    StatsRequest,
+    add_distance,
+    column_rows,
+    distance_index,
+    distance_shape,
+    group_onehot,
+)
 
 
 def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -46,7 +55,10 @@ def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | No
     probs = probs.float()
     allowed = mask.allowed(0, n_q, n_k, probs.device).expand(batch, 1, n_q, n_k)
     counted = mask.rows_counted(0, n_q, batch, probs.device) & allowed.any(dim=-1)[:, 0]
-    weight = counted[:, None, :, None].float()
+    if request is not None:
+        request.check(batch, n_q, n_k, mask.q_offset)
+    columns = column_rows(counted, request, mask.q_offset)  # rows summed into the column statistics
+    weight = columns[:, None, :, None].float()
     first = mask.first_key(batch, probs.device)
     if lse is None:
         lse = torch.full((batch, n_heads, n_q), float("nan"), device=probs.device)
@@ -57,17 +69,22 @@ def stats_from_probs(probs: torch.Tensor, mask: MaskSpec, lse: torch.Tensor | No
         distance_count = torch.zeros(batch, 2, n_bins, device=probs.device)
         index = distance_index(0, n_q, 0, n_k, mask.q_offset, n_bins, probs.device)
         add_distance(distance_mass.view(batch, n_heads, -1), distance_count.view(batch, -1), probs * weight,
-                     allowed[:, 0] & counted[:, :, None], index)
+                     allowed[:, 0] & columns[:, :, None], index)
+    group_mass = None
+    if request is not None and request.key_groups is not None:
+        onehot = group_onehot(request.labels(batch, probs.device), request.group_count())
+        group_mass = torch.einsum("bhqk,bkg->bhqg", probs, onehot)
     return AttentionStats(
         lse=lse.float(),
         entropy=torch.special.entr(probs).sum(-1),
         key_mass=(probs * weight).sum(dim=2),
-        key_count=(allowed[:, 0] & counted[:, :, None]).sum(dim=1).float(),
+        key_count=(allowed[:, 0] & columns[:, :, None]).sum(dim=1).float(),
         first_mass=probs.gather(-1, first.view(batch, 1, 1, 1).expand(batch, n_heads, n_q, 1))[..., 0],
         row_counted=counted,
         first_key=first,
         distance_mass=distance_mass,
         distance_count=distance_count,
+        group_mass=group_mass,
     )
 
 
@@ -82,5 +99,10 @@ def eager_attention_with_stats(
 ) -> tuple[torch.Tensor, AttentionStats]:
     """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> output ``[batch, head, query, dim_v]``."""
     probs, lse, _ = attention_probs(q, k, mask, scale, sinks)
-    out = torch.einsum("bhqk,bhkd->bhqd", probs, expand_kv(v, q.shape[1]).float()).to(q.dtype)
-    return out, stats_from_probs(probs, mask, lse, request)
+    v_full = expand_kv(v, q.shape[1]).float()
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, v_full).to(q.dtype)
+    stats = stats_from_probs(probs, mask, lse, request)
+    if request is not None and request.group_outputs:
+        onehot = group_onehot(request.labels(q.shape[0], q.device), request.group_count())
+        stats.group_out = torch.einsum("bhqk,bkg,bhkd->bhqgd", probs, onehot, v_full).to(q.dtype)
+    return out, stats

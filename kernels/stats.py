@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from headlab.errors import InputError
+
 # A lazy, row-chunked mask: called with (q_start, q_end) it returns the extra boolean mask for those
 # query rows, [batch or 1, 1, q_end - q_start, key] (True = may attend). It lets a model's own mask
 # function (packed sequences, prefix-LM, chunked attention…) reach the kernels without a T x T tensor.
@@ -126,9 +128,68 @@ class StatsRequest:
     """Optional statistics a caller asks for on top of the always-computed ones.
 
     - ``distance``: attention mass binned by query–key distance (``distance_bins``), per head.
+    - ``key_groups``: ``[batch, key]`` integer labels (BOS / image / text / sink …), 0 .. n_groups - 1;
+      any other label (e.g. -1) belongs to no group. Asks for ``group_mass``.
+    - ``n_groups``: number of groups; default ``key_groups.max() + 1`` (one host sync, so pass it on GPU).
+    - ``group_outputs``: also the partial outputs ``O_g = sum_{k in g} P_ik V_k`` (``group_out``).
+    - ``query_group``: restrict the column statistics (``key_mass``, ``key_count``, distance profile)
+      to queries whose own position carries this label; query row i sits at key position
+      i + q_offset, so this needs the keys to cover the queries (self-attention, with or without cache).
     """
 
     distance: bool = False
+    key_groups: torch.Tensor | None = None
+    n_groups: int | None = None
+    group_outputs: bool = False
+    query_group: int | None = None
+
+    def group_count(self) -> int:
+        """Number of key groups asked for (0 when no labels were given)."""
+        if self.key_groups is None:
+            return 0
+        if self.n_groups is not None:
+            return self.n_groups
+        return int(self.key_groups.max().item()) + 1 if self.key_groups.numel() else 0
+
+    def check(self, batch: int, n_q: int, n_k: int, q_offset: int) -> None:
+        """Raise ``InputError`` when the request does not fit a call with these sizes."""
+        labels = self.key_groups
+        needs_labels = self.group_outputs or self.query_group is not None
+        if labels is None:
+            if needs_labels:
+                raise InputError("group_outputs and query_group need key labels: pass StatsRequest(key_groups=...) "
+                                 "as a [batch, key] integer tensor")
+            return
+        if labels.dim() != 2 or labels.shape[1] != n_k or labels.shape[0] not in (1, batch):
+            raise InputError(f"key_groups must be [batch, key] = [{batch}, {n_k}] (or [1, {n_k}]), "
+                             f"got {list(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise InputError(f"key_groups must hold integer labels, got {labels.dtype}")
+        if self.n_groups is not None and self.n_groups < 1:
+            raise InputError(f"n_groups must be at least 1, got {self.n_groups}")
+        if self.query_group is not None and q_offset + n_q > n_k:
+            raise InputError(f"query_group reads the label of query i at key position i + q_offset, but "
+                             f"{n_q} queries at offset {q_offset} run past the {n_k} keys; label the queries' keys")
+
+    def labels(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """``[batch, key]`` int32 labels on ``device``, or None."""
+        if self.key_groups is None:
+            return None
+        return self.key_groups.to(device=device, dtype=torch.int32).expand(batch, -1).contiguous()
+
+
+def column_rows(counted: torch.Tensor, request: StatsRequest | None, q_offset: int) -> torch.Tensor:
+    """``[batch, query]`` rows that add to the column statistics: counted, and in ``query_group`` if set."""
+    if request is None or request.query_group is None:
+        return counted
+    n_q = counted.shape[1]
+    labels = request.labels(counted.shape[0], counted.device)[:, q_offset : q_offset + n_q]
+    return counted & (labels == request.query_group)
+
+
+def group_onehot(labels: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``[batch, key]`` labels -> ``[batch, key, group]`` fp32 membership (labels outside 0..n-1: none)."""
+    return (labels[..., None] == torch.arange(n_groups, device=labels.device)).float()
 
 
 @dataclass
@@ -148,6 +209,13 @@ class AttentionStats:
       q_offset included), side 1 keys after it (d = j - i > 0; zero under a causal mask).
     - ``distance_count`` (if requested): ``[batch, side, bin]`` number of (counted query, visible key)
       pairs per bin, so ``distance_mass / distance_count`` is the mean attention of one key at that distance.
+    - ``group_mass`` (if key groups were given): ``[batch, head, query, group]`` mass each row puts on each
+      key group (sinks excluded, so a row sums to one minus its sink mass).
+    - ``group_out`` (if requested): ``[batch, head, query, group, dim_v]`` partial outputs
+      ``O_g = sum_{k in g} P_ik V_k`` in the output's dtype; they sum to the output when every key has a group.
+
+    With ``StatsRequest.query_group`` the column statistics (``key_mass``, ``key_count``, distance) sum
+    over the counted queries of that group only; ``row_counted`` still lists every counted row.
     """
 
     lse: torch.Tensor
@@ -159,6 +227,8 @@ class AttentionStats:
     first_key: torch.Tensor
     distance_mass: torch.Tensor | None = None
     distance_count: torch.Tensor | None = None
+    group_mass: torch.Tensor | None = None
+    group_out: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AttentionStats:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -11,7 +11,16 @@ import os
 
 import torch
 
-from .stats import AttentionStats, MaskSpec, StatsRequest, add_distance, distance_index, distance_shape
+from .stats import (
+    AttentionStats,
+    MaskSpec,
+    StatsRequest,
+    add_distance,
+    column_rows,
+    distance_index,
+    distance_shape,
+    group_onehot,
+)
 
 # Two fp32 buffers per chunk (scores, probabilities). A small budget keeps each chunk in cache and
 # lets the allocator reuse memory: measured on CPU, 256 MiB chunks were ~2x slower than 16 MiB.
@@ -66,6 +75,15 @@ def torch_attention_with_stats(
     key_mass = torch.zeros(batch, n_heads, n_k, dtype=torch.float32, device=device)
     key_count = torch.zeros(batch, n_k, dtype=torch.float32, device=device)
     row_counted = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
+    if request is not None:
+        request.check(batch, n_q, n_k, mask.q_offset)
+    n_groups = request.group_count() if request is not None else 0
+    onehot = group_mass = group_out = None
+    if n_groups:
+        onehot = group_onehot(request.labels(batch, device), n_groups)  # [batch, key, group]
+        group_mass = torch.zeros(batch, n_heads, n_q, n_groups, dtype=torch.float32, device=device)
+        if request.group_outputs:
+            group_out = torch.zeros(batch, n_heads, n_q, n_groups, dim_v, dtype=q.dtype, device=device)
     distance_mass = distance_count = None
     if request is not None and request.distance:
         n_bins = distance_shape(n_q, n_k, mask.q_offset)
@@ -102,8 +120,19 @@ def torch_attention_with_stats(
         first_idx = (first_key - lo).clamp(0, width - 1).view(batch, 1, 1, 1).expand(-1, n_heads, rows, 1)
         first_mass[:, :, start:stop] = probs.gather(-1, first_idx)[..., 0] * first_in.view(batch, 1, 1)
 
+        if onehot is not None:
+            members = onehot[:, None, lo:hi]  # [batch, 1, width, group]
+            group_mass[:, :, start:stop] = probs @ members
+            if group_out is not None:
+                # [batch, head, rows, group, dim_v]: one masked product per group (few groups).
+                for g in range(n_groups):
+                    masked = (probs * members[..., g][:, :, None, :]).view(batch, n_kv, group * rows, width)
+                    part = (masked @ v_f[:, :, lo:hi]).view(batch, n_heads, rows, dim_v)
+                    group_out[:, :, start:stop, g] = part.to(q.dtype)
+
         counted = mask.rows_counted(start, stop, batch, device) & sees_any[:, 0]
         row_counted[:, start:stop] = counted
+        counted = column_rows(counted, request, mask.q_offset + start)  # rows that add to the column sums
         weights = counted[:, None, None, :].to(probs.dtype).expand(batch, n_heads, 1, rows)
         key_mass[..., lo:hi] += (weights @ probs)[:, :, 0]
         pairs = allowed[:, 0] & counted[:, :, None]  # [batch, rows, width]
@@ -114,5 +143,5 @@ def torch_attention_with_stats(
                          probs * counted[:, None, :, None], pairs.expand(batch, -1, -1), index)
 
     stats = AttentionStats(lse, entropy, key_mass, key_count, first_mass, row_counted, first_key,
-                           distance_mass, distance_count)
+                           distance_mass, distance_count, group_mass, group_out)
     return out, stats
