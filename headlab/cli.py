@@ -43,6 +43,7 @@ class Backend(str, Enum):
     auto = "auto"
     torch = "torch"
     eager = "eager"
+    triton = "triton"
 
 
 def fail(message: str) -> None:
