@@ -121,6 +121,88 @@ def print_sinks_summary(summary: dict, path: Path) -> None:
     console.print(f"run written to {path}", highlight=False, soft_wrap=True)
 
 
+@analyze_app.command("position-bias")
+def position_bias(
+    model: str = typer.Option(DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
+    prompts: str = typer.Option(None, help="prompt file (one per line) or - for stdin; default: bundled set"),
+    n_prompts: int = typer.Option(None, help="use only the first N prompts"),
+    max_tokens: int = typer.Option(512, help="tokens per prompt (statistics path: no T x T, any length)"),
+    batch_size: int = typer.Option(8, help="prompts per forward pass"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    device_map: str = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)"),
+    n_relative: int = typer.Option(10, help="relative-position bins of the lost-in-the-middle curve"),
+    rollout_tokens: int = typer.Option(128, help="rollout P^(t) on each prompt's first N tokens (T x T; 0: off)"),
+    rollout_prompts: int = typer.Option(8, help="prompts in the rollout"),
+    retrieval_trials: int = typer.Option(12, help="key-value retrieval trials per placement (0: off)"),
+    retrieval_pairs: int = typer.Option(8, help="key-value pairs in each retrieval prompt"),
+    seed: int = typer.Option(0, help="seed of the retrieval task"),
+    bos: Bos = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it"),
+    backend: Backend = typer.Option(Backend.auto, help="attention statistics backend"),
+    out: Path = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)"),
+    name: str = typer.Option(None, help="run name (default: position_bias-<model>-<time>)"),
+    revision: str = typer.Option(None, help="model revision (branch, tag or commit)"),
+    offline: bool = typer.Option(False, help="never contact the hub: local folders and the HF cache only"),
+    trust_remote_code: bool = typer.Option(False, help="run the model repository's own code (off by default)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Position bias: attention by distance and position, rollout P^(t), trend fit, retrieval by position."""
+    from .analyses.position_bias import PositionBiasConfig, analyze_position_bias
+    from .batching import check_positive_tokens
+    from .loading import load
+    from .prompts import read_prompts
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        # Cheap checks first: a bad flag should not wait for a model to load.
+        check_positive_tokens(max_tokens)
+        if n_prompts is not None and n_prompts <= 0:
+            raise InputError(f"--n-prompts must be positive, got {n_prompts}")
+        config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,
+                                    rollout_tokens=rollout_tokens, rollout_prompts=rollout_prompts,
+                                    retrieval_trials=retrieval_trials, retrieval_pairs=retrieval_pairs, seed=seed,
+                                    backend=None if backend == Backend.auto else backend.value)
+        config.check()
+        runs_dir = check_runs_dir(out or default_runs_dir())
+        if name is not None:
+            run_path(runs_dir, name)
+        texts = read_prompts(prompts)[:n_prompts]
+        loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
+                      local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+        result = analyze_position_bias(loaded, texts, config, progress=not quiet)
+        path = result.save(runs_dir, name)
+    except HeadlabError as err:
+        fail(str(err))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory running {model}: lower --batch-size, --max-tokens or --rollout-tokens, use "
+             "--dtype bfloat16, or --device-map auto")
+    print_position_summary(result.summary, path)
+
+
+def print_position_summary(summary: dict, path: Path) -> None:
+    table = Table(title=f"Position bias: {summary['model']} (attention received / uniform attention)")
+    for column in ("segment", "ratio"):
+        table.add_column(column, justify="right")
+    for segment, ratio in summary["segment_ratio_to_uniform"].items():
+        table.add_row(segment, f"{ratio:.3g}")
+    console.print(table)
+    console.print(f"middle vs ends: [bold]{summary['middle_vs_ends']:.3g}[/]; trend k (mean over layers): "
+                  f"{summary['trend_k_mean']}")
+    if "rollout_first_mass_final" in summary:
+        console.print(f"rollout first-token mass after {summary['n_layers']} layers: "
+                      f"{summary['rollout_first_mass_final']:.3f} (residual-aware "
+                      f"{summary['rollout_residual_first_mass_final']:.3f})")
+    if "retrieval_accuracy" in summary:
+        accuracy = ", ".join(f"{p} {a:.2f}" for p, a in summary["retrieval_accuracy"].items())
+        console.print(f"retrieval accuracy: {accuracy} (chance {summary['retrieval_chance']:.3f})")
+    for note in summary["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    console.print(f"run written to {path}", highlight=False, soft_wrap=True)
+
+
 @headlab_app.command("models")
 def models() -> None:
     """List model aliases and the tiny offline models."""
