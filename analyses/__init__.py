@@ -1,6 +1,19 @@
 """The science: each analysis takes a loaded model and inputs and returns a ``Result``."""
 
+from .position_bias import PositionBiasConfig, analyze_position_bias, fit_exponential_trend
 from .position_graphs import GraphSpec, TheoryConfig, analyze_position_graphs
+from .retrieval_task import RetrievalConfig, run_retrieval
 from .sinks import SinksConfig, analyze_sinks
 
-__all__ = ["GraphSpec", "SinksConfig", "TheoryConfig", "analyze_position_graphs", "analyze_sinks"]
+__all__ = [
+    "GraphSpec",
+    "PositionBiasConfig",
+    "RetrievalConfig",
+    "SinksConfig",
+    "TheoryConfig",
+    "analyze_position_bias",
+    "analyze_position_graphs",
+    "analyze_sinks",
+    "fit_exponential_trend",
+    "run_retrieval",
+]
