@@ -16,10 +16,14 @@ def run_name(run: Result) -> str:
     return run.path.name if run.path is not None else f"{run.analysis}-{run.model}"
 
 
-def show_header(run: Result) -> None:
+def show_header(run: Result, compact: bool = False) -> None:
+    """Who made the run and its scalar summary numbers (one caption line when ``compact``, for narrow columns)."""
     st.caption(f"analysis **{run.analysis}** · model **{run.model}** · run `{run_name(run)}`")
     scalars = {k: v for k, v in run.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if scalars:
+    if compact:
+        st.caption(" · ".join(f"{k} **{v:.4g}**" if isinstance(v, float) else f"{k} **{v}**"
+                              for k, v in scalars.items()))
+    elif scalars:
         columns = st.columns(min(len(scalars), 6))
         for column, (name, value) in zip(columns, list(scalars.items())[:6], strict=False):
             column.metric(name, f"{value:.4g}" if isinstance(value, float) else str(value))
@@ -75,5 +79,5 @@ def compare_generic(left: Result, right: Result, key: str) -> None:
     for column, run, side in zip(columns, (left, right), ("left", "right"), strict=True):
         with column:
             st.subheader(run_name(run))
-            show_header(run)
+            show_header(run, compact=True)
             show_saved_figures(run, f"{key}-{side}")

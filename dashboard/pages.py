@@ -15,7 +15,7 @@ from headlab.result import Result
 from headlab.runs import run_path
 
 from .discovery import RunInfo, RunListing, discover_runs, load_run
-from .registry import GenericView, get_view
+from .registry import GenericView, broken_views, get_view
 from .widgets import show_table
 
 PAGES = {"runs": "Runs", "run": "Run", "compare": "Compare"}
@@ -42,6 +42,8 @@ def _sidebar(listing: RunListing) -> str:
         page = st.radio("page", list(PAGES), format_func=PAGES.get, key="page")
         st.caption(f"runs folder: `{listing.runs_dir.resolve()}`")
         st.caption(f"{len(listing.runs)} runs, {len(listing.broken)} unreadable")
+        for module, error in broken_views().items():
+            st.warning(f"view {module} failed to load ({error}); its runs use the generic view")
         if st.button("Reload runs", key="reload"):
             _cached_run.clear()
     st.query_params["page"] = page

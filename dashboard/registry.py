@@ -49,6 +49,7 @@ class GenericView(View):
 
 
 _VIEWS: dict[str, View] = {}
+_BROKEN_VIEWS: dict[str, str] = {}  # module -> error, for view modules that failed to import
 
 
 def register_view(analysis: str, title: str | None = None) -> Callable[[type[View]], type[View]]:
@@ -86,4 +87,14 @@ def load_views(package: str = "headlab.dashboard.views") -> None:
     """Import every module of the views package so that their ``@register_view`` decorators run."""
     module = importlib.import_module(package)
     for info in pkgutil.iter_modules(module.__path__, prefix=f"{package}."):
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+            _BROKEN_VIEWS.pop(info.name, None)
+        except Exception as err:  # one analysis's broken page must not take the other pages down
+            _BROKEN_VIEWS[info.name] = f"{type(err).__name__}: {err}"
+
+
+def broken_views() -> dict[str, str]:
+    """View modules that failed to import, with the error (their runs fall back to the generic view)."""
+    load_views()
+    return dict(_BROKEN_VIEWS)

@@ -48,10 +48,10 @@ def runs_dir(tmp_path_factory, load_model):
     second.save(root, "sinks-qwen3-b")
     analyze_sinks(load_model("tiny-llama"), prompts[:3], config, progress=False).save(root, "sinks-llama")
     profile = go.Figure(go.Scatter(x=[0, 1, 2], y=[0.5, 0.3, 0.2], name="mass by distance"))
-    Result("position_bias", "tiny-qwen3", {"n_prompts": 2},
+    Result("example_without_view", "tiny-qwen3", {"n_prompts": 2},
            tables={"profile": pd.DataFrame({"distance": [0, 1, 2], "mass": [0.5, 0.3, 0.2]})},
            tensors={"bias": torch.arange(16.0).reshape(4, 4)}, figures={"profile": profile},
-           summary={"slope": -0.15}, report="# position bias\n").save(root, "position_bias-tiny")
+           summary={"slope": -0.15}, report="# position bias\n").save(root, "no-view-run")
     (root / "corrupt").mkdir()
     (root / "corrupt" / "manifest.json").write_text("{not json")
     (root / ".sinks-crashed.tmp-0123abcd").mkdir()
@@ -95,7 +95,7 @@ def texts(elements) -> str:
 
 def test_discovery_lists_complete_runs_and_the_broken_ones_with_a_reason(runs_dir):
     listing = discover_runs(runs_dir)
-    assert sorted(listing.names()) == sorted([*SINK_RUNS, "position_bias-tiny"])
+    assert sorted(listing.names()) == sorted([*SINK_RUNS, "no-view-run"])
     reasons = {broken.name: broken.reason for broken in listing.broken}
     assert set(reasons) == {"corrupt", ".sinks-crashed.tmp-0123abcd"}
     assert "corrupt" in reasons["corrupt"] and "incomplete" in reasons[".sinks-crashed.tmp-0123abcd"]
@@ -143,6 +143,7 @@ def test_views_register_through_the_decorator_and_unknown_analyses_fall_back(mon
     assert registry.get_view("toy_analysis").key_figures({}) == {"answer": 42}
     assert "sinks" in registry.registered_views()  # found by importing headlab.dashboard.views
     assert isinstance(registry.get_view("never_heard_of_it"), registry.GenericView)
+    assert "headlab.dashboard.views.sinks" not in registry.broken_views()
 
     class Other(registry.View):
         pass
@@ -151,6 +152,21 @@ def test_views_register_through_the_decorator_and_unknown_analyses_fall_back(mon
         registry.register_view("toy_analysis")(Other)
     with pytest.raises(HeadlabError, match="View subclasses"):
         registry.register_view("x")(lambda run, key: None)
+
+
+def test_a_view_module_that_fails_to_import_is_reported_not_fatal(tmp_path, monkeypatch):
+    package = tmp_path / "more_views"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "good.py").write_text("from headlab.dashboard.registry import View, register_view\n"
+                                     "@register_view('good_analysis')\nclass GoodView(View):\n    pass\n")
+    (package / "bad.py").write_text("raise ImportError('needs a package that is not installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_VIEWS", dict(registry._VIEWS))
+    monkeypatch.setattr(registry, "_BROKEN_VIEWS", {})
+    registry.load_views("more_views")
+    assert registry._BROKEN_VIEWS == {"more_views.bad": "ImportError: needs a package that is not installed"}
+    assert type(registry.get_view("good_analysis")).__name__ == "GoodView"
 
 
 def test_generic_key_figures_keep_scalars_only():
@@ -256,7 +272,7 @@ def test_app_with_no_runs_shows_a_friendly_empty_state(tmp_path, monkeypatch):
 def test_runs_page_lists_runs_filters_them_and_lists_broken_runs_apart(app_env):
     at = open_app("runs")
     runs, broken = at.dataframe[0].value, at.dataframe[1].value
-    assert sorted(runs["run"]) == sorted([*SINK_RUNS, "position_bias-tiny"])
+    assert sorted(runs["run"]) == sorted([*SINK_RUNS, "no-view-run"])
     assert set(runs.columns) >= {"analysis", "model", "date", "prompts", "key figures"}
     sinks_row = runs.set_index("run").loc["sinks-llama"]
     assert sinks_row["prompts"] == 3 and "Sink_1 %" in sinks_row["key figures"]
@@ -266,8 +282,8 @@ def test_runs_page_lists_runs_filters_them_and_lists_broken_runs_apart(app_env):
     at.text_input(key="runs-filter").input("llama").run()
     assert at.dataframe[0].value["run"].tolist() == ["sinks-llama"]
     at.text_input(key="runs-filter").input("").run()
-    at.multiselect(key="runs-analysis").select("position_bias").run()
-    assert at.dataframe[0].value["run"].tolist() == ["position_bias-tiny"]
+    at.multiselect(key="runs-analysis").select("example_without_view").run()
+    assert at.dataframe[0].value["run"].tolist() == ["no-view-run"]
 
 
 def test_sinks_page_plots_alpha_of_the_chosen_key_position(app_env):
@@ -313,8 +329,8 @@ def test_sinks_page_shows_tables_it_does_not_know_instead_of_crashing(app_env):
 
 
 def test_run_of_an_analysis_without_a_view_renders_generically(app_env):
-    at = open_app("run", run="position_bias-tiny")
-    assert at.header[0].value == "Run (generic view): position_bias-tiny"
+    at = open_app("run", run="no-view-run")
+    assert at.header[0].value == "Run (generic view): no-view-run"
     [profile] = charts(at)
     np.testing.assert_allclose(array(profile["data"][0]["y"]), [0.5, 0.3, 0.2])
     assert any(e.label.startswith("table profile") for e in at.expander)
@@ -349,7 +365,7 @@ def test_compare_of_different_grids_and_different_analyses_explains_itself(app_e
     assert "different layer x head grids" in texts(at.warning)
 
     monkeypatch.setenv("HEADLAB_RUNS", str(app_env))
-    at = open_app("compare", left="sinks-qwen3-a", right="position_bias-tiny")
+    at = open_app("compare", left="sinks-qwen3-a", right="no-view-run")
     assert "Different analyses" in texts(at.info)
     assert charts(at)  # both runs' saved figures, side by side
 

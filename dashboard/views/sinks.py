@@ -86,6 +86,18 @@ def token_attention(run: Result, prompt: int, layer: int, head: int | None) -> t
     return rows["token"].astype(str).tolist(), values
 
 
+def prompt_preview(tokens, length: int = 60) -> str:
+    """Readable text from tokens: byte-level (Ġ) and sentencepiece (▁) marks become spaces, WordPiece ## joins."""
+    tokens = list(tokens)
+    if any(t.startswith(("Ġ", "▁")) for t in tokens):
+        text = "".join(tokens).replace("Ġ", " ").replace("▁", " ").replace("Ċ", " ")
+    elif all(len(t) == 1 for t in tokens):  # character-level tokenizers (the tiny zoo models)
+        text = "".join(tokens)
+    else:
+        text = " ".join(tokens).replace(" ##", "")
+    return text.strip()[:length]
+
+
 def token_html(tokens: list[str], values: np.ndarray) -> str:
     """Tokens as spans whose red shade is their attention received, relative to the largest in the prompt."""
     top = float(np.nanmax(values)) if len(values) and np.isfinite(values).any() else 0.0
@@ -155,7 +167,7 @@ class SinksView(View):
         token_alpha = run.tensors["token_alpha"]  # [prompt, layer, head, position]
         tokens = run.tables["tokens"]
         n_prompts, n_layers, n_heads, _ = token_alpha.shape
-        previews = {p: "".join(tokens[tokens["prompt"] == p].sort_values("position")["token"].astype(str))[:60]
+        previews = {p: prompt_preview(tokens[tokens["prompt"] == p].sort_values("position")["token"].astype(str))
                     for p in range(n_prompts)}
         prompt_col, layer_col, head_col = st.columns([3, 1, 1])
         prompt = prompt_col.selectbox("prompt", list(range(n_prompts)), key=f"{key}-prompt",
@@ -185,7 +197,7 @@ class SinksView(View):
         for column, run, side in zip(columns, runs, ("left", "right"), strict=True):
             with column:
                 st.subheader(run_name(run))
-                show_header(run)
+                show_header(run, compact=True)
                 show_figure(alpha_heatmap(run, k), key=f"{key}-{side}-alpha", name=f"{run_name(run)}-alpha-k{k}")
         show_figure(sink_rate_bars(runs), key=f"{key}-rate", name="compare-sink-rate")
         show_figure(norm_profile(runs), key=f"{key}-norms", name="compare-residual-norms")
