@@ -3,11 +3,15 @@
 alpha[l, h, k] = mean over queries that see key k of A[l, h, i, k]; Sink_k^eps = 100 · mean over
 samples, layers and heads of 1[alpha > eps]. Everything streams from the statistics path: no
 attention matrix is materialised.
+
+Secondary sinks, sink levels and their MLP formation (Wong et al.) come from the same forward passes:
+see ``secondary_sinks.py`` and ``sink_levels.py``; ``SinksConfig.secondary`` switches parts off.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -18,9 +22,12 @@ from tqdm.auto import tqdm
 from headlab.batching import batches, check_max_tokens
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
-from headlab.probes import AttentionProbe, KeyImportance, ResidualProbe, RowMeans
+from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans
 from headlab.prompts import hash_inputs
 from headlab.result import Result, to_json_safe
+
+from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
+from .sink_levels import count_levels, histogram, levels_figure
 
 
 @dataclass
@@ -34,6 +41,8 @@ class SinksConfig:
     top_heads: int = 10
     token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
     backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
+    chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
+    secondary: SecondarySinksConfig = field(default_factory=SecondarySinksConfig)
 
 
 def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig | None = None,
@@ -45,6 +54,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
     check_max_tokens(loaded, config.max_tokens)
     arch = loaded.arch
+    secondary = SecondarySinkCollector(arch.n_layers, config.secondary, config.chat_template) \
+        if config.secondary.enabled else None
     importance = KeyImportance(arch.n_layers, arch.n_heads, config.n_keys, config.eps)
     rows = RowMeans(arch.n_layers, arch.n_heads)
 
@@ -61,11 +72,15 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
     token_rows: list[dict] = []
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
-    with torch.no_grad(), AttentionProbe(loaded, on_stats, backend=config.backend), ResidualProbe(loaded) as resid:
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(AttentionProbe(loaded, on_stats, backend=config.backend))
+        resid = stack.enter_context(ResidualProbe(loaded))
+        parts = stack.enter_context(LayerPartsProbe(loaded, config.secondary.bos_candidates)) if secondary else None
         for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
             loaded.model(input_ids=batch.input_ids.to(loaded.device),
                          attention_mask=batch.attention_mask.to(loaded.device))
             summary = resid.summary()
+            part_summary = parts.summary() if parts else None
             for row, prompt_index in enumerate(batch.indices):
                 length = int(batch.attention_mask[row].sum())
                 n_tokens += length
@@ -73,6 +88,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
                 first_norms.append(norms[:, 0])
                 median_norms.append(norms.median(dim=1).values)
                 massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config)
+                if secondary:
+                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row])
                 if prompt_index < n_kept:
                     for layer, alpha_b in batch_alpha.items():
                         token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
@@ -89,22 +106,54 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     median_norm = torch.stack(median_norms).mean(0)
     tables = _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, massive, config)
     tables["tokens"] = pd.DataFrame(token_rows, columns=["prompt", "position", "token"])
+    figures = _figures(loaded.name, alpha, sink_rate, first_norm, median_norm, config)
+    tensors = {}
+    extra_config = {}
+    if secondary:
+        tables.update(secondary.tables())
+        figures.update(secondary.figures(loaded.name))
+        extra_config = {"lifetime_bounds_used": list(secondary.bounds), "lifetime_bounds_rule": secondary.bounds_rule}
+        if config.secondary.levels:
+            level_tables, level_tensors, level_figures = _levels(loaded.name, tables["secondary_sinks"],
+                                                                 arch.n_layers, config.secondary)
+            tables.update(level_tables)
+            tensors.update(level_tensors)
+            figures.update(level_figures)
     summary = _summary(loaded, prompts, n_tokens, alpha, sink_rate, tables, config)
+    if secondary:
+        summary.update(to_json_safe(secondary.summary()))
+        if config.secondary.levels:
+            summary["n_sink_levels"] = int(len(tables["sink_levels"]))
     return Result(
         analysis="sinks",
         model=loaded.name,
         revision=loaded.revision,
-        config={**asdict(config), "bos": arch.bos, "n_prompts": len(prompts), "source": loaded.source},
+        config={**asdict(config), **extra_config, "bos": arch.bos, "n_prompts": len(prompts),
+                "source": loaded.source},
         tables=tables,
         tensors={"alpha": alpha, "sink_rate": sink_rate, "entropy": entropy, "first_mass": first_mass,
                  "sink_heads": (alpha[:, :, 0] > config.eps).to(torch.uint8),
                  "first_token_norm": first_norm, "median_token_norm": median_norm,
-                 "token_alpha": token_alpha},
-        figures=_figures(loaded.name, alpha, sink_rate, first_norm, median_norm, config),
+                 "token_alpha": token_alpha, **tensors},
+        figures=figures,
         summary=summary,
         report=_report(summary, tables),
         input_hash=hash_inputs(prompts),
     )
+
+
+def _levels(model: str, sinks: pd.DataFrame, n_layers: int, config: SecondarySinksConfig):
+    """Histogram over every detected sink token; levels clustered over the labels in ``config.level_labels``."""
+    counts = histogram(sinks["creation_layer"].to_numpy(), sinks["lifetime"].to_numpy(), n_layers)
+    chosen = sinks[sinks["label"].isin(config.level_labels)]
+    levels = count_levels(chosen["creation_layer"].to_numpy(), chosen["lifetime"].to_numpy(), config.level_eps,
+                          config.level_min_fraction, config.level_min_tokens)
+    hist_rows = [{"creation_layer": int(c), "lifetime": int(lt), "n_tokens": int(counts[c, lt])}
+                 for c, lt in zip(*counts.nonzero(), strict=True)]
+    tables = {"sink_levels": levels.table,
+              "sink_level_histogram": pd.DataFrame(hist_rows, columns=["creation_layer", "lifetime", "n_tokens"])}
+    figures = {"sink_levels": levels_figure(model, counts, levels)}
+    return tables, {"sink_level_histogram": torch.from_numpy(counts)}, figures
 
 
 def _massive_rows(summary, row, length, prompt_index, tokens, config) -> list[dict]:
@@ -195,6 +244,7 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         f"- sink heads (alpha_first > eps): {summary['n_sink_heads']} of "
         f"{summary['n_layers'] * summary['n_heads']}",
         f"- massive activation dims: {summary['massive_dims'] or 'none'}",
+        *_secondary_report(summary, tables),
         "",
         "## Top heads by attention received by the first token",
         "",
@@ -203,3 +253,22 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _secondary_report(summary: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
+    if "n_sink_tokens" not in summary:
+        return []
+    lines = [
+        f"- secondary-sink scan (Wong et al.): {summary['n_sink_tokens']} sink token occurrences: "
+        f"{summary['n_secondary']} secondary, {summary['n_primary_like']} primary-like, {summary['n_noise']} noise "
+        f"(lifetime bounds {summary['lifetime_bounds']}, {summary['lifetime_bounds_rule']})",
+    ]
+    if "n_sink_levels" in summary:
+        lines.append(f"- sink levels (DBSCAN on creation layer x lifetime): {summary['n_sink_levels']}")
+    sinks = tables["secondary_sinks"]
+    if len(sinks):
+        top = sinks.sort_values("sink_score", ascending=False).head(10)
+        lines += ["", "## Secondary sinks with the highest sink score", "", "```",
+                  top[["prompt", "position", "token", "creation_layer", "lifetime", "label", "sink_score",
+                       "mlp_out_norm", "cos_mlp_out"]].to_string(index=False), "```"]
+    return lines

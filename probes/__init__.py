@@ -2,13 +2,17 @@
 
 from .accumulators import KeyImportance, RowMeans
 from .attention import ATTN_IMPLEMENTATION, AttentionProbe, LazyMask, headlab_attention_forward, register
+from .layer_parts import PARTS, LayerPartsProbe, LayerPartsSummary
 from .residual import ResidualProbe, ResidualSummary, summarize_hidden
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionProbe",
     "KeyImportance",
+    "LayerPartsProbe",
+    "LayerPartsSummary",
     "LazyMask",
+    "PARTS",
     "ResidualProbe",
     "ResidualSummary",
     "RowMeans",

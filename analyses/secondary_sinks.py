@@ -1,0 +1,249 @@
+"""Secondary attention sinks (Wong et al., 2025): detection, lifetime, labels, sink score and MLP formation.
+
+methods.md §1, following the official code (src/hidden_state_base.py):
+- h_l(t) is the output of decoder layer l (embeddings dropped).
+- BOS position: 0; with a chat template the one of the first three positions with the highest mean
+  norm across layers.
+- Scan window from the BOS norm profile n(l) = ||h_l(BOS)||, d(l) = n(l+1) - n(l):
+  l_start = argmax d + 1, l_end = (argmin over l >= l_start of d) + 1, layers [l_start, l_end).
+- Token t > BOS is flagged at layer l of the window if |cos(h_l(t), h_l(BOS))| > 0.9; lifetime =
+  number of flagged layers, creation layer = first flagged layer.
+- Labels: secondary if lo < lifetime < hi, primary-like if lifetime >= hi, else noise; the paper's
+  bounds are lo = 4, hi = L - 15. They only make sense for deep models (hi <= lo for L <= 19), so
+  below ``paper_bounds_min_layers`` (24) headlab scales them with depth, as Qwen3-14B's 40 layers
+  give them: lo = max(1, L // 10), hi = max(lo + 2, ceil(5 L / 8)).
+- Sink score at layer l: mean over heads of the mean attention the sink receives from the queries
+  that see it (i >= s: key_mass / key_count from the statistics path, the sink's own row included);
+  the sink's score is the mean over its flagged layers.
+- Formation: at the creation layer, cos with h_c(BOS) of the MLP input, attention output, MLP output
+  and residual, and the MLP output's L2 norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from headlab.errors import InputError
+from headlab.probes import PARTS, LayerPartsSummary
+
+LABELS = ("secondary", "primary_like", "noise")
+
+
+@dataclass
+class SecondarySinksConfig:
+    enabled: bool = True
+    levels: bool = True  # sink levels: 2-D histogram + clustering
+    formation: bool = True  # MLP formation table and scatter
+    cos_threshold: float = 0.9
+    bos_position: str = "auto"  # first | max_norm | auto (max_norm with a chat template, else first)
+    bos_candidates: int = 3
+    lifetime_bounds: tuple[int, int] | None = None  # None: the rule in lifetime_bounds()
+    paper_bounds_min_layers: int = 24
+    level_eps: float = 1.5  # DBSCAN radius on the (creation, lifetime) grid: 8-neighbours join
+    level_min_fraction: float = 0.02  # a level holds at least this share of the clustered tokens ...
+    level_min_tokens: int = 3  # ... and at least this many
+    level_labels: tuple[str, ...] = ("secondary", "primary_like")  # which sinks are clustered into levels
+
+    def check(self) -> None:
+        if not 0 < self.cos_threshold < 1:
+            raise InputError(f"--cos-threshold must lie between 0 and 1, got {self.cos_threshold}")
+        if self.bos_position not in ("auto", "first", "max_norm"):
+            raise InputError(f"--bos-position must be auto, first or max_norm, not {self.bos_position!r}")
+        if self.lifetime_bounds is not None:
+            lo, hi = self.lifetime_bounds
+            if not 0 <= lo < hi:
+                raise InputError(f"--lifetime-bounds needs 0 <= low < high, got {lo} {hi}")
+
+
+def lifetime_bounds(n_layers: int, config: SecondarySinksConfig) -> tuple[int, int, str]:
+    """(lo, hi, rule): secondary if lo < lifetime < hi, primary-like if lifetime >= hi."""
+    if config.lifetime_bounds is not None:
+        return (*config.lifetime_bounds, "given")
+    if n_layers >= config.paper_bounds_min_layers:
+        return 4, n_layers - 15, "paper: 4 and L - 15"
+    lo = max(1, n_layers // 10)
+    return lo, max(lo + 2, math.ceil(5 * n_layers / 8)), "scaled: max(1, L // 10) and max(lo + 2, ceil(5L/8))"
+
+
+def label_of(lifetime: int, bounds: tuple[int, int]) -> str:
+    lo, hi = bounds
+    if lifetime >= hi:
+        return "primary_like"
+    if lifetime > lo:
+        return "secondary"
+    return "noise"
+
+
+def choose_bos(norm: torch.Tensor, max_norm: bool, n_candidates: int = 3) -> int:
+    """norm ``[layer, position]`` of one prompt -> BOS position (0, or the highest mean norm of the first few)."""
+    if not max_norm:
+        return 0
+    means = norm[:, :n_candidates].mean(0)
+    return int(torch.argmax(means))
+
+
+def scan_window(bos_norm: np.ndarray) -> tuple[int, int]:
+    """BOS norm per layer ``[layer]`` -> [start, end) of the layers scanned (first extremum wins ties)."""
+    n_layers = len(bos_norm)
+    if n_layers < 2:
+        return 0, n_layers
+    d = np.diff(bos_norm)
+    start = int(np.argmax(d)) + 1
+    if start >= n_layers - 1:
+        return start, n_layers
+    return start, start + int(np.argmin(d[start:])) + 1
+
+
+@dataclass
+class SinkToken:
+    position: int
+    creation: int
+    lifetime: int
+    layers: list[int]
+    label: str
+
+
+@dataclass
+class PromptSinks:
+    bos: int
+    window: tuple[int, int]
+    flags: torch.Tensor  # [layer, position] bool
+    sinks: list[SinkToken]
+
+
+def detect(cos: torch.Tensor, norm: torch.Tensor, length: int, bounds: tuple[int, int],
+           config: SecondarySinksConfig, chat_template: bool = False) -> PromptSinks:
+    """One prompt: ``cos [layer, reference, position]`` of h_l with h_l(reference), ``norm [layer, position]``
+    of h_l, over the first ``length`` (real) positions."""
+    use_max = config.bos_position == "max_norm" or (config.bos_position == "auto" and chat_template)
+    bos = choose_bos(norm[:, :length], use_max, min(config.bos_candidates, cos.shape[1], length))
+    start, end = scan_window(norm[:, bos].double().numpy())
+    n_layers = norm.shape[0]
+    in_window = torch.zeros(n_layers, 1, dtype=torch.bool)
+    in_window[start:end] = True
+    after_bos = torch.arange(length) > bos
+    flags = (cos[:, bos, :length].abs() > config.cos_threshold) & in_window & after_bos
+    sinks = []
+    for pos in flags.any(0).nonzero()[:, 0].tolist():
+        layers = flags[:, pos].nonzero()[:, 0].tolist()
+        sinks.append(SinkToken(pos, layers[0], len(layers), layers, label_of(len(layers), bounds)))
+    return PromptSinks(bos, (start, end), flags, sinks)
+
+
+class SecondarySinkCollector:
+    """Streams batches in, keeps one row per sink token occurrence; builds tables and figures at the end."""
+
+    def __init__(self, n_layers: int, config: SecondarySinksConfig, chat_template: bool = False):
+        config.check()
+        self.n_layers = n_layers
+        self.config = config
+        self.chat_template = chat_template
+        lo, hi, rule = lifetime_bounds(n_layers, config)
+        self.bounds = (lo, hi)
+        self.bounds_rule = rule
+        self.sink_rows: list[dict] = []
+        self.score_rows: list[dict] = []
+        self.window_rows: list[dict] = []
+        self.n_tokens = 0
+
+    def add(self, parts: LayerPartsSummary, alpha: dict[int, torch.Tensor], row: int, length: int,
+            prompt: int, tokens: list[str]) -> PromptSinks:
+        """One prompt of a batch. ``alpha``: per layer ``[batch, head, key]`` mean attention received."""
+        resid = PARTS.index("resid")
+        found = detect(parts.cos[resid, :, row], parts.norm[resid, :, row], length, self.bounds, self.config,
+                       self.chat_template)
+        self.n_tokens += max(0, length - found.bos - 1)
+        self.window_rows.append({"prompt": prompt, "bos_position": found.bos, "scan_start": found.window[0],
+                                 "scan_end": found.window[1], "n_sinks": len(found.sinks)})
+        for sink in found.sinks:
+            scores = [float(alpha[layer][row, :, sink.position].mean()) for layer in sink.layers] if alpha else []
+            self.score_rows += [{"prompt": prompt, "position": sink.position, "layer": layer, "score": score}
+                                for layer, score in zip(sink.layers, scores, strict=True)]
+            c = sink.creation
+            record = {
+                "prompt": prompt, "position": sink.position, "token": tokens[sink.position],
+                "creation_layer": c, "lifetime": sink.lifetime, "last_layer": sink.layers[-1],
+                "label": sink.label,
+                "sink_score": float(np.mean(scores)) if scores else float("nan"),
+                "sink_score_max": float(np.max(scores)) if scores else float("nan"),
+                "bos_alpha": float(np.mean([float(alpha[layer][row, :, found.bos].mean()) for layer in sink.layers]))
+                if alpha else float("nan"),
+            }
+            for i, part in enumerate(PARTS):
+                record[f"cos_{part}"] = float(parts.cos[i, c, row, found.bos, sink.position])
+            record["mlp_out_norm"] = float(parts.norm[PARTS.index("mlp_out"), c, row, sink.position])
+            record["resid_norm"] = float(parts.norm[resid, c, row, sink.position])
+            self.sink_rows.append(record)
+        return found
+
+    def sinks_table(self) -> pd.DataFrame:
+        columns = ["prompt", "position", "token", "creation_layer", "lifetime", "last_layer", "label",
+                   "sink_score", "sink_score_max", "bos_alpha", *[f"cos_{p}" for p in PARTS], "mlp_out_norm",
+                   "resid_norm"]
+        return pd.DataFrame(self.sink_rows, columns=columns)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        sinks = self.sinks_table()
+        tables = {
+            "secondary_sinks": sinks,
+            "secondary_sink_scores": pd.DataFrame(self.score_rows, columns=["prompt", "position", "layer", "score"]),
+            "secondary_sink_windows": pd.DataFrame(
+                self.window_rows, columns=["prompt", "bos_position", "scan_start", "scan_end", "n_sinks"]),
+        }
+        if self.config.formation:
+            tables["sink_formation"] = formation_table(sinks)
+        return tables
+
+    def summary(self) -> dict:
+        sinks = self.sinks_table()
+        counts = sinks["label"].value_counts()
+        return {
+            "lifetime_bounds": list(self.bounds),
+            "lifetime_bounds_rule": self.bounds_rule,
+            "n_sink_tokens": int(len(sinks)),
+            "n_scanned_tokens": self.n_tokens,
+            **{f"n_{label}": int(counts.get(label, 0)) for label in LABELS},
+        }
+
+    def figures(self, model: str) -> dict[str, go.Figure]:
+        return {"sink_formation": formation_figure(model, self.sinks_table())} if self.config.formation else {}
+
+
+def formation_table(sinks: pd.DataFrame) -> pd.DataFrame:
+    """Per label: how the MLP output norm, the sink score and the lifetime move together.
+
+    Spearman correlations over sink occurrences (NaN with fewer than three), plus the per-label means of
+    the cos-to-BOS of each part at the creation layer.
+    """
+    rows = []
+    for label, group in [("all", sinks), *sinks.groupby("label")]:
+        row = {"label": label, "n": len(group)}
+        for part in PARTS:
+            row[f"mean_cos_{part}"] = float(group[f"cos_{part}"].mean()) if len(group) else float("nan")
+        row["mean_mlp_out_norm"] = float(group["mlp_out_norm"].mean()) if len(group) else float("nan")
+        pairs = [("mlp_out_norm", "sink_score"), ("mlp_out_norm", "lifetime"), ("sink_score", "lifetime")]
+        for a, b in pairs:
+            ok = len(group) >= 3 and group[a].nunique() > 1 and group[b].nunique() > 1
+            row[f"spearman_{a}_{b}"] = float(group[a].corr(group[b], method="spearman")) if ok else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def formation_figure(model: str, sinks: pd.DataFrame) -> go.Figure:
+    fig = go.Figure(go.Scatter(
+        x=sinks["mlp_out_norm"], y=sinks["sink_score"], mode="markers",
+        marker={"color": sinks["lifetime"], "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "lifetime"}},
+        text=[f"prompt {p}, pos {q}, {t!r}, created at {c}, {lab}" for p, q, t, c, lab in zip(
+            sinks["prompt"], sinks["position"], sinks["token"], sinks["creation_layer"], sinks["label"],
+            strict=True)],
+        hovertemplate="%{text}<br>||mlp_out|| = %{x:.3g}<br>score = %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=f"{model}: secondary sinks, MLP output norm at creation vs sink score",
+                      xaxis_title="||MLP output|| at the creation layer", yaxis_title="sink score (mean attention)")
+    return fig
