@@ -260,3 +260,53 @@ def test_cli_missing_prompt_file(tmp_path):
     result = runner.invoke(analyze_app, ["position-bias", "--prompts", str(tmp_path / "nope.txt"), "--quiet",
                                          "--out", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "is missing" in result.output
+
+
+# ----------------------------------------------------------------------------------------- dashboard page
+
+
+def plotly_array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly's typed-array encoding {dtype, bdata, shape}."""
+    import base64
+
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return np.asarray(value, dtype=float)
+
+
+@pytest.fixture(scope="module")
+def position_runs(tmp_path_factory, load_model):
+    root = tmp_path_factory.mktemp("position-runs")
+    config = PositionBiasConfig(max_tokens=24, rollout_tokens=12, rollout_prompts=1, retrieval_trials=1,
+                                retrieval_pairs=3)
+    analyze_position_bias(load_model("tiny-qwen3"), TEXT, config, progress=False).save(root, "pb-qwen3")
+    analyze_position_bias(load_model("tiny-llama"), TEXT[:2], config, progress=False).save(root, "pb-llama")
+    return root
+
+
+def test_dashboard_page_draws_the_run_from_its_tensors(position_runs, monkeypatch):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from headlab.dashboard import launch
+    from headlab.dashboard.views.position_bias import head_distance_figure, segment_ratio
+
+    monkeypatch.setenv("HEADLAB_RUNS", str(position_runs))
+    run = Result.load(position_runs / "pb-qwen3")
+    at = AppTest.from_file(str(launch.APP_FILE), default_timeout=120)
+    at.query_params["page"], at.query_params["run"] = "run", "pb-qwen3"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.header[0].value == "Position bias: pb-qwen3"
+    specs = [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+    distance = specs[0]["data"][0]
+    pairs = run.tensors["distance_count"][0, 0] > 0
+    np.testing.assert_allclose(plotly_array(distance["y"]),
+                               run.tensors["distance_mean"][0, 0, 0][pairs].numpy(), rtol=1e-6)
+    assert len(head_distance_figure(run, 1).data) == run.tensors["distance_mean"].shape[1]
+    np.testing.assert_allclose(segment_ratio(run, 0).numpy(),
+                               (run.tensors["segment_mean"][:, :, 0] / run.tensors["segment_uniform"][:, :1]).numpy())
+    at.query_params["page"], at.query_params["left"], at.query_params["right"] = "compare", "pb-llama", "pb-qwen3"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]

@@ -1,0 +1,135 @@
+"""The position-bias page: per-head distance profiles, segment ratios per (layer, head), the lost-in-the-middle
+curve, rollout and retrieval figures; and the comparison of two position-bias runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from headlab.kernels import distance_bin_edges
+from headlab.result import Result
+
+from ..generic import run_name, show_header, show_report, show_saved_figures, show_tables
+from ..plots import HOVER_DIGITS, difference_heatmap, layer_head_heatmap
+from ..registry import View, register_view
+from ..widgets import show_figure
+
+REQUIRED_TENSORS = ("distance_mean", "distance_count", "segment_mean", "segment_uniform", "relative_mean",
+                    "relative_uniform")
+SEGMENTS = ("first token", "first third", "middle third", "last third")  # headlab.probes.position.SEGMENTS
+# Saved figures this page shows in its own order; the distance and segment views are drawn from tensors.
+SAVED_FIGURES = ("lost_in_the_middle", "position_profile", "first_mass_vs_depth", "rollout", "rollout_residual",
+                 "retrieval")
+KNOWN_TABLES = {"trend", "retrieval_by_placement"}
+
+
+def head_distance_figure(run: Result, layer: int) -> go.Figure:
+    """Mean attention of one key vs distance, every head of ``layer`` (``distance_mean [layer, head, side, bin]``)."""
+    mean = run.tensors["distance_mean"][layer].float().numpy()  # [head, side, bin]
+    pairs = run.tensors["distance_count"][layer].float().numpy() > 0  # [side, bin]
+    x = np.array(distance_bin_edges(mean.shape[-1])) + 1
+    fig = go.Figure()
+    for head in range(mean.shape[0]):
+        for side, dash in ((0, "solid"), (1, "dash")):
+            if not pairs[side].any():
+                continue
+            fig.add_scatter(x=x[pairs[side]], y=mean[head, side, pairs[side]], mode="lines+markers",
+                            line={"dash": dash}, legendgroup=str(head),
+                            name=f"head {head}" + (" (keys after)" if side else ""),
+                            hovertemplate=f"1 + |i-j| = %{{x}}<br>mean = %{{y:{HOVER_DIGITS}}}"
+                                          f"<extra>head {head}</extra>")
+    fig.update_layout(title=f"{run.model}: layer {layer}, mean attention of one key vs distance (dashed: keys after)",
+                      xaxis_title="1 + |i - j| (bin left edge)", yaxis_title="mean attention per key",
+                      xaxis_type="log", yaxis_type="log")
+    return fig
+
+
+def segment_ratio(run: Result, segment: int):
+    """``[layer, head]`` attention received by a segment relative to uniform attention under the same mask."""
+    return run.tensors["segment_mean"][:, :, segment] / run.tensors["segment_uniform"][:, None, segment]
+
+
+def segment_heatmap(run: Result, segment: int) -> go.Figure:
+    ratio = segment_ratio(run, segment)
+    fig = layer_head_heatmap(np.log10(ratio.float().clamp(min=1e-12).numpy()),
+                             f"{run.model}: {SEGMENTS[segment]}, log10(attention received / uniform)",
+                             "log10 ratio", colorscale="RdBu_r")
+    bound = float(np.nanmax(np.abs(fig.data[0].z))) or 1.0
+    fig.update_traces(zmin=-bound, zmax=bound)  # diverging, centred at 0 = uniform attention
+    return fig
+
+
+def relative_curves(runs: list[Result]) -> go.Figure:
+    """Lost-in-the-middle curve (mean over layers and heads, relative to uniform) of each run."""
+    fig = go.Figure()
+    for run in runs:
+        ratio = (run.tensors["relative_mean"].mean(1) / run.tensors["relative_uniform"]).nanmean(0).numpy()
+        x = (np.arange(len(ratio)) + 0.5) / len(ratio)
+        fig.add_scatter(x=x, y=ratio, mode="lines+markers", name=run_name(run),
+                        hovertemplate=f"relative position %{{x:.2f}}<br>ratio = %{{y:{HOVER_DIGITS}}}<extra></extra>")
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title="Attention received vs relative key position (first token left out), / uniform",
+                      xaxis_title="relative key position", yaxis_title="mean attention / uniform")
+    return fig
+
+
+@register_view("position_bias", title="Position bias")
+class PositionBiasView(View):
+    def key_figures(self, manifest: dict) -> dict[str, object]:
+        summary = manifest.get("summary") or {}
+        accuracy = summary.get("retrieval_accuracy") or {}
+        figures = {"middle vs ends": summary.get("middle_vs_ends"), "trend k": summary.get("trend_k_mean"),
+                   "rollout first-token mass": summary.get("rollout_first_mass_final"),
+                   "retrieval acc. (middle)": accuracy.get("middle")}
+        return {name: value for name, value in figures.items() if value is not None}
+
+    def render(self, run: Result, key: str) -> None:
+        missing = [name for name in REQUIRED_TENSORS if name not in run.tensors]
+        if missing:
+            st.warning(f"This position-bias run lacks the tensors {', '.join(missing)}; showing what it saved.")
+            super().render(run, key)
+            return
+        show_header(run)
+        for note in run.summary.get("notes", []):
+            st.caption(f"note: {note}")
+        n_layers = run.tensors["distance_mean"].shape[0]
+        st.subheader("Attention by distance, per head")
+        layer = st.slider("layer", 0, n_layers - 1, 0, key=f"{key}-layer") if n_layers > 1 else 0
+        show_figure(head_distance_figure(run, layer), key=f"{key}-dist", name=f"{run_name(run)}-distance-l{layer}")
+        st.subheader("Attention received by segment, per (layer, head)")
+        segment = st.radio("segment", list(range(len(SEGMENTS))), format_func=lambda s: SEGMENTS[s],
+                           horizontal=True, key=f"{key}-segment")
+        show_figure(segment_heatmap(run, segment), key=f"{key}-seg", name=f"{run_name(run)}-segment-{segment}")
+        show_saved_figures(run, key, [name for name in SAVED_FIGURES if name in run.figures])
+        show_tables(run, key, [name for name in sorted(KNOWN_TABLES) if name in run.tables])
+        other_tables = sorted(set(run.tables) - KNOWN_TABLES)
+        if other_tables:
+            st.subheader("All tables")
+            show_tables(run, key, other_tables)
+        show_report(run)
+
+    def compare(self, left: Result, right: Result, key: str) -> None:
+        runs = [left, right]
+        if any(name not in run.tensors for run in runs for name in REQUIRED_TENSORS):
+            st.warning("One of the runs lacks the position-bias tensors; comparing what they saved instead.")
+            super().compare(left, right, key)
+            return
+        show_figure(relative_curves(runs), key=f"{key}-relative", name="compare-lost-in-the-middle")
+        segment = st.radio("segment", list(range(len(SEGMENTS))), format_func=lambda s: SEGMENTS[s],
+                           horizontal=True, key=f"{key}-segment")
+        a, b = (segment_ratio(run, segment) for run in runs)
+        if a.shape == b.shape:
+            show_figure(difference_heatmap(a, b, f"{SEGMENTS[segment]} / uniform: {run_name(right)} - "
+                                                 f"{run_name(left)}", "Δ ratio"),
+                        key=f"{key}-diff", name=f"diff-segment-{segment}")
+        else:
+            st.warning(f"No difference heatmap: the runs have different layer x head grids "
+                       f"({tuple(a.shape)} vs {tuple(b.shape)}).")
+        columns = st.columns(2)
+        for column, run, side in zip(columns, runs, ("left", "right"), strict=True):
+            with column:
+                st.subheader(run_name(run))
+                show_header(run)
+                show_saved_figures(run, f"{key}-{side}", [n for n in ("first_mass_vs_depth", "retrieval")
+                                                          if n in run.figures])
