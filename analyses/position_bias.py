@@ -209,12 +209,12 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
         rollout = _rollout_parts(loaded, first_mass, example, used)
         tensors.update(rollout["tensors"])
         tables["rollout_first_mass"] = rollout["table"]
+        cap = min(config.max_tokens, config.rollout_tokens)
+        where = f"rollout on at most the first {cap} tokens of {used} prompts (T x T per layer)"
         if loaded.arch.causal:
-            notes.append(f"rollout on the first {example.shape[-1]} tokens of {used} prompts: under a causal mask "
-                         "the same attention as in the full prompts at those positions")
+            notes.append(f"{where}: under a causal mask the same attention as in the full prompts at those positions")
         else:
-            notes.append(f"rollout on the first {example.shape[-1]} tokens of {used} prompts: this model is "
-                         "bidirectional, so the truncated prompts are inputs of their own")
+            notes.append(f"{where}: this model is bidirectional, so truncated prompts are inputs of their own")
     else:
         notes.append("rollout off (--rollout-tokens 0)")
 
@@ -362,7 +362,7 @@ def _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, not
     }
     if rollout is not None:
         first = rollout["tensors"]["rollout_first_mass"]
-        out.update(rollout_tokens=rollout["n_tokens"], rollout_prompts=rollout["prompts"],
+        out.update(rollout_example_tokens=rollout["n_tokens"], rollout_prompts=rollout["prompts"],
                    rollout_first_mass_final=float(first[0, -1]), rollout_residual_first_mass_final=float(first[1, -1]),
                    theory_uniform_first_mass_final=float(rollout["theory"]["uniform_rollout"][-1]))
     if retrieval is not None:
@@ -395,8 +395,9 @@ def _figures(model, profile, tensors, trends, rollout, retrieval, config) -> dic
         for key, values in rollout["theory"].items():
             kind, variant = key.split("_")
             curves[f"theory ({names[kind]}){', residual-aware' if variant == 'residual' else ''}"] = values
-        figures["first_mass_vs_depth"] = first_mass_figure(curves, f"{model}: mass on the first token vs depth "
-                                                                   f"(T = {rollout['n_tokens']})")
+        title = (f"{model}: mass on the first token vs depth (model: mean over prompts; theory at "
+                 f"T = {rollout['n_tokens']})")
+        figures["first_mass_vs_depth"] = first_mass_figure(curves, title)
     if retrieval is not None:
         figures["retrieval"] = retrieval_figure(model, retrieval)
     return figures
@@ -476,7 +477,8 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         "(k > 0: earlier keys get more; debiasing weights w_i = exp(k i))",
     ]
     if "rollout_first_mass_final" in summary:
-        lines.append(f"- rollout over {summary['n_layers']} layers (T = {summary['rollout_tokens']}): first-token "
+        lines.append(f"- rollout over {summary['n_layers']} layers (first prompt: T = "
+                     f"{summary['rollout_example_tokens']}, mean over prompts): first-token "
                      f"mass {summary['rollout_first_mass_final']:.3f} (residual-aware "
                      f"{summary['rollout_residual_first_mass_final']:.3f}; uniform-attention theory "
                      f"{summary['theory_uniform_first_mass_final']:.3f})")
