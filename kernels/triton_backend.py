@@ -113,7 +113,8 @@ def triton_attention_with_stats(
     flags = dict(GROUP=n_heads // n_kv, CAUSAL=mask.causal, HAS_WINDOW=mask.window is not None,
                  HAS_PAD=padding is not None)
     dims = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision)
+                BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+                UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
 
     out = torch.empty(batch, n_heads, n_q, dim_v, dtype=q.dtype, device=device)

@@ -12,13 +12,31 @@ Three kernels, all with fp32 accumulators and K/V read per kv head (GQA is an in
   (never reads V) and sums the mass each key receives, and by distance bin the mass and pair counts.
 
 ``TRITON_INTERPRET`` is read when ``triton.jit`` decorates, i.e. when this module is imported:
-set it before the first import to run these kernels on CPU.
+set it before the first import to run these kernels on CPU. The kernels call only triton's builtins
+and jit functions of this module (reductions through ``tl.reduce``, no ``tl.sum``/``tl.zeros``): those
+library helpers are themselves jit functions, decorated when torch first imports triton, so they would
+not run under an interpreter switched on later.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# triton's own combiners (what tl.sum / tl.max / tl.min reduce with): the interpreter recognises them
+# and reduces with numpy; a combiner of ours would make it loop element by element in Python.
+_add = tl.standard._sum_combine
+_max = tl.standard._elementwise_max
+_min = tl.standard._elementwise_min
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. ``UPCAST`` (set for bf16 under the interpreter only): triton 3.9's
+    interpreter multiplies bf16 tiles wrongly, so there the rounded bf16 values are multiplied in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -66,7 +84,7 @@ def forward_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_SINK: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Out ``[batch, head, query, dim_v]`` (contiguous), Lse/Ent/FirstMass ``[batch, head, query]``,
     GroupMass ``[batch, head, query, group]``; Pad/Labels ``[batch, key]``; FirstKey ``[batch]``; Sinks ``[head]``."""
@@ -88,11 +106,11 @@ def forward_kernel(
 
     # Running max m, row sum l = sum exp(s - m), a = sum exp(s - m)·(s - m), all rescaled together.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    f_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    g_acc = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    a_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    f_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    g_acc = tl.full([BLOCK_M, G_PAD], 0.0, dtype=tl.float32)
 
     q_start = pid_m * BLOCK_M
     lo, hi = _key_range(q_start, tl.minimum(q_start + BLOCK_M, n_q), n_k, q_offset, window,
@@ -103,9 +121,9 @@ def forward_kernel(
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD)
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
+        s = _mma(q, k, PRECISION, UPCAST) * scale
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
-        m_new = tl.maximum(m_i, tl.max(tl.where(allowed, s, float("-inf")), 1))
+        m_new = tl.maximum(m_i, tl.reduce(tl.where(allowed, s, float("-inf")), 1, _max))
         # A row that has seen no key yet keeps m = -inf; shift by 0 so nothing turns into NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -113,13 +131,13 @@ def forward_kernel(
         p = tl.where(allowed, tl.exp(shifted), 0.0)
         # a is relative to m: moving m to m_new adds l·(m - m_new) before rescaling (l = 0 while m = -inf).
         a_i = alpha * (a_i + l_i * (tl.where(m_i == float("-inf"), m_safe, m_i) - m_safe))
-        a_i += tl.sum(p * shifted, 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        f_i = f_i * alpha + tl.sum(tl.where(offs_n[None, :] == first, p, 0.0), 1)
+        a_i += tl.reduce(p * shifted, 1, _add)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add)
+        f_i = f_i * alpha + tl.reduce(tl.where(offs_n[None, :] == first, p, 0.0), 1, _add)
 
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=in_range[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST)
         if N_GROUPS > 0:
             labels = tl.load(Labels + b * n_k + offs_n, mask=in_range, other=-1)
             members = (labels[:, None] == tl.arange(0, G_PAD)[None, :]).to(tl.float32)  # [BLOCK_N, G_PAD]
@@ -171,6 +189,7 @@ def group_output_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     N_GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """GroupOut ``[batch, head, query, group, dim_v]`` (contiguous) from the saved Lse ``[batch, head, query]``."""
     pid_m = tl.program_id(0)
@@ -189,7 +208,7 @@ def group_output_kernel(
     lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
     q_start = pid_m * BLOCK_M
     lo, hi = _key_range(q_start, tl.minimum(q_start + BLOCK_M, n_q), n_k, q_offset, window,
@@ -201,12 +220,12 @@ def group_output_kernel(
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD) & (labels == g)
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
+        s = _mma(q, k, PRECISION, UPCAST) * scale
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=in_range[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc += _mma(p.to(v.dtype), v, PRECISION, UPCAST)
 
     out_rows = (pid_bh * n_q + offs_m) * N_GROUPS + g
     tl.store(GroupOut + out_rows[:, None] * DIM_V + offs_dv[None, :], acc.to(GroupOut.dtype.element_ty),
@@ -219,13 +238,13 @@ def _distance_side(acc, count, p, pairs, bins, base, offs_bins):
 
     Only the bins present in this tile are visited: far from the diagonal a tile spans one or two.
     """
-    lo = tl.min(tl.where(pairs, bins, 1 << 30))
-    hi = tl.max(tl.where(pairs, bins, -1))
+    lo = tl.reduce(tl.where(pairs, bins, 1 << 30), None, _min)
+    hi = tl.reduce(tl.where(pairs, bins, -1), None, _max)
     for bin_id in range(lo, hi + 1):
         chosen = pairs & (bins == bin_id)
         slot = offs_bins == base + bin_id
-        acc += tl.where(slot, tl.sum(tl.where(chosen, p, 0.0)), 0.0)
-        count += tl.where(slot, tl.sum(chosen.to(tl.float32)), 0.0)
+        acc += tl.where(slot, tl.reduce(tl.where(chosen, p, 0.0), None, _add), 0.0)
+        count += tl.where(slot, tl.reduce(chosen.to(tl.float32), None, _add), 0.0)
     return acc, count
 
 
@@ -237,7 +256,7 @@ def column_kernel(
     n_heads, n_q, n_k, q_offset, window, scale, n_bins, n_key_blocks,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     DISTANCE: tl.constexpr, BINS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """KeyMass ``[batch, head, key]``; Columns ``[batch, query]`` rows summed; Lse ``[batch, head, query]``;
     DistMass ``[batch, head, key_block, BINS_PAD]`` and DistCount ``[batch, key_block, BINS_PAD]`` partial
@@ -267,10 +286,10 @@ def column_kernel(
     if HAS_WINDOW:
         q_hi = tl.minimum(n_q, k_last + window - q_offset)
 
-    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    mass = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
     offs_bins = tl.arange(0, BINS_PAD)
-    dist = tl.zeros([BINS_PAD], dtype=tl.float32)
-    dist_count = tl.zeros([BINS_PAD], dtype=tl.float32)
+    dist = tl.full([BINS_PAD], 0.0, dtype=tl.float32)
+    dist_count = tl.full([BINS_PAD], 0.0, dtype=tl.float32)
     for start_m in range(q_lo, q_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_q
@@ -278,10 +297,10 @@ def column_kernel(
         lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=row_ok, other=0.0)
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale
+        s = _mma(q, k, PRECISION, UPCAST) * scale
         pairs = _visible(offs_m, offs_n, row_ok & summed, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(pairs, tl.exp(s - lse[:, None]), 0.0)
-        mass += tl.sum(p, 0)
+        mass += tl.reduce(p, 0, _add)
         if DISTANCE:
             signed = (offs_m + q_offset)[:, None] - offs_n[None, :]
             dist_abs = tl.abs(signed)
