@@ -12,6 +12,8 @@ bidirectional masks arrive as structure and stay on Triton.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from triton import knobs
@@ -73,6 +75,141 @@ def visible_query_counts(mask: MaskSpec, padding: torch.Tensor | None, columns: 
     return counts if padding is None else counts * padding
 
 
+@dataclass
+class _Call:
+    """One call's sizes and kernel arguments, shared by the three launches."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: MaskSpec
+    scale: float
+    sinks: torch.Tensor | None
+    request: StatsRequest | None
+    padding: torch.Tensor | None  # [batch, key] bool
+    first_key: torch.Tensor  # [batch]
+    n_groups: int
+    args: dict  # pointer-free arguments and constexprs common to all kernels
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(batch, head, query, key, dim_v)."""
+        return (*self.q.shape[:3], self.k.shape[2], self.v.shape[-1])
+
+    @property
+    def block_m(self) -> int:
+        return self.args["BLOCK_M"]
+
+    @property
+    def block_n(self) -> int:
+        return self.args["BLOCK_N"]
+
+    def pad_arg(self) -> torch.Tensor:
+        if self.padding is None:
+            return torch.empty(1, dtype=torch.int8, device=self.q.device)
+        return self.padding.to(torch.int8)
+
+    def labels_arg(self) -> torch.Tensor:
+        if not self.n_groups:
+            return torch.empty(1, dtype=torch.int32, device=self.q.device)
+        return self.request.labels(self.q.shape[0], self.q.device)
+
+
+def _prepare(q, k, v, mask: MaskSpec, scale: float, sinks, request, block_m, block_n) -> _Call:
+    _check_device(q)
+    batch, n_heads, n_q, head_dim = q.shape
+    n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    if n_heads % n_kv:
+        raise InputError(f"{n_heads} query heads cannot share {n_kv} kv heads evenly")
+    if request is not None:
+        request.check(batch, n_q, n_k, mask.q_offset)
+    default_m, default_n = _block_sizes(max(head_dim, dim_v), q.device.type == "cuda")
+    padding = None
+    if mask.key_padding is not None:
+        padding = mask.key_padding.to(device=q.device, dtype=torch.bool).expand(batch, -1).contiguous()
+    args = dict(
+        GROUP=n_heads // n_kv, CAUSAL=mask.causal, HAS_WINDOW=mask.window is not None, HAS_PAD=padding is not None,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m or default_m, BLOCK_N=block_n or default_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        # Untuned (no GPU was at hand when this was written): fewer pipeline stages for wide fp32 tiles so
+        # that Q plus the staged K and V tiles fit in shared memory. The interpreter ignores launch options.
+        num_stages=1 if q.element_size() * max(head_dim, dim_v) > 512 else 2,
+    )
+    n_groups = request.group_count() if request is not None else 0
+    return _Call(q, k, v, mask, scale, sinks, request, padding, mask.first_key(batch, q.device), n_groups, args)
+
+
+def _scalars(call: _Call, with_v: bool = True) -> tuple:
+    """Strides and sizes in the order the kernels take them (after their pointers); the column kernel has no V."""
+    mask = call.mask
+    window = mask.window if mask.window is not None else 0
+    v_strides = call.v.stride() if with_v else ()
+    return (*call.q.stride(), *call.k.stride(), *v_strides, call.q.shape[1], call.q.shape[2],
+            call.k.shape[2], mask.q_offset, window, call.scale)
+
+
+def _launch_forward(call: _Call) -> tuple[torch.Tensor, ...]:
+    """Output ``[batch, head, query, dim_v]``, lse, entropy, first mass ``[batch, head, query]``, group mass."""
+    batch, n_heads, n_q, _, dim_v = call.shape
+    device = call.q.device
+    out = torch.empty(batch, n_heads, n_q, dim_v, dtype=call.q.dtype, device=device)
+    lse = torch.empty(batch, n_heads, n_q, dtype=torch.float32, device=device)
+    entropy = torch.empty_like(lse)
+    first_mass = torch.empty_like(lse)
+    group_mass = torch.empty(batch, n_heads, n_q, max(call.n_groups, 1), dtype=torch.float32, device=device)
+    sinks = call.sinks.float().contiguous() if call.sinks is not None else torch.empty(1, device=device)
+    grid = (triton.cdiv(n_q, call.block_m), batch * n_heads)
+    kern.forward_kernel[grid](
+        call.q, call.k, call.v, out, lse, entropy, first_mass, group_mass, call.pad_arg(),
+        call.first_key.to(torch.int32), call.labels_arg(), sinks, *_scalars(call),
+        HAS_SINK=call.sinks is not None, N_GROUPS=call.n_groups,
+        G_PAD=max(16, triton.next_power_of_2(max(call.n_groups, 1))),
+        DIM_V=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **call.args,
+    )
+    return out, lse, entropy, first_mass, group_mass
+
+
+def _launch_group_outputs(call: _Call, lse: torch.Tensor) -> torch.Tensor:
+    """Partial outputs ``[batch, head, query, group, dim_v]`` from the saved lse."""
+    batch, n_heads, n_q, _, dim_v = call.shape
+    group_out = torch.empty(batch, n_heads, n_q, call.n_groups, dim_v, dtype=call.q.dtype, device=call.q.device)
+    grid = (triton.cdiv(n_q, call.block_m), batch * n_heads, call.n_groups)
+    kern.group_output_kernel[grid](
+        call.q, call.k, call.v, lse, group_out, call.pad_arg(), call.labels_arg(), *_scalars(call),
+        N_GROUPS=call.n_groups, DIM_V=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **call.args,
+    )
+    return group_out
+
+
+def _launch_columns(call: _Call, lse: torch.Tensor, columns: torch.Tensor, distance: bool):
+    """Key mass ``[batch, head, key]`` and, if asked, distance mass ``[batch, head, 2, bin]`` and counts."""
+    batch, n_heads, n_q, n_k, _ = call.shape
+    device = call.q.device
+    n_bins = distance_shape(n_q, n_k, call.mask.q_offset) if distance else 1
+    bins_pad = triton.next_power_of_2(2 * n_bins)
+    n_key_blocks = triton.cdiv(n_k, call.block_n)
+    key_mass = torch.empty(batch, n_heads, n_k, dtype=torch.float32, device=device)
+    dist_mass = torch.zeros(batch, n_heads, n_key_blocks if distance else 1, bins_pad, device=device)
+    dist_count = torch.zeros(batch, n_key_blocks if distance else 1, bins_pad, device=device)
+    kern.column_kernel[(n_key_blocks, batch * n_heads)](
+        call.q, call.k, lse, columns.to(torch.int8).contiguous(), call.pad_arg(), key_mass, dist_mass, dist_count,
+        *_scalars(call, with_v=False), n_bins, n_key_blocks, DISTANCE=distance, BINS_PAD=bins_pad, **call.args,
+    )
+    if not distance:
+        return key_mass, None, None
+    return (key_mass, dist_mass.sum(2)[..., : 2 * n_bins].view(batch, n_heads, 2, n_bins),
+            dist_count.sum(1)[..., : 2 * n_bins].view(batch, 2, n_bins))
+
+
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec, scale: float,
+                   sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel alone (benchmarks): output ``[batch, head, query, dim_v]``, lse ``[batch, head, query]``."""
+    out, lse, *_ = _launch_forward(_prepare(q, k, v, mask, scale, sinks, None, None, None))
+    return out, lse
+
+
 def triton_attention_with_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,83 +225,29 @@ def triton_attention_with_stats(
     if mask.row_mask is not None:
         # No device-side form of an arbitrary mask callback: the chunked torch path handles it exactly.
         return torch_attention_with_stats(q, k, v, mask, scale, sinks, request=request)
-    _check_device(q)
-    batch, n_heads, n_q, head_dim = q.shape
-    n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    if n_heads % n_kv:
-        raise InputError(f"{n_heads} query heads cannot share {n_kv} kv heads evenly")
-    if request is not None:
-        request.check(batch, n_q, n_k, mask.q_offset)
-    device = q.device
-    default_m, default_n = _block_sizes(max(head_dim, dim_v), device.type == "cuda")
-    block_m, block_n = block_m or default_m, block_n or default_n
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-
-    padding = None
-    if mask.key_padding is not None:
-        padding = mask.key_padding.to(device=device, dtype=torch.bool).expand(batch, -1).contiguous()
-    pad_arg = padding.to(torch.int8) if padding is not None else torch.empty(1, dtype=torch.int8, device=device)
-    first_key = mask.first_key(batch, device)
-    n_groups = request.group_count() if request is not None else 0
-    labels = request.labels(batch, device) if n_groups else None
-    labels_arg = labels if labels is not None else torch.empty(1, dtype=torch.int32, device=device)
-    sinks_arg = sinks.float().contiguous() if sinks is not None else torch.empty(1, device=device)
-    window = mask.window if mask.window is not None else 0
-    flags = dict(GROUP=n_heads // n_kv, CAUSAL=mask.causal, HAS_WINDOW=mask.window is not None,
-                 HAS_PAD=padding is not None)
-    dims = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-                UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
-    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
-
-    out = torch.empty(batch, n_heads, n_q, dim_v, dtype=q.dtype, device=device)
-    lse = torch.empty(batch, n_heads, n_q, dtype=torch.float32, device=device)
-    entropy = torch.empty_like(lse)
-    first_mass = torch.empty_like(lse)
-    group_mass = torch.empty(batch, n_heads, n_q, max(n_groups, 1), dtype=torch.float32, device=device)
-    q_grid = (triton.cdiv(n_q, block_m), batch * n_heads)
-    kern.forward_kernel[q_grid](
-        q, k, v, out, lse, entropy, first_mass, group_mass, pad_arg, first_key.to(torch.int32), labels_arg,
-        sinks_arg, *q_strides, *k_strides, *v_strides, n_heads, n_q, n_k, mask.q_offset, window, scale,
-        HAS_SINK=sinks is not None, N_GROUPS=n_groups, G_PAD=max(16, triton.next_power_of_2(max(n_groups, 1))),
-        DIM_V=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **flags, **dims,
-    )
-
+    call = _prepare(q, k, v, mask, scale, sinks, request, block_m, block_n)
+    batch, _, n_q, n_k, _ = call.shape
+    out, lse, entropy, first_mass, group_mass = _launch_forward(call)
     group_out = None
-    if request is not None and request.group_outputs and n_groups:
-        group_out = torch.empty(batch, n_heads, n_q, n_groups, dim_v, dtype=q.dtype, device=device)
-        kern.group_output_kernel[q_grid + (n_groups,)](
-            q, k, v, lse, group_out, pad_arg, labels_arg, *q_strides, *k_strides, *v_strides,
-            n_heads, n_q, n_k, mask.q_offset, window, scale, N_GROUPS=n_groups, DIM_V=dim_v,
-            BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **flags, **dims,
-        )
+    if request is not None and request.group_outputs and call.n_groups:
+        group_out = _launch_group_outputs(call, lse)
 
-    row_counted = mask.rows_counted(0, n_q, batch, device) & rows_seeing_keys(mask, padding, batch, n_q, n_k, device)
+    row_counted = mask.rows_counted(0, n_q, batch, q.device)
+    row_counted = row_counted & rows_seeing_keys(mask, call.padding, batch, n_q, n_k, q.device)
     columns = column_rows(row_counted, request, mask.q_offset)
     distance = request is not None and request.distance
-    n_bins = distance_shape(n_q, n_k, mask.q_offset) if distance else 1
-    bins_pad = triton.next_power_of_2(2 * n_bins)
-    n_key_blocks = triton.cdiv(n_k, block_n)
-    key_mass = torch.empty(batch, n_heads, n_k, dtype=torch.float32, device=device)
-    dist_mass = torch.zeros(batch, n_heads, n_key_blocks if distance else 1, bins_pad, device=device)
-    dist_count = torch.zeros(batch, n_key_blocks if distance else 1, bins_pad, device=device)
-    kern.column_kernel[(n_key_blocks, batch * n_heads)](
-        q, k, lse, columns.to(torch.int8).contiguous(), pad_arg, key_mass, dist_mass, dist_count,
-        *q_strides, *k_strides, n_heads, n_q, n_k, mask.q_offset, window, scale, n_bins, n_key_blocks,
-        DISTANCE=distance, BINS_PAD=bins_pad, **flags, **dims,
-    )
-
+    key_mass, distance_mass, distance_count = _launch_columns(call, lse, columns, distance)
     stats = AttentionStats(
         lse=lse,
         entropy=entropy,
         key_mass=key_mass,
-        key_count=visible_query_counts(mask, padding, columns, n_k),
+        key_count=visible_query_counts(mask, call.padding, columns, n_k),
         first_mass=first_mass,
         row_counted=row_counted,
-        first_key=first_key,
-        distance_mass=dist_mass.sum(2)[..., : 2 * n_bins].view(batch, n_heads, 2, n_bins) if distance else None,
-        distance_count=dist_count.sum(1)[..., : 2 * n_bins].view(batch, 2, n_bins) if distance else None,
-        group_mass=group_mass if n_groups else None,
+        first_key=call.first_key,
+        distance_mass=distance_mass,
+        distance_count=distance_count,
+        group_mass=group_mass if call.n_groups else None,
         group_out=group_out,
     )
     return out, stats
