@@ -131,6 +131,7 @@ def test_run_names_that_leave_the_runs_folder_are_refused(runs_dir, name):
 # ------------------------------------------------------------------------------------------ registry
 
 def test_views_register_through_the_decorator_and_unknown_analyses_fall_back(monkeypatch):
+    registry.load_views()  # register every real view first: the copy below is thrown away after the test
     monkeypatch.setattr(registry, "_VIEWS", dict(registry._VIEWS))
 
     @registry.register_view("toy_analysis", title="Toy")
@@ -162,6 +163,7 @@ def test_a_view_module_that_fails_to_import_is_reported_not_fatal(tmp_path, monk
                                      "@register_view('good_analysis')\nclass GoodView(View):\n    pass\n")
     (package / "bad.py").write_text("raise ImportError('needs a package that is not installed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    registry.load_views()  # register every real view first: the copy below is thrown away after the test
     monkeypatch.setattr(registry, "_VIEWS", dict(registry._VIEWS))
     monkeypatch.setattr(registry, "_BROKEN_VIEWS", {})
     registry.load_views("more_views")
