@@ -26,6 +26,7 @@ from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, Resid
 from headlab.prompts import hash_inputs
 from headlab.result import Result, to_json_safe
 
+from .generation import id_batches
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
 
@@ -42,11 +43,14 @@ class SinksConfig:
     token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
     backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
     chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
+    generate: int = 0  # greedy new tokens per prompt analysed with it (token_ids come from analyses.generation)
     secondary: SecondarySinksConfig = field(default_factory=SecondarySinksConfig)
 
 
 def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig | None = None,
-                  progress: bool = True) -> Result:
+                  progress: bool = True, token_ids: list[list[int]] | None = None) -> Result:
+    """``token_ids``: the inputs as ids (chat template, generations: ``analyses.generation``), one list per
+    prompt, at most ``config.max_tokens`` long; without it the prompts are tokenized under the BOS policy."""
     config = config or SinksConfig()
     if not prompts:
         raise InputError("no prompts to analyse")
@@ -76,7 +80,9 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         stack.enter_context(AttentionProbe(loaded, on_stats, backend=config.backend))
         resid = stack.enter_context(ResidualProbe(loaded))
         parts = stack.enter_context(LayerPartsProbe(loaded, config.secondary.bos_candidates)) if secondary else None
-        for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
+        source = batches(loaded, prompts, config.max_tokens, config.batch_size) if token_ids is None else \
+            id_batches(loaded, [ids[: config.max_tokens] for ids in token_ids], config.batch_size)
+        for batch in source:
             loaded.model(input_ids=batch.input_ids.to(loaded.device),
                          attention_mask=batch.attention_mask.to(loaded.device))
             summary = resid.summary()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -38,6 +39,24 @@ ALIASES: dict[str, str] = {
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
+
+# Trained checkpoints shipped inside the package (HF format, safetensors): small causal LMs with real
+# attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/backcopy.py).
+BUNDLED_DIR = Path(__file__).parent / "data" / "models"
+BUNDLED_MODELS: dict[str, str] = {
+    "backcopy": "Llama-style, 4 layers x 4 heads, d=128, trained on Bigram-Backcopy with BOS (real first-token sink)",
+    "backcopy-nobos": "the same model and recipe trained without BOS (where the sink goes without one)",
+}
+ALIASES.update({name: str(BUNDLED_DIR / name) for name in BUNDLED_MODELS})
+# Prompts used when a bundled model is analysed without --prompts: sequences from its own task, as text.
+DEFAULT_PROMPTS: dict[str, str] = {"backcopy": "backcopy_prompts.txt", "backcopy-nobos": "backcopy_prompts.txt"}
+
+
+def default_prompt_file(model: str) -> Path | None:
+    """The bundled prompt file that goes with ``model``, or None (then the general bundled set is used)."""
+    name = DEFAULT_PROMPTS.get(model)
+    return Path(__file__).parent / "data" / name if name else None
+
 
 BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = (256 + i for i in range(len(SPECIAL_TOKENS)))
 TINY_SEED = 0

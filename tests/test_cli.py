@@ -26,7 +26,7 @@ def test_sinks_writes_a_complete_run(tmp_path):
     assert run.analysis == "sinks" and run.model == "tiny-qwen3"
     assert run.config["max_tokens"] == 24 and run.config["n_prompts"] == 3
     assert run.tensors["alpha"].shape == (4, 4, 8)
-    assert set(run.figures) == {"alpha_first_token", "residual_norms", "sink_rate"}
+    assert set(run.figures) == {"alpha_first_token", "residual_norms", "sink_rate", "sink_formation", "sink_levels"}
     assert (tmp_path / "r1" / "figures" / "alpha_first_token.html").is_file()
     assert "# Attention sinks" in run.report
     assert [p.name for p in tmp_path.iterdir()] == ["r1"], "no temporary folders left behind"
