@@ -35,8 +35,10 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation. ``UPCAST`` (set for bf16 under the interpreter only): triton 3.9's
     interpreter multiplies bf16 tiles wrongly, so there the rounded bf16 values are multiplied in fp32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision=PRECISION)
+    return product
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def forward_kernel(
     """Out ``[batch, head, query, dim_v]`` (contiguous), Lse/Ent/FirstMass ``[batch, head, query]``,
     GroupMass ``[batch, head, query, group]``; Pad/Labels ``[batch, key]``; FirstKey ``[batch]``; Sinks ``[head]``."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kv_h = h // GROUP
@@ -193,7 +195,7 @@ def group_output_kernel(
 ):
     """GroupOut ``[batch, head, query, group, dim_v]`` (contiguous) from the saved Lse ``[batch, head, query]``."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     g = tl.program_id(2)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -262,7 +264,7 @@ def column_kernel(
     DistMass ``[batch, head, key_block, BINS_PAD]`` and DistCount ``[batch, key_block, BINS_PAD]`` partial
     sums per key block (flat index side · n_bins + bin), added up on the host so the result is deterministic."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kv_h = h // GROUP
