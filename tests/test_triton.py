@@ -165,6 +165,21 @@ def test_rows_without_visible_keys_give_zero_not_nan():
         torch.testing.assert_close(stats.lse[0, :, :18], torch.as_tensor(want_lse).expand(2, 18))
 
 
+def test_eager_group_statistics_equal_brute_force():
+    # The oracle itself: group masses and partial outputs by explicit sums over the probabilities.
+    q, k, v = make_qkv(1, 2, 1, 5, 5, 4, seed=6)
+    labels = torch.tensor([[0, 2, -1, 2, 1]])
+    mask = MaskSpec(causal=True)
+    _, stats = eager_attention_with_stats(q, k, v, mask, 0.5, request=StatsRequest(key_groups=labels,
+                                                                                    group_outputs=True))
+    probs = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(torch.ones(5, 5).triu(1).bool(), -torch.inf),
+                          dim=-1)
+    for g in range(3):
+        keys = [j for j in range(5) if labels[0, j] == g]
+        torch.testing.assert_close(stats.group_mass[..., g], probs[..., keys].sum(-1))
+        torch.testing.assert_close(stats.group_out[..., g, :], probs[..., keys] @ v[0, 0, keys])
+
+
 def test_group_outputs_recombine_into_the_output():
     # Every key labelled: the partial outputs add up to O, and the group masses plus the sink mass to one.
     q, k, v = make_qkv(1, 2, 1, 18, 18, 16, seed=2)
