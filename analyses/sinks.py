@@ -57,6 +57,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     if not 0 < config.eps < 1:
         raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
     check_max_tokens(loaded, config.max_tokens)
+    if token_ids is not None and len(token_ids) != len(prompts):
+        raise InputError(f"{len(token_ids)} token id lists for {len(prompts)} prompts: give one per prompt")
     arch = loaded.arch
     secondary = SecondarySinkCollector(arch.n_layers, config.secondary, config.chat_template) \
         if config.secondary.enabled else None

@@ -203,3 +203,20 @@ def test_parts_switch_off(constructed):
     result = analyze_sinks(constructed, PROMPTS[:1], partial, progress=False)
     assert "secondary_sinks" in result.tables
     assert "sink_levels" not in result.tables and "sink_formation" not in result.tables
+
+
+def test_generation_mode_analyses_prompt_and_continuation():
+    import headlab
+    from headlab.analyses.generation import prompt_token_ids
+    from headlab.batching import encode
+
+    loaded = headlab.load("tiny-llama")
+    config = SinksConfig(max_tokens=40, generate=6)
+    ids = prompt_token_ids(loaded, ["hello there", "abc"], config, progress=False)
+    for prompt, row in zip(["hello there", "abc"], ids, strict=True):
+        prefix = encode(loaded, prompt, 40)
+        assert row[: len(prefix)] == prefix and len(row) == len(prefix) + 6
+    result = analyze_sinks(loaded, ["hello there", "abc"], config, progress=False, token_ids=ids)
+    assert result.tables["tokens"].groupby("prompt").size().tolist() == [len(r) for r in ids]
+    with pytest.raises(InputError, match="no chat template"):
+        prompt_token_ids(loaded, ["x"], SinksConfig(chat_template=True), progress=False)

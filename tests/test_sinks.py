@@ -52,7 +52,9 @@ def test_tiny_model_run_has_every_table(load_model):
     result = analyze_sinks(load_model("tiny-qwen3"), bundled_prompts()[:3],
                            SinksConfig(max_tokens=24), progress=False)
     assert set(result.tables) == {"sink_heads", "key_importance", "sink_rate", "residual_norms",
-                                  "massive_activations", "massive_dims", "tokens"}
+                                  "massive_activations", "massive_dims", "tokens", "secondary_sinks",
+                                  "secondary_sink_scores", "secondary_sink_windows", "sink_formation",
+                                  "sink_levels", "sink_level_histogram"}
     assert result.tensors["alpha"].shape == (4, 4, 8)
     assert len(result.tables["residual_norms"]) == 4
 
