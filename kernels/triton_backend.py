@@ -12,11 +12,11 @@ bidirectional masks arrive as structure and stay on Triton.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
-from triton import knobs
 
 from headlab.errors import InputError
 
@@ -24,8 +24,18 @@ from . import triton_kernels as kern
 from .stats import AttentionStats, MaskSpec, StatsRequest, column_rows, distance_shape
 from .torch_backend import torch_attention_with_stats
 
-# Whether the kernels above were decorated for the interpreter (TRITON_INTERPRET=1 at import).
-INTERPRETED = bool(knobs.runtime.interpret)
+
+def _interpreting() -> bool:
+    """Whether ``triton.jit`` decorates for the interpreter now (``triton.knobs``, or the variable in older triton)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+# Whether the kernels of ``triton_kernels`` were decorated for the interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETED = _interpreting()
 
 
 def _block_sizes(head_dim: int, on_gpu: bool) -> tuple[int, int]:
