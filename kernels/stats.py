@@ -194,7 +194,7 @@ def group_onehot(labels: torch.Tensor, n_groups: int) -> torch.Tensor:
 
 @dataclass
 class AttentionStats:
-    """Per-(batch, head) statistics of one attention call; all fp32.
+    """Per-(batch, head) statistics of one attention call; fp32 except ``group_out`` (the output dtype).
 
     - ``lse``: ``[batch, head, query]`` natural-log log-sum-exp of the scaled logits (sinks included).
     - ``entropy``: ``[batch, head, query]`` entropy (nats) of each row's distribution over keys.
