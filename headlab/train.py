@@ -31,9 +31,13 @@ LOG_FILE = "training_log.json"
 class TrainConfig:
     steps: int = 2300
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3  # measured: 1e-3 with cosine decay gave Sink_1 0.3% after 2,300 steps, 3e-3 constant 44%
     weight_decay: float = 0.5  # the recipe's strong decay
     warmup: int = 100
+    final_lr_ratio: float = 1.0  # cosine decay to this fraction of lr (1.0: constant after warmup)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    decay_all: bool = False  # weight decay on every parameter (norm gains too), as torch's AdamW default
     seed: int = 0
     threads: int = 1  # one thread: deterministic on any machine, and no barrier stalls on a busy one
     eval_every: int = 100  # evaluate and write the checkpoint folder (atomically) this often
@@ -46,11 +50,12 @@ class TrainConfig:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
+    """Linear warmup, then cosine decay to ``final_lr_ratio`` of the peak."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    low = config.final_lr_ratio
+    return config.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -111,10 +116,10 @@ def train_backcopy(config: TrainConfig, out: Path, log: Callable[[str], None] = 
     n_params = sum(p.numel() for p in model.parameters())
     data_gen = torch.Generator().manual_seed(config.seed + 1)
     eval_ids = task.sample(config.eval_size, torch.Generator().manual_seed(config.seed + 2))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
+    decay = [p for p in model.parameters() if p.ndim >= 2 or config.decay_all]
+    no_decay = [p for p in model.parameters() if p.ndim < 2 and not config.decay_all]  # norm gains
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=tuple(config.betas))
     history = [{"step": 0, **evaluate(model, tokenizer, task, eval_ids)}]
     log(f"{n_params} parameters; {_line(history[-1])}")
     start = time.perf_counter()
@@ -127,7 +132,8 @@ def train_backcopy(config: TrainConfig, out: Path, log: Callable[[str], None] = 
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         optim.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optim.step()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, "train_loss": loss.item(),
