@@ -49,6 +49,9 @@ class SecondarySinksConfig:
     level_min_fraction: float = 0.02  # a level holds at least this share of the clustered tokens ...
     level_min_tokens: int = 3  # ... and at least this many
     level_labels: tuple[str, ...] = ("secondary", "primary_like")  # which sinks are clustered into levels
+    # A later occurrence of the BOS-position token has (nearly) its residual, so it passes the cos test
+    # trivially; the official code keeps it (default), True drops it (matters without a BOS token).
+    skip_bos_repeats: bool = False
 
     def check(self) -> None:
         if not 0 < self.cos_threshold < 1:
@@ -118,9 +121,9 @@ class PromptSinks:
 
 
 def detect(cos: torch.Tensor, norm: torch.Tensor, length: int, bounds: tuple[int, int],
-           config: SecondarySinksConfig, chat_template: bool = False) -> PromptSinks:
+           config: SecondarySinksConfig, chat_template: bool = False, tokens: list[str] | None = None) -> PromptSinks:
     """One prompt: ``cos [layer, reference, position]`` of h_l with h_l(reference), ``norm [layer, position]``
-    of h_l, over the first ``length`` (real) positions."""
+    of h_l, over the first ``length`` (real) positions; ``tokens`` only for ``skip_bos_repeats``."""
     use_max = config.bos_position == "max_norm" or (config.bos_position == "auto" and chat_template)
     bos = choose_bos(norm[:, :length], use_max, min(config.bos_candidates, cos.shape[1], length))
     start, end = scan_window(norm[:, bos].double().numpy())
@@ -128,6 +131,8 @@ def detect(cos: torch.Tensor, norm: torch.Tensor, length: int, bounds: tuple[int
     in_window = torch.zeros(n_layers, 1, dtype=torch.bool)
     in_window[start:end] = True
     after_bos = torch.arange(length) > bos
+    if config.skip_bos_repeats and tokens is not None:
+        after_bos &= torch.tensor([tok != tokens[bos] for tok in tokens[:length]])
     flags = (cos[:, bos, :length].abs() > config.cos_threshold) & in_window & after_bos
     sinks = []
     for pos in flags.any(0).nonzero()[:, 0].tolist():
@@ -157,7 +162,7 @@ class SecondarySinkCollector:
         """One prompt of a batch. ``alpha``: per layer ``[batch, head, key]`` mean attention received."""
         resid = PARTS.index("resid")
         found = detect(parts.cos[resid, :, row], parts.norm[resid, :, row], length, self.bounds, self.config,
-                       self.chat_template)
+                       self.chat_template, tokens)
         self.n_tokens += max(0, length - found.bos - 1)
         self.window_rows.append({"prompt": prompt, "bos_position": found.bos, "scan_start": found.window[0],
                                  "scan_end": found.window[1], "n_sinks": len(found.sinks)})

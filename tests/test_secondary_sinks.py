@@ -220,3 +220,31 @@ def test_generation_mode_analyses_prompt_and_continuation():
     assert result.tables["tokens"].groupby("prompt").size().tolist() == [len(r) for r in ids]
     with pytest.raises(InputError, match="no chat template"):
         prompt_token_ids(loaded, ["x"], SinksConfig(chat_template=True), progress=False)
+
+
+def test_cli_flags_switch_parts_and_set_bounds(tmp_path):
+    from typer.testing import CliRunner
+
+    from headlab.cli import analyze_app
+
+    base = ["sinks", "--model", "tiny-qwen3", "--n-prompts", "2", "--max-tokens", "16", "--quiet", "--out",
+            str(tmp_path)]
+    result = CliRunner().invoke(analyze_app, [*base, "--name", "r", "--no-levels", "--lifetime-low", "1",
+                                              "--lifetime-high", "3"])
+    assert result.exit_code == 0, result.output
+    assert "secondary-sink scan" in result.output
+    run = Result.load(tmp_path / "r")
+    assert run.config["lifetime_bounds_used"] == [1, 3] and run.config["lifetime_bounds_rule"] == "given"
+    assert "secondary_sinks" in run.tables and "sink_levels" not in run.tables
+    bad = CliRunner().invoke(analyze_app, [*base, "--bos-position", "middle"])
+    assert bad.exit_code == 2 and " ".join(bad.output.split()).startswith("error: --bos-position must be")
+
+
+def test_repeats_of_the_bos_token_can_be_skipped(constructed):
+    # A repeat of the BOS-position token has its residual and passes the cos test trivially (in a model
+    # without BOS every repeat of the first word does). Here <bos> is written again at position 3.
+    text = "w1 w7 <bos> w2"
+    _, kept = _detect(constructed, text)
+    _, skipped = _detect(constructed, text, SecondarySinksConfig(skip_bos_repeats=True))
+    assert 3 in kept["position"].tolist() and 3 not in skipped["position"].tolist()
+    assert 2 in skipped["position"].tolist()
