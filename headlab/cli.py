@@ -22,6 +22,8 @@ err_console = Console(stderr=True)
 
 # The bundled Bigram-Backcopy model: a causal LM with real first-token sinks (minilm stays available by name).
 DEFAULT_MODEL = "backcopy"
+# Position bias wants long English prompts: the pretrained MiniLM (512 positions) reads the bundled set.
+POSITION_DEFAULT_MODEL = "minilm"
 
 
 @analyze_app.callback()
@@ -155,7 +157,7 @@ def print_sinks_summary(summary: dict, path: Path) -> None:
 
 @analyze_app.command("position-bias")
 def position_bias(
-    model: str = typer.Option(DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
+    model: str = typer.Option(POSITION_DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
     prompts: str = typer.Option(None, help="prompt file (one per line) or - for stdin; default: bundled set"),
     n_prompts: int = typer.Option(None, help="use only the first N prompts"),
     max_tokens: int = typer.Option(512, help="tokens per prompt (statistics path: no T x T, any length)"),
@@ -215,14 +217,15 @@ def position_bias(
 
 
 def print_position_summary(summary: dict, path: Path) -> None:
-    table = Table(title=f"Position bias: {summary['model']} (attention received / uniform attention)")
-    for column in ("segment", "ratio"):
+    table = Table(title=f"Position bias: {summary['model']}")
+    for column in ("segment", "received / uniform"):
         table.add_column(column, justify="right")
     for segment, ratio in summary["segment_ratio_to_uniform"].items():
         table.add_row(segment, f"{ratio:.3g}")
     console.print(table)
+    k = summary["trend_k_mean"]
     console.print(f"middle vs ends: [bold]{summary['middle_vs_ends']:.3g}[/]; trend k (mean over layers): "
-                  f"{summary['trend_k_mean']}")
+                  + (f"{k:.3g}" if k is not None else "no fit"))
     if "rollout_first_mass_final" in summary:
         console.print(f"rollout first-token mass after {summary['n_layers']} layers: "
                       f"{summary['rollout_first_mass_final']:.3f} (residual-aware "
