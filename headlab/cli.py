@@ -49,6 +49,26 @@ class Backend(str, Enum):
     triton = "triton"
 
 
+def quiet_hub_progress(quiet: bool) -> None:
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def check_run_options(max_tokens: int, n_prompts: int | None, out: Path | None, name: str | None) -> Path:
+    """Cheap checks first, so that a bad flag does not wait for a model to load; returns the runs folder."""
+    from .batching import check_positive_tokens
+
+    check_positive_tokens(max_tokens)
+    if n_prompts is not None and n_prompts <= 0:
+        raise InputError(f"--n-prompts must be positive, got {n_prompts}")
+    runs_dir = check_runs_dir(out or default_runs_dir())
+    if name is not None:
+        run_path(runs_dir, name)
+    return runs_dir
+
+
 def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -90,23 +110,13 @@ def sinks(
     from .analyses.generation import prompt_token_ids
     from .analyses.secondary_sinks import SecondarySinksConfig
     from .analyses.sinks import SinksConfig, analyze_sinks
-    from .batching import check_positive_tokens
     from .loading import load
     from .prompts import read_prompts
     from .zoo import default_prompt_file
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_hub_progress(quiet)
     try:
-        # Cheap checks first: a bad flag should not wait for a model to load.
-        check_positive_tokens(max_tokens)
-        if n_prompts is not None and n_prompts <= 0:
-            raise InputError(f"--n-prompts must be positive, got {n_prompts}")
-        runs_dir = check_runs_dir(out or default_runs_dir())
-        if name is not None:
-            run_path(runs_dir, name)
+        runs_dir = check_run_options(max_tokens, n_prompts, out, name)
         if (lifetime_low is None) != (lifetime_high is None):
             raise InputError("give both --lifetime-low and --lifetime-high, or neither")
         if generate < 0:
@@ -182,28 +192,19 @@ def position_bias(
 ) -> None:
     """Position bias: attention by distance and position, rollout P^(t), trend fit, retrieval by position."""
     from .analyses.position_bias import PositionBiasConfig, analyze_position_bias
-    from .batching import check_positive_tokens
     from .loading import load
     from .prompts import read_prompts
+    from .zoo import default_prompt_file
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_hub_progress(quiet)
     try:
-        # Cheap checks first: a bad flag should not wait for a model to load.
-        check_positive_tokens(max_tokens)
-        if n_prompts is not None and n_prompts <= 0:
-            raise InputError(f"--n-prompts must be positive, got {n_prompts}")
+        runs_dir = check_run_options(max_tokens, n_prompts, out, name)
         config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,
                                     rollout_tokens=rollout_tokens, rollout_prompts=rollout_prompts,
                                     retrieval_trials=retrieval_trials, retrieval_pairs=retrieval_pairs, seed=seed,
                                     backend=None if backend == Backend.auto else backend.value)
         config.check()
-        runs_dir = check_runs_dir(out or default_runs_dir())
-        if name is not None:
-            run_path(runs_dir, name)
-        texts = read_prompts(prompts)[:n_prompts]
+        texts = read_prompts(prompts if prompts is not None else default_prompt_file(model))[:n_prompts]
         loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
                       local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
         result = analyze_position_bias(loaded, texts, config, progress=not quiet)

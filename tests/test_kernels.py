@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import assert_same, make_qkv
 
 from headlab.kernels import (
     MaskSpec,
@@ -15,28 +16,6 @@ from headlab.kernels import (
     eager_attention_with_stats,
     torch_attention_with_stats,
 )
-
-FIELDS = ("lse", "entropy", "key_mass", "key_count", "first_mass")
-
-
-def make_qkv(batch, heads, kv_heads, n_q, n_k, dim, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n_q, dim, generator=gen).to(dtype)
-    k = torch.randn(batch, kv_heads, n_k, dim, generator=gen).to(dtype)
-    v = torch.randn(batch, kv_heads, n_k, dim, generator=gen).to(dtype)
-    return q, k, v
-
-
-def assert_same(a, b, atol):
-    out_a, stats_a = a
-    out_b, stats_b = b
-    torch.testing.assert_close(out_a.float(), out_b.float(), atol=atol, rtol=atol)
-    for name in FIELDS:
-        x, y = getattr(stats_a, name), getattr(stats_b, name)
-        finite = torch.isfinite(y)
-        assert torch.equal(torch.isfinite(x), finite), name
-        torch.testing.assert_close(x[finite], y[finite], atol=atol, rtol=atol, msg=name)
-    assert torch.equal(stats_a.row_counted, stats_b.row_counted)
 
 
 def test_hand_computed_two_keys():

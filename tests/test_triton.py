@@ -20,9 +20,10 @@ import torch  # noqa: E402
 from conftest import TEXT  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_helpers import assert_same, make_qkv  # noqa: E402
 
 from headlab.errors import InputError  # noqa: E402
-from headlab.kernels import (  # noqa: E402  # noqa: E402
+from headlab.kernels import (  # noqa: E402
     MaskSpec,
     StatsRequest,
     attention_with_stats,
@@ -37,37 +38,6 @@ if not triton_backend.INTERPRETED:
     importlib.reload(triton_kernels)
     importlib.reload(triton_backend)
 run_triton = triton_backend.triton_attention_with_stats
-
-FIELDS = ("lse", "entropy", "key_mass", "key_count", "first_mass", "distance_mass", "distance_count",
-          "group_mass", "group_out")
-
-
-def make_qkv(batch, heads, kv_heads, n_q, n_k, dim, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n_q, dim, generator=gen).to(dtype)
-    k = torch.randn(batch, kv_heads, n_k, dim, generator=gen).to(dtype)
-    v = torch.randn(batch, kv_heads, n_k, dim, generator=gen).to(dtype)
-    return q, k, v
-
-
-def assert_same(got, want, atol):
-    """Output and every statistic present in ``want`` agree; infinities (lse of empty rows) in the same places."""
-    out_a, stats_a = got
-    out_b, stats_b = want
-    torch.testing.assert_close(out_a.float(), out_b.float(), atol=atol, rtol=atol)
-    for name in FIELDS:
-        x, y = getattr(stats_a, name), getattr(stats_b, name)
-        if y is None:
-            assert x is None, name
-            continue
-        assert x.shape == y.shape, name
-        x, y = x.float(), y.float()
-        finite = torch.isfinite(y)
-        assert torch.equal(torch.isfinite(x), finite), name
-        torch.testing.assert_close(x[finite], y[finite], atol=atol, rtol=atol, msg=name)
-    assert torch.equal(stats_a.row_counted, stats_b.row_counted)
-    assert torch.equal(stats_a.first_key, stats_b.first_key)
-
 
 def padding_both_sides(batch, n):
     padding = torch.ones(batch, n, dtype=torch.bool)
