@@ -298,13 +298,13 @@ class ZooModel(str, Enum):
 def zoo_train(
     model: ZooModel = typer.Argument(ZooModel.backcopy, help="backcopy (sequences start with BOS) or backcopy-nobos"),
     out: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
-    steps: int = typer.Option(2300, help="optimizer steps"),
+    steps: int = typer.Option(4600, help="optimizer steps"),
     batch_size: int = typer.Option(64, help="sequences per step (T = 64 tokens each)"),
     lr: float = typer.Option(3e-3, help="learning rate (100 warmup steps, then constant)"),
     weight_decay: float = typer.Option(0.5, help="AdamW weight decay on matrices"),
     seed: int = typer.Option(0, help="seed of the init, the data stream and the evaluation set"),
-    threads: int = typer.Option(1, help="CPU threads (results are deterministic for a given seed and count)"),
-    eval_every: int = typer.Option(100, help="evaluate and write the checkpoint every N steps"),
+    threads: int = typer.Option(2, help="CPU threads (results are deterministic for a given seed and count)"),
+    eval_every: int = typer.Option(200, help="evaluate and write the checkpoint every N steps"),
 ) -> None:
     """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks."""
     import dataclasses

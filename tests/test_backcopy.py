@@ -22,12 +22,13 @@ from headlab.train import TrainConfig, train_backcopy
 from headlab.zoo import BUNDLED_DIR, default_prompt_file
 
 # Measured on the committed checkpoint with `analyze sinks` (64 bundled prompts, T = 64, eps = 0.3):
-# Sink_1 = 41.7%, first-token alpha by layer 0.074 / 0.249 / 0.428 / 0.349; the same model at its
+# Sink_1 = 63.9%, first-token alpha by layer 0.074 / 0.332 / 0.564 / 0.359; the same model at its
 # random init (the trainer's step 0): Sink_1 = 0.0%, alpha 0.074 in every layer (1/64-ish causal average).
-# The thresholds sit ~25-40% under the trained values (16 prompts here, so some sampling slack) and far
+# Over the four 16-prompt slices of the bundled set: Sink_1 62.1-66.8%, alpha 0.317-0.343 / 0.560-0.569 /
+# 0.350-0.367 in layers 1-3. The thresholds sit ~20% under the lowest slice (sampling slack) and far
 # above random init, so they fail for a model without a first-token sink.
-SINK_1_MIN = 30.0
-FIRST_ALPHA_MIN = (None, 0.15, 0.25, 0.2)  # layers 1-3; layer 0 does not sink (0.074 trained and random)
+SINK_1_MIN = 50.0
+FIRST_ALPHA_MIN = (None, 0.25, 0.45, 0.28)  # layers 1-3; layer 0 does not sink (0.074 trained and random)
 
 
 def test_task_follows_its_rules():
