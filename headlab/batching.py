@@ -47,6 +47,20 @@ def encode(loaded: LoadedModel, prompt: str, max_tokens: int) -> list[int]:
     return ids[:max_tokens]
 
 
+def check_known_tokens(loaded: LoadedModel, encoded: list[list[int]]) -> None:
+    """Refuse prompts the tokenizer mostly cannot read: their statistics would describe ``<unk>`` only."""
+    tok = loaded.text_tokenizer
+    unk = tok.unk_token_id
+    if unk is None:
+        return
+    total = sum(len(ids) for ids in encoded)
+    unknown = sum(ids.count(unk) for ids in encoded)
+    if unknown > total / 2:
+        raise InputError(f"{unknown} of {total} tokens are unknown ({tok.unk_token}) to the tokenizer of "
+                         f"{loaded.name}: these prompts are not in its vocabulary; pass --prompts with text "
+                         "the model was trained on")
+
+
 def batches(loaded: LoadedModel, prompts: list[str], max_tokens: int, batch_size: int) -> Iterator[Batch]:
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
@@ -56,6 +70,7 @@ def batches(loaded: LoadedModel, prompts: list[str], max_tokens: int, batch_size
         encoded = [encode(loaded, p, max_tokens) for p in prompts[start : start + batch_size]]
         if not all(encoded):
             raise InputError("a prompt encodes to no tokens; remove empty prompts")
+        check_known_tokens(loaded, encoded)
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -80,7 +80,15 @@ def _bad_input_cases(tmp_path: Path):
         "pickle-only folder": (["--model", str(_folder_with_pickle(tmp_path / "p"))], "safetensors only"),
         "remote id offline": (["--model", "some-org/some-model"], "hub could not be reached"),
         "unsafe run name": (["--name", "../escape"], "is not allowed"),
+        "prompts outside the vocabulary": (["--model", "backcopy", "--prompts", str(_english(tmp_path))],
+                                           "not in its vocabulary"),
     }
+
+
+def _english(tmp_path: Path) -> Path:
+    path = tmp_path / "english.txt"
+    path.write_text("the old lighthouse keeper climbed the spiral stairs\n")
+    return path
 
 
 
@@ -88,7 +96,7 @@ def _bad_input_cases(tmp_path: Path):
 @pytest.mark.parametrize("case", [
     "unknown model", "missing prompt file", "empty prompt file", "non-UTF-8 prompt file", "max-tokens zero",
     "max-tokens beyond context", "out is a file", "folder without weights", "pickle-only folder",
-    "remote id offline", "unsafe run name",
+    "remote id offline", "unsafe run name", "prompts outside the vocabulary",
 ])
 def test_bad_input(tmp_path, case):
     args, message = _bad_input_cases(tmp_path)[case]
