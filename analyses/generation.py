@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from headlab.batching import Batch, encode
+from headlab.batching import encode
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
 
@@ -62,23 +62,3 @@ def prompt_token_ids(loaded: LoadedModel, prompts: list[str], config, progress: 
             out.append(full[0, : config.max_tokens].tolist())
     bar.close()
     return out
-
-
-def id_batches(loaded: LoadedModel, token_ids: list[list[int]], batch_size: int):
-    """``Batch``es (right padding) from token id lists, as ``headlab.batching.batches`` makes from text."""
-    if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
-    tok = loaded.text_tokenizer
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
-    for start in range(0, len(token_ids), batch_size):
-        chunk = token_ids[start : start + batch_size]
-        if not all(chunk):
-            raise InputError("a prompt encodes to no tokens; remove empty prompts")
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        yield Batch(input_ids, attention_mask, list(range(start, start + len(chunk))),
-                    [tok.convert_ids_to_tokens(ids) for ids in chunk])

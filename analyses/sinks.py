@@ -19,14 +19,13 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from headlab.batching import batches, check_max_tokens
+from headlab.batching import batches, check_max_tokens, id_batches
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans
 from headlab.prompts import hash_inputs
 from headlab.result import Result, to_json_safe
 
-from .generation import id_batches
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
 

@@ -62,20 +62,26 @@ def check_known_tokens(loaded: LoadedModel, encoded: list[list[int]]) -> None:
 
 
 def batches(loaded: LoadedModel, prompts: list[str], max_tokens: int, batch_size: int) -> Iterator[Batch]:
+    """Right-padded ``Batch``es of the prompts, each encoded under the BOS policy and truncated."""
+    return id_batches(loaded, [encode(loaded, p, max_tokens) for p in prompts], batch_size)
+
+
+def id_batches(loaded: LoadedModel, token_ids: list[list[int]], batch_size: int) -> Iterator[Batch]:
+    """Right-padded ``Batch``es from token id lists (prompts already encoded, or generated)."""
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     tok = loaded.text_tokenizer
     pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode(loaded, p, max_tokens) for p in prompts[start : start + batch_size]]
-        if not all(encoded):
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start : start + batch_size]
+        if not all(chunk):
             raise InputError("a prompt encodes to no tokens; remove empty prompts")
-        check_known_tokens(loaded, encoded)
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
+        check_known_tokens(loaded, chunk)
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        yield Batch(input_ids, attention_mask, list(range(start, start + len(encoded))),
-                    [tok.convert_ids_to_tokens(ids) for ids in encoded])
+        yield Batch(input_ids, attention_mask, list(range(start, start + len(chunk))),
+                    [tok.convert_ids_to_tokens(ids) for ids in chunk])
