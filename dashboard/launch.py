@@ -38,6 +38,8 @@ def streamlit_command(runs_dir: Path, host: str = LOCALHOST, port: int = 8501) -
         "--browser.gatherUsageStats", "false",
         # Nobody edits the app while it serves runs; watching files only costs CPU.
         "--server.fileWatcherType", "none",
+        # A local research tool: no "Deploy" button or developer menu in the toolbar.
+        "--client.toolbarMode", "minimal",
         "--", "--runs", str(runs_dir),
     ]
 
