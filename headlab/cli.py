@@ -300,7 +300,8 @@ def zoo_train(
     out: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
     steps: int = typer.Option(4600, help="optimizer steps"),
     batch_size: int = typer.Option(64, help="sequences per step (T = 64 tokens each)"),
-    lr: float = typer.Option(3e-3, help="learning rate (100 warmup steps, then constant)"),
+    lr: float = typer.Option(3e-3, help="peak learning rate (after 100 warmup steps)"),
+    final_lr_ratio: float = typer.Option(0.1, help="cosine decay to this fraction of --lr (1: constant)"),
     weight_decay: float = typer.Option(0.5, help="AdamW weight decay on matrices"),
     seed: int = typer.Option(0, help="seed of the init, the data stream and the evaluation set"),
     threads: int = typer.Option(2, help="CPU threads (results are deterministic for a given seed and count)"),
@@ -313,7 +314,8 @@ def zoo_train(
     from .train import TrainConfig, train_backcopy
 
     folder = out or Path("models") / model.value
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, final_lr_ratio=final_lr_ratio,
+                         weight_decay=weight_decay, seed=seed,
                          threads=threads, eval_every=eval_every,
                          task=dataclasses.replace(BackcopyTask(), use_bos=model == ZooModel.backcopy))
     try:
