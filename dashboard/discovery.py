@@ -7,9 +7,7 @@ from pathlib import Path
 
 from headlab.errors import HeadlabError, RunStoreError
 from headlab.result import Result
-from headlab.runs import MANIFEST, check_runs_dir, read_manifest, run_path
-
-TMP_MARKER = ".tmp-"  # write_run's temporary directories: ".<name>.tmp-<hex>"
+from headlab.runs import MANIFEST, TMP_MARKER, check_runs_dir, read_manifest, run_path
 
 
 @dataclass(frozen=True)

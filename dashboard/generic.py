@@ -3,6 +3,8 @@ for two runs, their figures side by side and the difference of every [layer, hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -66,6 +68,25 @@ def shared_grids(left: Result, right: Result) -> list[str]:
                   and left.tensors[name].is_floating_point())
 
 
+def show_difference(left, right, title: str, label: str, key: str, name: str) -> None:
+    """The right - left heatmap of two ``[layer, head]`` grids, or a warning when the grids differ."""
+    if tuple(left.shape) == tuple(right.shape):
+        show_figure(difference_heatmap(left, right, title, label), key=key, name=name)
+    else:
+        st.warning(f"No difference heatmap: the runs have different layer x head grids "
+                   f"({tuple(left.shape)} vs {tuple(right.shape)}).")
+
+
+def side_by_side(left: Result, right: Result, key: str, draw: Callable[[Result, str], None],
+                 compact: bool = True) -> None:
+    """Two columns, one per run: its name, its header, then ``draw(run, side_key)``."""
+    for column, run, side in zip(st.columns(2), (left, right), ("left", "right"), strict=True):
+        with column:
+            st.subheader(run_name(run))
+            show_header(run, compact=compact)
+            draw(run, f"{key}-{side}")
+
+
 def compare_generic(left: Result, right: Result, key: str) -> None:
     grids = shared_grids(left, right)
     if grids:
@@ -75,9 +96,4 @@ def compare_generic(left: Result, right: Result, key: str) -> None:
         show_figure(fig, key=f"{key}-diff-{name}", name=f"diff-{name}")
     else:
         st.info("The two runs share no [layer, head] tensor of the same shape, so there is no difference heatmap.")
-    columns = st.columns(2)
-    for column, run, side in zip(columns, (left, right), ("left", "right"), strict=True):
-        with column:
-            st.subheader(run_name(run))
-            show_header(run, compact=True)
-            show_saved_figures(run, f"{key}-{side}")
+    side_by_side(left, right, key, show_saved_figures)

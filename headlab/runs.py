@@ -20,6 +20,7 @@ from .errors import RunStoreError
 RUNS_ENV = "HEADLAB_RUNS"
 MANIFEST = "manifest.json"
 COMPLETE = "complete"
+TMP_MARKER = ".tmp-"  # runs being written live in ".<name>.tmp-<hex>" until they are renamed
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -57,7 +58,7 @@ def write_run(runs_dir: Path, name: str, write: Callable[[Path], dict]) -> Path:
     if final.exists():
         raise RunStoreError(f"run {final} already exists; pick another --name or remove it")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = runs_dir.resolve() / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = runs_dir.resolve() / f".{name}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         manifest = write(tmp)

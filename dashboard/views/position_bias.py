@@ -10,8 +10,16 @@ import streamlit as st
 from headlab.kernels import distance_bin_edges
 from headlab.result import Result
 
-from ..generic import run_name, show_header, show_report, show_saved_figures, show_tables
-from ..plots import HOVER_DIGITS, difference_heatmap, layer_head_heatmap
+from ..generic import (
+    run_name,
+    show_difference,
+    show_header,
+    show_report,
+    show_saved_figures,
+    show_tables,
+    side_by_side,
+)
+from ..plots import HOVER_DIGITS, layer_head_heatmap
 from ..registry import View, register_view
 from ..widgets import show_figure
 
@@ -119,17 +127,7 @@ class PositionBiasView(View):
         segment = st.radio("segment", list(range(len(SEGMENTS))), format_func=lambda s: SEGMENTS[s],
                            horizontal=True, key=f"{key}-segment")
         a, b = (segment_ratio(run, segment) for run in runs)
-        if a.shape == b.shape:
-            show_figure(difference_heatmap(a, b, f"{SEGMENTS[segment]} / uniform: {run_name(right)} - "
-                                                 f"{run_name(left)}", "Δ ratio"),
+        show_difference(a, b, f"{SEGMENTS[segment]} / uniform: {run_name(right)} - {run_name(left)}", "Δ ratio",
                         key=f"{key}-diff", name=f"diff-segment-{segment}")
-        else:
-            st.warning(f"No difference heatmap: the runs have different layer x head grids "
-                       f"({tuple(a.shape)} vs {tuple(b.shape)}).")
-        columns = st.columns(2)
-        for column, run, side in zip(columns, runs, ("left", "right"), strict=True):
-            with column:
-                st.subheader(run_name(run))
-                show_header(run)
-                show_saved_figures(run, f"{key}-{side}", [n for n in ("first_mass_vs_depth", "retrieval")
-                                                          if n in run.figures])
+        side_by_side(left, right, key, lambda run, side: show_saved_figures(
+            run, side, [n for n in ("first_mass_vs_depth", "retrieval") if n in run.figures]), compact=False)

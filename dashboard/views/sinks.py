@@ -12,8 +12,16 @@ import streamlit as st
 
 from headlab.result import Result
 
-from ..generic import run_name, show_header, show_report, show_saved_figures, show_tables
-from ..plots import HOVER_DIGITS, difference_heatmap, layer_head_heatmap
+from ..generic import (
+    run_name,
+    show_difference,
+    show_header,
+    show_report,
+    show_saved_figures,
+    show_tables,
+    side_by_side,
+)
+from ..plots import HOVER_DIGITS, layer_head_heatmap
 from ..registry import View, register_view
 from ..widgets import show_figure, show_table
 
@@ -186,18 +194,9 @@ class SinksView(View):
         n_keys = min(run.tensors["alpha"].shape[2] for run in runs)
         k = st.radio("key position k", list(range(n_keys)), horizontal=True, key=f"{key}-k")
         a_left, a_right = (run.tensors["alpha"][:, :, k] for run in runs)
-        if a_left.shape == a_right.shape:
-            fig = difference_heatmap(a_left, a_right, f"alpha at k = {k}: {run_name(right)} - {run_name(left)}",
-                                     "Δ alpha")
-            show_figure(fig, key=f"{key}-diff", name=f"diff-alpha-k{k}")
-        else:
-            st.warning(f"No difference heatmap: the runs have different layer x head grids "
-                       f"({tuple(a_left.shape)} vs {tuple(a_right.shape)}).")
-        columns = st.columns(2)
-        for column, run, side in zip(columns, runs, ("left", "right"), strict=True):
-            with column:
-                st.subheader(run_name(run))
-                show_header(run, compact=True)
-                show_figure(alpha_heatmap(run, k), key=f"{key}-{side}-alpha", name=f"{run_name(run)}-alpha-k{k}")
+        show_difference(a_left, a_right, f"alpha at k = {k}: {run_name(right)} - {run_name(left)}", "Δ alpha",
+                        key=f"{key}-diff", name=f"diff-alpha-k{k}")
+        side_by_side(left, right, key, lambda run, side: show_figure(
+            alpha_heatmap(run, k), key=f"{side}-alpha", name=f"{run_name(run)}-alpha-k{k}"))
         show_figure(sink_rate_bars(runs), key=f"{key}-rate", name="compare-sink-rate")
         show_figure(norm_profile(runs), key=f"{key}-norms", name="compare-residual-norms")
