@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -49,6 +51,22 @@ class Backend(str, Enum):
     triton = "triton"
 
 
+# Options every analysis command takes: one definition, so their flags and help read the same everywhere.
+PROMPTS_OPTION = typer.Option(None, help="prompt file (one per line) or - for stdin; default: the model's bundled set")
+N_PROMPTS_OPTION = typer.Option(None, help="use only the first N prompts")
+BATCH_SIZE_OPTION = typer.Option(8, help="prompts per forward pass")
+DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16")
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …")
+DEVICE_MAP_OPTION = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)")
+BOS_OPTION = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it")
+BACKEND_OPTION = typer.Option(Backend.auto, help="attention statistics backend")
+OUT_OPTION = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)")
+REVISION_OPTION = typer.Option(None, help="model revision (branch, tag or commit)")
+OFFLINE_OPTION = typer.Option(False, help="never contact the hub: local folders and the HF cache only")
+TRUST_REMOTE_CODE_OPTION = typer.Option(False, help="run the model repository's own code (off by default)")
+QUIET_OPTION = typer.Option(False, help="no progress bar")
+
+
 def quiet_hub_progress(quiet: bool) -> None:
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -69,6 +87,31 @@ def check_run_options(max_tokens: int, n_prompts: int | None, out: Path | None, 
     return runs_dir
 
 
+def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *, dtype: str, device: str,
+                      device_map: str | None, revision: str | None, offline: bool, trust_remote_code: bool,
+                      bos: Bos):
+    """The prompts (the model's bundled set unless given) and the loaded model, as every analysis reads them."""
+    from .loading import load
+    from .prompts import read_prompts
+    from .zoo import default_prompt_file
+
+    texts = read_prompts(prompts if prompts is not None else default_prompt_file(model))[:n_prompts]
+    loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
+                  local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+    return texts, loaded
+
+
+@contextmanager
+def reported_errors(model: str, out_of_memory_advice: str) -> Iterator[None]:
+    """Bad input and out of memory become one ``error:`` line and exit code 2, never a traceback."""
+    try:
+        yield
+    except HeadlabError as err:
+        fail(str(err))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory running {model}: {out_of_memory_advice}")
+
+
 def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -77,22 +120,22 @@ def fail(message: str) -> None:
 @analyze_app.command("sinks")
 def sinks(
     model: str = typer.Option(DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
-    prompts: str = typer.Option(None, help="prompt file (one per line) or - for stdin; default: bundled set"),
-    n_prompts: int = typer.Option(None, help="use only the first N prompts"),
+    prompts: str = PROMPTS_OPTION,
+    n_prompts: int = N_PROMPTS_OPTION,
     max_tokens: int = typer.Option(64, help="tokens per prompt (Gu et al. use 64)"),
-    batch_size: int = typer.Option(8, help="prompts per forward pass"),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
-    device_map: str = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)"),
+    batch_size: int = BATCH_SIZE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
     eps: float = typer.Option(0.3, help="sink threshold on alpha (Gu et al.)"),
-    bos: Bos = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it"),
-    backend: Backend = typer.Option(Backend.auto, help="attention statistics backend"),
-    out: Path = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)"),
+    bos: Bos = BOS_OPTION,
+    backend: Backend = BACKEND_OPTION,
+    out: Path = OUT_OPTION,
     name: str = typer.Option(None, help="run name (default: sinks-<model>-<time>)"),
-    revision: str = typer.Option(None, help="model revision (branch, tag or commit)"),
-    offline: bool = typer.Option(False, help="never contact the hub: local folders and the HF cache only"),
-    trust_remote_code: bool = typer.Option(False, help="run the model repository's own code (off by default)"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
+    revision: str = REVISION_OPTION,
+    offline: bool = OFFLINE_OPTION,
+    trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
+    quiet: bool = QUIET_OPTION,
     secondary: bool = typer.Option(True, "--secondary/--no-secondary", help="secondary sinks (Wong et al.)"),
     levels: bool = typer.Option(True, "--levels/--no-levels", help="sink levels: histogram and clustering"),
     formation: bool = typer.Option(True, "--formation/--no-formation", help="MLP formation table and scatter"),
@@ -110,12 +153,9 @@ def sinks(
     from .analyses.generation import prompt_token_ids
     from .analyses.secondary_sinks import SecondarySinksConfig
     from .analyses.sinks import SinksConfig, analyze_sinks
-    from .loading import load
-    from .prompts import read_prompts
-    from .zoo import default_prompt_file
 
     quiet_hub_progress(quiet)
-    try:
+    with reported_errors(model, "lower --batch-size or --max-tokens, use --dtype bfloat16, or --device-map auto"):
         runs_dir = check_run_options(max_tokens, n_prompts, out, name)
         if (lifetime_low is None) != (lifetime_high is None):
             raise InputError("give both --lifetime-low and --lifetime-high, or neither")
@@ -126,20 +166,15 @@ def sinks(
                                                 cos_threshold=cos_threshold, bos_position=bos_position,
                                                 lifetime_bounds=bounds)
         secondary_config.check()
-        texts = read_prompts(prompts if prompts is not None else default_prompt_file(model))[:n_prompts]
-        loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                      local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+        texts, loaded = prompts_and_model(model, prompts, n_prompts, dtype=dtype, device=device,
+                                          device_map=device_map, revision=revision, offline=offline,
+                                          trust_remote_code=trust_remote_code, bos=bos)
         config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size,
                              backend=None if backend == Backend.auto else backend.value,
                              chat_template=chat_template, generate=generate, secondary=secondary_config)
         token_ids = prompt_token_ids(loaded, texts, config, progress=not quiet) if generate or chat_template else None
         result = analyze_sinks(loaded, texts, config, progress=not quiet, token_ids=token_ids)
         path = result.save(runs_dir, name)
-    except HeadlabError as err:
-        fail(str(err))
-    except torch.OutOfMemoryError:
-        fail(f"out of memory running {model}: lower --batch-size or --max-tokens, use --dtype bfloat16, "
-             "or --device-map auto")
     print_sinks_summary(result.summary, path)
 
 
@@ -168,52 +203,45 @@ def print_sinks_summary(summary: dict, path: Path) -> None:
 @analyze_app.command("position-bias")
 def position_bias(
     model: str = typer.Option(POSITION_DEFAULT_MODEL, help="alias, tiny-* zoo model, minilm, local folder or hub id"),
-    prompts: str = typer.Option(None, help="prompt file (one per line) or - for stdin; default: bundled set"),
-    n_prompts: int = typer.Option(None, help="use only the first N prompts"),
+    prompts: str = PROMPTS_OPTION,
+    n_prompts: int = N_PROMPTS_OPTION,
     max_tokens: int = typer.Option(512, help="tokens per prompt (statistics path: no T x T, any length)"),
-    batch_size: int = typer.Option(8, help="prompts per forward pass"),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
-    device_map: str = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)"),
+    batch_size: int = BATCH_SIZE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
     n_relative: int = typer.Option(10, help="relative-position bins of the lost-in-the-middle curve"),
     rollout_tokens: int = typer.Option(128, help="rollout P^(t) on each prompt's first N tokens (T x T; 0: off)"),
     rollout_prompts: int = typer.Option(8, help="prompts in the rollout"),
     retrieval_trials: int = typer.Option(12, help="key-value retrieval trials per placement (0: off)"),
     retrieval_pairs: int = typer.Option(8, help="key-value pairs in each retrieval prompt"),
     seed: int = typer.Option(0, help="seed of the retrieval task"),
-    bos: Bos = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it"),
-    backend: Backend = typer.Option(Backend.auto, help="attention statistics backend"),
-    out: Path = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)"),
+    bos: Bos = BOS_OPTION,
+    backend: Backend = BACKEND_OPTION,
+    out: Path = OUT_OPTION,
     name: str = typer.Option(None, help="run name (default: position_bias-<model>-<time>)"),
-    revision: str = typer.Option(None, help="model revision (branch, tag or commit)"),
-    offline: bool = typer.Option(False, help="never contact the hub: local folders and the HF cache only"),
-    trust_remote_code: bool = typer.Option(False, help="run the model repository's own code (off by default)"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
+    revision: str = REVISION_OPTION,
+    offline: bool = OFFLINE_OPTION,
+    trust_remote_code: bool = TRUST_REMOTE_CODE_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Position bias: attention by distance and position, rollout P^(t), trend fit, retrieval by position."""
     from .analyses.position_bias import PositionBiasConfig, analyze_position_bias
-    from .loading import load
-    from .prompts import read_prompts
-    from .zoo import default_prompt_file
 
     quiet_hub_progress(quiet)
-    try:
+    with reported_errors(model, "lower --batch-size, --max-tokens or --rollout-tokens, use --dtype bfloat16, "
+                                "or --device-map auto"):
         runs_dir = check_run_options(max_tokens, n_prompts, out, name)
         config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,
                                     rollout_tokens=rollout_tokens, rollout_prompts=rollout_prompts,
                                     retrieval_trials=retrieval_trials, retrieval_pairs=retrieval_pairs, seed=seed,
                                     backend=None if backend == Backend.auto else backend.value)
         config.check()
-        texts = read_prompts(prompts if prompts is not None else default_prompt_file(model))[:n_prompts]
-        loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                      local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+        texts, loaded = prompts_and_model(model, prompts, n_prompts, dtype=dtype, device=device,
+                                          device_map=device_map, revision=revision, offline=offline,
+                                          trust_remote_code=trust_remote_code, bos=bos)
         result = analyze_position_bias(loaded, texts, config, progress=not quiet)
         path = result.save(runs_dir, name)
-    except HeadlabError as err:
-        fail(str(err))
-    except torch.OutOfMemoryError:
-        fail(f"out of memory running {model}: lower --batch-size, --max-tokens or --rollout-tokens, use "
-             "--dtype bfloat16, or --device-map auto")
     print_position_summary(result.summary, path)
 
 
@@ -242,12 +270,11 @@ def print_position_summary(summary: dict, path: Path) -> None:
 @headlab_app.command("models")
 def models() -> None:
     """List model aliases and the tiny offline models."""
-    from .zoo import ALIASES, TINY_MODELS
+    from .zoo import ALIASES, BUNDLED_MODELS, TINY_MODELS
 
     table = Table(title="headlab models")
     table.add_column("name")
     table.add_column("what")
-    from .zoo import BUNDLED_MODELS
 
     for alias, hub_id in ALIASES.items():
         table.add_row(alias, BUNDLED_MODELS.get(alias, hub_id))
