@@ -65,15 +65,17 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     rows = RowMeans(arch.n_layers, arch.n_heads)
 
     batch_alpha: dict[int, torch.Tensor] = {}
+    n_kept = min(len(prompts), config.token_view_prompts)
+    need_alpha = False  # set per batch: only the secondary scan and the kept token views read batch_alpha
 
     def on_stats(layer, stats):
         importance.add(layer, stats)
         rows.add(layer, stats)
-        # Mean attention each key receives, per prompt: alpha at every position, not only the first n_keys.
-        batch_alpha[layer] = (stats.key_mass / stats.key_count.clamp(min=1)[:, None, :]).float().cpu()
+        if need_alpha:
+            # Mean attention each key receives, per prompt: alpha at every position, not only the first n_keys.
+            batch_alpha[layer] = (stats.key_mass / stats.key_count.clamp(min=1)[:, None, :]).float().cpu()
 
     first_norms, median_norms, massive, n_tokens = [], [], [], 0
-    n_kept = min(len(prompts), config.token_view_prompts)
     token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
     token_rows: list[dict] = []
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
@@ -84,6 +86,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         source = batches(loaded, prompts, config.max_tokens, config.batch_size) if token_ids is None else \
             id_batches(loaded, [ids[: config.max_tokens] for ids in token_ids], config.batch_size)
         for batch in source:
+            need_alpha = secondary is not None or batch.indices[0] < n_kept
             loaded.model(input_ids=batch.input_ids.to(loaded.device),
                          attention_mask=batch.attention_mask.to(loaded.device))
             summary = resid.summary()
