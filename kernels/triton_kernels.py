@@ -42,6 +42,20 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, offs_rows, offs_cols, stride_row, stride_col, rows_ok, n_cols):
+    """``[rows, cols]`` tile of a row-major view (Q rows x dims, V keys x dims); 0 outside."""
+    return tl.load(base + offs_rows[:, None] * stride_row + offs_cols[None, :] * stride_col,
+                   mask=rows_ok[:, None] & (offs_cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _tile_t(base, offs_rows, offs_cols, stride_row, stride_col, rows_ok, n_cols):
+    """``[cols, rows]``: the transposed tile, loaded transposed (K as dims x keys for ``q @ k``); 0 outside."""
+    return tl.load(base + offs_rows[None, :] * stride_row + offs_cols[:, None] * stride_col,
+                   mask=rows_ok[None, :] & (offs_cols[:, None] < n_cols), other=0.0)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` visibility of a tile (MaskSpec's rule; padding is folded into ``key_ok``)."""
     pos = offs_m + q_offset  # absolute key position of each query row
@@ -100,8 +114,7 @@ def forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < n_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     first = tl.load(FirstKey + b)
@@ -121,8 +134,7 @@ def forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_range = offs_n < n_k
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD)
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BLOCK_D, BLOCK_N]
+        k = _tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, in_range, HEAD_DIM)  # [BLOCK_D, BLOCK_N]
         s = _mma(q, k, PRECISION, UPCAST) * scale
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         m_new = tl.maximum(m_i, tl.reduce(tl.where(allowed, s, float("-inf")), 1, _max))
@@ -137,8 +149,7 @@ def forward_kernel(
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
         f_i = f_i * alpha + tl.reduce(tl.where(offs_n[None, :] == first, p, 0.0), 1, _add)
 
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=in_range[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        v = _tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, in_range, DIM_V)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST)
         if N_GROUPS > 0:
             labels = tl.load(Labels + b * n_k + offs_n, mask=in_range, other=-1)
@@ -205,8 +216,7 @@ def group_output_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < n_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, HEAD_DIM)
     lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
@@ -220,13 +230,11 @@ def group_output_kernel(
         in_range = offs_n < n_k
         labels = tl.load(Labels + b * n_k + offs_n, mask=in_range, other=-1)
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD) & (labels == g)
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        k = _tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, in_range, HEAD_DIM)
         s = _mma(q, k, PRECISION, UPCAST) * scale
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=in_range[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        v = _tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, in_range, DIM_V)
         acc += _mma(p.to(v.dtype), v, PRECISION, UPCAST)
 
     out_rows = (pid_bh * n_q + offs_m) * N_GROUPS + g
@@ -273,8 +281,8 @@ def column_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     in_range = offs_n < n_k
     key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD)
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BLOCK_D, BLOCK_N]
+    k = _tile_t(K + b * stride_kb + kv_h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, in_range,
+                HEAD_DIM)  # [BLOCK_D, BLOCK_N]
     q_base = Q + b * stride_qb + h * stride_qh
 
     # Queries that can see some key of this block: causal needs i + q_offset >= j, a window
@@ -297,8 +305,7 @@ def column_kernel(
         row_ok = offs_m < n_q
         summed = tl.load(Columns + b * n_q + offs_m, mask=row_ok, other=0) != 0
         lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=row_ok, other=0.0)
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q = _tile(q_base, offs_m, offs_d, stride_qm, stride_qd, row_ok, HEAD_DIM)
         s = _mma(q, k, PRECISION, UPCAST) * scale
         pairs = _visible(offs_m, offs_n, row_ok & summed, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(pairs, tl.exp(s - lse[:, None]), 0.0)
