@@ -69,8 +69,8 @@ def test_massive_activations_divide_by_the_layer_median_not_the_tokens():
 
 def test_layer_median_leaves_padding_out():
     hidden = torch.ones(2, 4, 3)
-    hidden[1, :2] = 1000.0  # left padding of the second prompt: huge junk that must not count
-    valid = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    hidden[1, :3] = 1000.0  # left padding of the second prompt: huge junk that must not count
+    valid = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1]])
     assert hidden_state_median(hidden, valid).tolist() == [1.0, 1.0]
     assert hidden_state_median(hidden).tolist() == [1.0, 1000.0]
 
