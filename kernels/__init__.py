@@ -2,6 +2,7 @@
 
 from .dispatch import BACKEND_ENV, BACKENDS, BackendError, attention_with_stats, register_backend, resolve_backend
 from .eager import attention_probs, eager_attention_with_stats, stats_from_probs
+from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest, distance_bin_edges, distance_bins
 from .torch_backend import torch_attention_with_stats
 
@@ -11,6 +12,7 @@ __all__ = [
     "AttentionStats",
     "BackendError",
     "MaskSpec",
+    "ScoreEdit",
     "StatsRequest",
     "attention_probs",
     "attention_with_stats",

@@ -15,6 +15,7 @@ import torch
 from headlab.errors import InputError
 
 from .eager import eager_attention_with_stats
+from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest
 from .torch_backend import torch_attention_with_stats
 
@@ -34,7 +35,8 @@ def triton_attention_with_stats(*args, **kwargs) -> tuple[torch.Tensor, Attentio
 
 
 # The seam for faster kernels: a backend registers a function with the eager signature
-# (q, k, v, mask, scale, sinks, request=None).
+# (q, k, v, mask, scale, sinks, request=None, score_edit=None); score_edit is passed only when given,
+# so a backend without edits still serves every other call.
 BACKENDS: dict[str, BackendFn] = {
     "eager": eager_attention_with_stats,
     "torch": torch_attention_with_stats,
@@ -79,6 +81,7 @@ def attention_with_stats(
     backend: str | None = None,
     mask: MaskSpec | None = None,
     request: StatsRequest | None = None,
+    score_edit: ScoreEdit | None = None,
     **backend_kwargs,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention output and its statistics without materialising the probabilities (except ``eager``).
@@ -86,12 +89,17 @@ def attention_with_stats(
     q ``[batch, head, query, dim]``; k, v ``[batch, kv_head, key, dim]`` (GQA: head divisible by
     kv_head); ``key_padding`` ``[batch, key]`` True for real tokens; ``sinks`` ``[head]`` learned
     sink logits added to each row's denominator; a ready ``mask`` replaces the mask arguments;
-    ``request`` asks for optional statistics (distance profiles, key groups, partial outputs).
+    ``request`` asks for optional statistics (distance profiles, key groups, partial outputs);
+    ``score_edit`` edits the scaled pre-softmax scores per (head, key group) on chosen query rows
+    (see ``ScoreEdit``), and every statistic then describes the edited attention.
     Returns output ``[batch, head, query, dim_v]`` in q's dtype and ``AttentionStats`` in fp32.
     """
     if q.shape[1] % k.shape[1]:
         raise InputError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads evenly")
     mask = mask or MaskSpec(causal, window, q_offset, key_padding, query_valid, row_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if score_edit is not None:
+        score_edit.check(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        backend_kwargs["score_edit"] = score_edit
     fn = BACKENDS[resolve_backend(q.device, backend)]
     return fn(q, k, v, mask, scale, sinks, request=request, **backend_kwargs)

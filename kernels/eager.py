@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .edits import ScoreEdit
 from .stats import (
     AttentionStats,
     MaskSpec,
@@ -30,11 +31,18 @@ def attention_probs(
     mask: MaskSpec,
     scale: float,
     sinks: torch.Tensor | None = None,
+    score_edit: ScoreEdit | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full probabilities ``[batch, head, query, key]`` (fp32), log-sum-exp and visibility."""
+    """Full probabilities ``[batch, head, query, key]`` (fp32), log-sum-exp and visibility.
+
+    ``score_edit`` edits the scaled scores before masking (the sinks' logits stay as they are)."""
     batch, n_heads, n_q, _ = q.shape
     n_k = k.shape[2]
+    if score_edit is not None:
+        score_edit.check(batch, n_heads, n_q, n_k)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), expand_kv(k, n_heads).float()) * scale
+    if score_edit is not None:
+        scores = score_edit.apply(scores, 0, 0, n_k)
     allowed = mask.allowed(0, n_q, n_k, q.device).expand(batch, 1, n_q, n_k)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
@@ -96,9 +104,12 @@ def eager_attention_with_stats(
     scale: float,
     sinks: torch.Tensor | None = None,
     request: StatsRequest | None = None,
+    score_edit: ScoreEdit | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> output ``[batch, head, query, dim_v]``."""
-    probs, lse, _ = attention_probs(q, k, mask, scale, sinks)
+    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> output ``[batch, head, query, dim_v]``.
+
+    Every statistic describes the attention after ``score_edit`` (if given)."""
+    probs, lse, _ = attention_probs(q, k, mask, scale, sinks, score_edit)
     v_full = expand_kv(v, q.shape[1]).float()
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v_full).to(q.dtype)
     stats = stats_from_probs(probs, mask, lse, request)

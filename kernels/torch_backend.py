@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .edits import ScoreEdit
 from .stats import (
     AttentionStats,
     MaskSpec,
@@ -44,6 +45,26 @@ def visible_keys(mask: MaskSpec, start: int, stop: int, n_keys: int) -> tuple[in
     return min(lo, hi), max(hi, 0)
 
 
+# Per-key coefficients [batch, head, key] (mult, add_abs) and the edited rows [batch, query] or None.
+_EditTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def edit_tables(edit: ScoreEdit, batch: int, device: torch.device) -> _EditTables:
+    """What each chunk reads of a ``ScoreEdit``, built once per call: O(batch·head·key), never T x T."""
+    mult, add = edit.coefficients(batch, device)
+    return mult, add, edit.row_flags(batch, device)
+
+
+def edit_chunk(scores: torch.Tensor, tables: _EditTables, start: int, stop: int, lo: int, hi: int) -> torch.Tensor:
+    """Edited scaled scores ``[batch, head, rows, width]`` of query rows [start, stop) and keys [lo, hi)."""
+    mult, add, rows = tables
+    # |s| · add + s · mult, with one chunk-sized temporary (the scores are only read).
+    edited = scores.abs().mul_(add[:, :, None, lo:hi]).addcmul_(scores, mult[:, :, None, lo:hi])
+    if rows is None:
+        return edited
+    return torch.where(rows[:, None, start:stop, None], edited, scores)
+
+
 def torch_attention_with_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,10 +74,16 @@ def torch_attention_with_stats(
     sinks: torch.Tensor | None = None,
     request: StatsRequest | None = None,
     chunk_size: int | None = None,
+    score_edit: ScoreEdit | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``."""
+    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``.
+
+    ``score_edit`` edits each chunk's scaled scores before masking; every statistic describes the edited
+    attention."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    if score_edit is not None:
+        score_edit.check(batch, n_heads, n_q, n_k)
     group = n_heads // n_kv
     device = q.device
     chunk = chunk_size or pick_chunk_size(batch, n_heads, n_k)
@@ -77,6 +104,7 @@ def torch_attention_with_stats(
     row_counted = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
     if request is not None:
         request.check(batch, n_q, n_k, mask.q_offset)
+    edit = None if score_edit is None else edit_tables(score_edit, batch, device)
     n_groups = request.group_count() if request is not None else 0
     onehot = group_mass = group_out = None
     if n_groups:
@@ -99,6 +127,8 @@ def torch_attention_with_stats(
         width = hi - lo
         q_chunk = q_grouped[:, :, :, start:stop].float().reshape(batch, n_kv, group * rows, -1)
         scores = (q_chunk @ k_t[..., lo:hi]).view(batch, n_heads, rows, width).mul_(scale)
+        if edit is not None:
+            scores = edit_chunk(scores, edit, start, stop, lo, hi)
         allowed = mask.allowed(start, stop, n_k, device)[..., lo:hi]  # [batch or 1, 1, rows, width]
         scores.masked_fill_(~allowed, _MASKED)
         sees_any = allowed.any(dim=-1).expand(batch, 1, rows)  # [batch, 1, rows]

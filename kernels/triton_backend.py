@@ -3,7 +3,8 @@
 Host side of ``triton_kernels``: checks the inputs, derives the per-row and per-key counts that do not
 depend on the head from the mask structure (prefix sums, O(batch·T)), launches the forward kernel
 (output, lse, entropy, first-key mass, group masses), the optional group-output kernel and the column
-kernel (mass received per key, distance profile), and assembles ``AttentionStats``.
+kernel (mass received per key, distance profile), and assembles ``AttentionStats``. A ``ScoreEdit``
+reaches all three as per-(batch, head, key) coefficients and a per-(batch, query) row flag, O(batch·head·T).
 
 A ``MaskSpec.row_mask`` (a model's own mask function, evaluated row block by row block on the host) has
 no device-side form here, so such calls go to the torch backend; transformers' plain causal and
@@ -21,6 +22,7 @@ import triton
 from headlab.errors import InputError
 
 from . import triton_kernels as kern
+from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest, column_rows, distance_shape
 from .torch_backend import torch_attention_with_stats
 
@@ -100,6 +102,7 @@ class _Call:
     first_key: torch.Tensor  # [batch]
     n_groups: int
     args: dict  # pointer-free arguments and constexprs common to all kernels
+    edit: ScoreEdit | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -124,8 +127,21 @@ class _Call:
             return torch.empty(1, dtype=torch.int32, device=self.q.device)
         return self.request.labels(self.q.shape[0], self.q.device)
 
+    def edit_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EditMult, EditAdd ``[batch, head, key]`` fp32 and EditRows ``[batch, query]`` int8 (placeholders
+        when absent: ``HAS_EDIT`` / ``EDIT_ROWS`` keep the kernels from reading them)."""
+        device = self.q.device
+        if self.edit is None:
+            unused = torch.empty(1, dtype=torch.float32, device=device)
+            return unused, unused, torch.empty(1, dtype=torch.int8, device=device)
+        mult, add = self.edit.coefficients(self.q.shape[0], device)
+        rows = self.edit.row_flags(self.q.shape[0], device)
+        rows = torch.empty(1, dtype=torch.int8, device=device) if rows is None else rows.to(torch.int8)
+        return mult, add, rows
 
-def _prepare(q, k, v, mask: MaskSpec, scale: float, sinks, request, block_m, block_n) -> _Call:
+
+def _prepare(q, k, v, mask: MaskSpec, scale: float, sinks, request, block_m, block_n,
+             score_edit: ScoreEdit | None = None) -> _Call:
     _check_device(q)
     batch, n_heads, n_q, head_dim = q.shape
     n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
@@ -133,6 +149,8 @@ def _prepare(q, k, v, mask: MaskSpec, scale: float, sinks, request, block_m, blo
         raise InputError(f"{n_heads} query heads cannot share {n_kv} kv heads evenly")
     if request is not None:
         request.check(batch, n_q, n_k, mask.q_offset)
+    if score_edit is not None:
+        score_edit.check(batch, n_heads, n_q, n_k)
     default_m, default_n = _block_sizes(max(head_dim, dim_v), q.device.type == "cuda")
     padding = None
     if mask.key_padding is not None:
@@ -143,12 +161,14 @@ def _prepare(q, k, v, mask: MaskSpec, scale: float, sinks, request, block_m, blo
         BLOCK_M=block_m or default_m, BLOCK_N=block_n or default_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        HAS_EDIT=score_edit is not None, EDIT_ROWS=score_edit is not None and score_edit.rows is not None,
         # Untuned (no GPU was at hand when this was written): fewer pipeline stages for wide fp32 tiles so
         # that Q plus the staged K and V tiles fit in shared memory. The interpreter ignores launch options.
         num_stages=1 if q.element_size() * max(head_dim, dim_v) > 512 else 2,
     )
     n_groups = request.group_count() if request is not None else 0
-    return _Call(q, k, v, mask, scale, sinks, request, padding, mask.first_key(batch, q.device), n_groups, args)
+    return _Call(q, k, v, mask, scale, sinks, request, padding, mask.first_key(batch, q.device), n_groups, args,
+                 score_edit)
 
 
 def _scalars(call: _Call, with_v: bool = True) -> tuple:
@@ -160,8 +180,9 @@ def _scalars(call: _Call, with_v: bool = True) -> tuple:
             call.k.shape[2], mask.q_offset, window, call.scale)
 
 
-def _launch_forward(call: _Call) -> tuple[torch.Tensor, ...]:
-    """Output ``[batch, head, query, dim_v]``, lse, entropy, first mass ``[batch, head, query]``, group mass."""
+def _launch_forward(call: _Call, edit: tuple) -> tuple[torch.Tensor, ...]:
+    """Output ``[batch, head, query, dim_v]``, lse, entropy, first mass ``[batch, head, query]``, group mass;
+    ``edit`` is ``_Call.edit_args()`` (shared with the later launches)."""
     batch, n_heads, n_q, _, dim_v = call.shape
     device = call.q.device
     out = torch.empty(batch, n_heads, n_q, dim_v, dtype=call.q.dtype, device=device)
@@ -173,7 +194,7 @@ def _launch_forward(call: _Call) -> tuple[torch.Tensor, ...]:
     grid = (triton.cdiv(n_q, call.block_m), batch * n_heads)
     kern.forward_kernel[grid](
         call.q, call.k, call.v, out, lse, entropy, first_mass, group_mass, call.pad_arg(),
-        call.first_key.to(torch.int32), call.labels_arg(), sinks, *_scalars(call),
+        call.first_key.to(torch.int32), call.labels_arg(), sinks, *edit, *_scalars(call),
         HAS_SINK=call.sinks is not None, N_GROUPS=call.n_groups,
         G_PAD=max(16, triton.next_power_of_2(max(call.n_groups, 1))),
         DIM_V=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **call.args,
@@ -181,19 +202,19 @@ def _launch_forward(call: _Call) -> tuple[torch.Tensor, ...]:
     return out, lse, entropy, first_mass, group_mass
 
 
-def _launch_group_outputs(call: _Call, lse: torch.Tensor) -> torch.Tensor:
+def _launch_group_outputs(call: _Call, lse: torch.Tensor, edit: tuple) -> torch.Tensor:
     """Partial outputs ``[batch, head, query, group, dim_v]`` from the saved lse."""
     batch, n_heads, n_q, _, dim_v = call.shape
     group_out = torch.empty(batch, n_heads, n_q, call.n_groups, dim_v, dtype=call.q.dtype, device=call.q.device)
     grid = (triton.cdiv(n_q, call.block_m), batch * n_heads, call.n_groups)
     kern.group_output_kernel[grid](
-        call.q, call.k, call.v, lse, group_out, call.pad_arg(), call.labels_arg(), *_scalars(call),
+        call.q, call.k, call.v, lse, group_out, call.pad_arg(), call.labels_arg(), *edit, *_scalars(call),
         N_GROUPS=call.n_groups, DIM_V=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), **call.args,
     )
     return group_out
 
 
-def _launch_columns(call: _Call, lse: torch.Tensor, columns: torch.Tensor, distance: bool):
+def _launch_columns(call: _Call, lse: torch.Tensor, columns: torch.Tensor, distance: bool, edit: tuple):
     """Key mass ``[batch, head, key]`` and, if asked, distance mass ``[batch, head, 2, bin]`` and counts."""
     batch, n_heads, n_q, n_k, _ = call.shape
     device = call.q.device
@@ -205,7 +226,7 @@ def _launch_columns(call: _Call, lse: torch.Tensor, columns: torch.Tensor, dista
     dist_count = torch.zeros(batch, n_key_blocks if distance else 1, bins_pad, device=device)
     kern.column_kernel[(n_key_blocks, batch * n_heads)](
         call.q, call.k, lse, columns.to(torch.int8).contiguous(), call.pad_arg(), key_mass, dist_mass, dist_count,
-        *_scalars(call, with_v=False), n_bins, n_key_blocks, DISTANCE=distance, BINS_PAD=bins_pad, **call.args,
+        *edit, *_scalars(call, with_v=False), n_bins, n_key_blocks, DISTANCE=distance, BINS_PAD=bins_pad, **call.args,
     )
     if not distance:
         return key_mass, None, None
@@ -214,9 +235,11 @@ def _launch_columns(call: _Call, lse: torch.Tensor, columns: torch.Tensor, dista
 
 
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec, scale: float,
-                   sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sinks: torch.Tensor | None = None,
+                   score_edit: ScoreEdit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel alone (benchmarks): output ``[batch, head, query, dim_v]``, lse ``[batch, head, query]``."""
-    out, lse, *_ = _launch_forward(_prepare(q, k, v, mask, scale, sinks, None, None, None))
+    call = _prepare(q, k, v, mask, scale, sinks, None, None, None, score_edit)
+    out, lse, *_ = _launch_forward(call, call.edit_args())
     return out, lse
 
 
@@ -230,23 +253,27 @@ def triton_attention_with_stats(
     request: StatsRequest | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    score_edit: ScoreEdit | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``."""
+    """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``.
+
+    ``score_edit`` is applied in every kernel's score tile; every statistic describes the edited attention."""
     if mask.row_mask is not None:
         # No device-side form of an arbitrary mask callback: the chunked torch path handles it exactly.
-        return torch_attention_with_stats(q, k, v, mask, scale, sinks, request=request)
-    call = _prepare(q, k, v, mask, scale, sinks, request, block_m, block_n)
+        return torch_attention_with_stats(q, k, v, mask, scale, sinks, request=request, score_edit=score_edit)
+    call = _prepare(q, k, v, mask, scale, sinks, request, block_m, block_n, score_edit)
     batch, _, n_q, n_k, _ = call.shape
-    out, lse, entropy, first_mass, group_mass = _launch_forward(call)
+    edit = call.edit_args()  # built once, read by all three launches
+    out, lse, entropy, first_mass, group_mass = _launch_forward(call, edit)
     group_out = None
     if request is not None and request.group_outputs and call.n_groups:
-        group_out = _launch_group_outputs(call, lse)
+        group_out = _launch_group_outputs(call, lse, edit)
 
     row_counted = mask.rows_counted(0, n_q, batch, q.device)
     row_counted = row_counted & rows_seeing_keys(mask, call.padding, batch, n_q, n_k, q.device)
     columns = column_rows(row_counted, request, mask.q_offset)
     distance = request is not None and request.distance
-    key_mass, distance_mass, distance_count = _launch_columns(call, lse, columns, distance)
+    key_mass, distance_mass, distance_count = _launch_columns(call, lse, columns, distance, edit)
     stats = AttentionStats(
         lse=lse,
         entropy=entropy,

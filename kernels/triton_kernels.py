@@ -11,6 +11,11 @@ Three kernels, all with fp32 accumulators and K/V read per kv head (GQA is an in
   dK/dV loop: it recomputes the scores of the queries that can see its keys from the saved lse
   (never reads V) and sums the mass each key receives, and by distance bin the mass and pair counts.
 
+A ``ScoreEdit`` reaches every kernel that forms scores as per-(batch, head, key) coefficient vectors and a
+per-(batch, query) row flag (``HAS_EDIT`` / ``EDIT_ROWS`` constexprs: without an edit the code is the plain
+one); it is applied right after ``qk * scale``, before the mask, so all three kernels see the same
+edited scores and every statistic describes the edited attention.
+
 ``TRITON_INTERPRET`` is read when ``triton.jit`` decorates, i.e. when this module is imported:
 set it before the first import to run these kernels on CPU. The kernels call only triton's builtins
 and jit functions of this module (reductions through ``tl.reduce``, no ``tl.sum``/``tl.zeros``): those
@@ -91,8 +96,33 @@ def _key_range(q_start, q_stop, n_k, q_offset, window, CAUSAL: tl.constexpr, HAS
 
 
 @triton.jit
+def _edit_keys(EditMult, EditAdd, pid_bh, offs_n, in_range, n_k):
+    """``[BLOCK_N]`` score edit coefficients (mult, add_abs) of these keys for one (batch, head); identity
+    past the last key. EditMult/EditAdd are ``[batch, head, key]`` contiguous, so (b, h) is ``pid_bh``."""
+    mult = tl.load(EditMult + pid_bh * n_k + offs_n, mask=in_range, other=1.0)
+    add = tl.load(EditAdd + pid_bh * n_k + offs_n, mask=in_range, other=0.0)
+    return mult, add
+
+
+@triton.jit
+def _edit_rows(EditRows, b, offs_m, row_ok, n_q, EDIT_ROWS: tl.constexpr):
+    """``[BLOCK_M]`` query rows the edit applies to: all (``EDIT_ROWS`` off) or those flagged in
+    EditRows ``[batch, query]``."""
+    rows = row_ok
+    if EDIT_ROWS:
+        rows = rows & (tl.load(EditRows + b * n_q + offs_m, mask=row_ok, other=0) != 0)
+    return rows
+
+
+@triton.jit
+def _edited(s, mult, add, rows):
+    """``mult · s + add · |s|`` on the edited rows of a ``[BLOCK_M, BLOCK_N]`` tile of scaled scores."""
+    return tl.where(rows[:, None], s * mult[None, :] + add[None, :] * tl.abs(s), s)
+
+
+@triton.jit
 def forward_kernel(
-    Q, K, V, Out, Lse, Ent, FirstMass, GroupMass, Pad, FirstKey, Labels, Sinks,
+    Q, K, V, Out, Lse, Ent, FirstMass, GroupMass, Pad, FirstKey, Labels, Sinks, EditMult, EditAdd, EditRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -101,9 +131,11 @@ def forward_kernel(
     HAS_SINK: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_EDIT: tl.constexpr, EDIT_ROWS: tl.constexpr,
 ):
     """Out ``[batch, head, query, dim_v]`` (contiguous), Lse/Ent/FirstMass ``[batch, head, query]``,
-    GroupMass ``[batch, head, query, group]``; Pad/Labels ``[batch, key]``; FirstKey ``[batch]``; Sinks ``[head]``."""
+    GroupMass ``[batch, head, query, group]``; Pad/Labels ``[batch, key]``; FirstKey ``[batch]``; Sinks ``[head]``;
+    EditMult/EditAdd ``[batch, head, key]``, EditRows ``[batch, query]`` (read only with ``HAS_EDIT``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     b = pid_bh // n_heads
@@ -118,6 +150,8 @@ def forward_kernel(
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     first = tl.load(FirstKey + b)
+    if HAS_EDIT:
+        edit_rows = _edit_rows(EditRows, b, offs_m, row_ok, n_q, EDIT_ROWS)
 
     # Running max m, row sum l = sum exp(s - m), a = sum exp(s - m)·(s - m), all rescaled together.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -136,6 +170,9 @@ def forward_kernel(
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD)
         k = _tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, in_range, HEAD_DIM)  # [BLOCK_D, BLOCK_N]
         s = _mma(q, k, PRECISION, UPCAST) * scale
+        if HAS_EDIT:
+            mult, add = _edit_keys(EditMult, EditAdd, pid_bh, offs_n, in_range, n_k)
+            s = _edited(s, mult, add, edit_rows)
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         m_new = tl.maximum(m_i, tl.reduce(tl.where(allowed, s, float("-inf")), 1, _max))
         # A row that has seen no key yet keeps m = -inf; shift by 0 so nothing turns into NaN.
@@ -194,7 +231,7 @@ def forward_kernel(
 
 @triton.jit
 def group_output_kernel(
-    Q, K, V, Lse, GroupOut, Pad, Labels,
+    Q, K, V, Lse, GroupOut, Pad, Labels, EditMult, EditAdd, EditRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -202,9 +239,10 @@ def group_output_kernel(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     N_GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_EDIT: tl.constexpr, EDIT_ROWS: tl.constexpr,
 ):
-    """GroupOut ``[batch, head, query, group, dim_v]`` (contiguous) from the saved Lse ``[batch, head, query]``."""
+    """GroupOut ``[batch, head, query, group, dim_v]`` (contiguous) from the saved Lse ``[batch, head, query]``
+    (of the edited scores, which are recomputed here with the same ``EditMult/EditAdd/EditRows``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     g = tl.program_id(2)
@@ -221,6 +259,8 @@ def group_output_kernel(
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    if HAS_EDIT:
+        edit_rows = _edit_rows(EditRows, b, offs_m, row_ok, n_q, EDIT_ROWS)
 
     q_start = pid_m * BLOCK_M
     lo, hi = _key_range(q_start, tl.minimum(q_start + BLOCK_M, n_q), n_k, q_offset, window,
@@ -232,6 +272,9 @@ def group_output_kernel(
         key_ok = _key_ok(Pad, b, offs_n, n_k, HAS_PAD) & (labels == g)
         k = _tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, in_range, HEAD_DIM)
         s = _mma(q, k, PRECISION, UPCAST) * scale
+        if HAS_EDIT:
+            mult, add = _edit_keys(EditMult, EditAdd, pid_bh, offs_n, in_range, n_k)
+            s = _edited(s, mult, add, edit_rows)
         allowed = _visible(offs_m, offs_n, row_ok, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         v = _tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, in_range, DIM_V)
@@ -260,17 +303,19 @@ def _distance_side(acc, count, p, pairs, bins, base, offs_bins):
 
 @triton.jit
 def column_kernel(
-    Q, K, Lse, Columns, Pad, KeyMass, DistMass, DistCount,
+    Q, K, Lse, Columns, Pad, KeyMass, DistMass, DistCount, EditMult, EditAdd, EditRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     n_heads, n_q, n_k, q_offset, window, scale, n_bins, n_key_blocks,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     DISTANCE: tl.constexpr, BINS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_EDIT: tl.constexpr, EDIT_ROWS: tl.constexpr,
 ):
     """KeyMass ``[batch, head, key]``; Columns ``[batch, query]`` rows summed; Lse ``[batch, head, query]``;
     DistMass ``[batch, head, key_block, BINS_PAD]`` and DistCount ``[batch, key_block, BINS_PAD]`` partial
-    sums per key block (flat index side · n_bins + bin), added up on the host so the result is deterministic."""
+    sums per key block (flat index side · n_bins + bin), added up on the host so the result is deterministic.
+    With ``HAS_EDIT`` the scores are edited as in the forward kernel (whose lse they are normalised by)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: batch · head · T · dim can pass 2^31
     b = pid_bh // n_heads
@@ -284,6 +329,8 @@ def column_kernel(
     k = _tile_t(K + b * stride_kb + kv_h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, in_range,
                 HEAD_DIM)  # [BLOCK_D, BLOCK_N]
     q_base = Q + b * stride_qb + h * stride_qh
+    if HAS_EDIT:  # this program's keys are fixed: their coefficients are read once
+        mult, add = _edit_keys(EditMult, EditAdd, pid_bh, offs_n, in_range, n_k)
 
     # Queries that can see some key of this block: causal needs i + q_offset >= j, a window
     # i + q_offset < j + window.
@@ -307,6 +354,8 @@ def column_kernel(
         lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=row_ok, other=0.0)
         q = _tile(q_base, offs_m, offs_d, stride_qm, stride_qd, row_ok, HEAD_DIM)
         s = _mma(q, k, PRECISION, UPCAST) * scale
+        if HAS_EDIT:
+            s = _edited(s, mult, add, _edit_rows(EditRows, b, offs_m, row_ok, n_q, EDIT_ROWS))
         pairs = _visible(offs_m, offs_n, row_ok & summed, key_ok, q_offset, window, CAUSAL, HAS_WINDOW)
         p = tl.where(pairs, tl.exp(s - lse[:, None]), 0.0)
         mass += tl.reduce(p, 0, _add)
