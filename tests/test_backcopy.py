@@ -14,7 +14,7 @@ import headlab
 from headlab.analyses.sinks import SinksConfig, analyze_sinks
 from headlab.arch import Arch
 from headlab.backcopy import BackcopyTask, as_text, backcopy_config, backcopy_tokenizer
-from headlab.cli import DEFAULT_MODEL, analyze_app
+from headlab.cli import analyze_app
 from headlab.loading import LoadedModel
 from headlab.prompts import read_prompts
 from headlab.result import Result
@@ -94,7 +94,6 @@ def test_bundled_checkpoints_are_small_safetensors_folders():
         assert {"config.json", "model.safetensors", "tokenizer.json", "backcopy_task.json"} <= files
         assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
         assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2**20
-    assert DEFAULT_MODEL == "backcopy"
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +136,11 @@ def test_random_init_of_the_same_model_has_no_sink():
     assert max(summary["first_token_alpha_by_layer"]) < 0.15
 
 
-def test_cli_default_runs_on_the_trained_model(tmp_path):
-    result = CliRunner().invoke(analyze_app, ["sinks", "--n-prompts", "4", "--quiet", "--out", str(tmp_path),
-                                              "--name", "default"])
+def test_cli_runs_on_the_trained_model(tmp_path):
+    result = CliRunner().invoke(analyze_app, ["sinks", "--model", "backcopy", "--n-prompts", "4", "--quiet",
+                                              "--out", str(tmp_path), "--name", "backcopy"])
     assert result.exit_code == 0, result.output
-    run = Result.load(tmp_path / "default")
+    run = Result.load(tmp_path / "backcopy")
     assert run.model == "backcopy"
     assert run.config["n_prompts"] == 4 and "secondary_sinks" in run.tables
     assert run.tables["tokens"]["token"].iloc[0] == "<bos>" and run.tables["tokens"]["token"].iloc[1].startswith("a")
