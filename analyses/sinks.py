@@ -29,7 +29,6 @@ from headlab.result import Result, to_json_safe
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
 
-
 MASSIVE_MEDIANS = ("layer", "token")
 
 
