@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -257,3 +259,43 @@ def test_property_torch_and_eager_equal_hand(n_q, extra_keys, group, causal, win
     for fn in (eager_attention_with_stats, torch_attention_with_stats):
         got = fn(q, k, v, mask, SCALE, sink_logits, request=stats_request, score_edit=edit)
         assert_same(got, want, atol=1e-5)
+
+
+# Compiled kernels (no interpreter): run in a fresh process so that triton.jit decorates for the GPU.
+GPU_CHECK = """
+import torch
+from headlab.kernels import MaskSpec, ScoreEdit, StatsRequest, eager_attention_with_stats
+from headlab.kernels.triton_backend import triton_attention_with_stats
+device, n = "{device}", {n}
+for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for dim in (64, 128):
+        g = torch.Generator(device=device).manual_seed(dim)
+        q = torch.randn(2, 8, n, dim, device=device, generator=g).to(dtype)
+        k = torch.randn(2, 2, 3 * n // 2, dim, device=device, generator=g).to(dtype)
+        v = torch.randn(2, 2, 3 * n // 2, dim, device=device, generator=g).to(dtype)
+        pad = torch.ones(2, 3 * n // 2, dtype=torch.bool, device=device)
+        pad[1, :17] = False
+        mask = MaskSpec(causal=True, window=n // 3, q_offset=n // 2, key_padding=pad, query_valid=pad[:, n // 2:])
+        labels = (torch.arange(3 * n // 2, device=device) % 4 - 1)[None]
+        req = StatsRequest(distance=True, key_groups=labels, n_groups=3, group_outputs=True)
+        edit = ScoreEdit(labels, torch.rand(8, 3, device=device, generator=g) + 0.5,
+                         torch.rand(8, 3, device=device, generator=g) - 0.3,
+                         torch.rand(2, n, device=device, generator=g) < 0.5)
+        sinks = torch.linspace(-1, 1, 8, device=device)
+        a = triton_attention_with_stats(q, k, v, mask, dim ** -0.5, sinks, request=req, score_edit=edit)
+        b = eager_attention_with_stats(q, k, v, mask, dim ** -0.5, sinks, request=req, score_edit=edit)
+        torch.testing.assert_close(a[0].float(), b[0].float(), atol=atol, rtol=atol)
+        for name in ("lse", "entropy", "key_mass", "first_mass", "distance_mass", "group_mass", "group_out"):
+            x, y = getattr(a[1], name).float(), getattr(b[1], name).float()
+            finite = torch.isfinite(y)
+            torch.testing.assert_close(x[finite], y[finite], atol=atol, rtol=atol, msg=name)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU (compiled kernels)")
+def test_compiled_kernels_apply_the_edit_on_gpu():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = GPU_CHECK.format(device="cuda", n=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
