@@ -2,8 +2,10 @@
 
 from .arch import Arch
 from .errors import HeadlabError
+from .interventions import intervene
 from .loading import LoadedModel, load
+from .probes import trace
 
 __version__ = "0.1.0"
 
-__all__ = ["Arch", "HeadlabError", "LoadedModel", "__version__", "load"]
+__all__ = ["Arch", "HeadlabError", "LoadedModel", "__version__", "intervene", "load", "trace"]

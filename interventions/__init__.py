@@ -1,1 +1,58 @@
-"""headlab.interventions."""
+"""What is changed in a running model: one protocol, three sites (z, attention, residual).
+
+``with headlab.intervene(loaded, *edits):`` installs edits together and removes them on exit.
+Each edit is a small dataclass found through ``INTERVENTIONS`` by its registered name.
+"""
+
+from .attention_call import ACTIVE_EDITS, ActiveEdits, AttentionCall, LayerPlan, run_edited
+from .attention_site import (
+    AttentionOverride,
+    KeyKnockout,
+    ProbEdit,
+    Redistribute,
+    Reweight,
+    ScoreBoost,
+    ScoreEditPart,
+    ScoreScale,
+)
+from .base import INTERVENTIONS, Intervention, every_head, head_list, register_intervention, resolve_heads
+from .context import Intervened, intervene
+from .positions import Positions, SequenceLayout
+from .recombine import recombine, reweight_probs
+from .residual_site import RESIDUAL_POINTS, ResidualAdd
+from .z_site import HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZEdit
+
+__all__ = [
+    "ACTIVE_EDITS",
+    "INTERVENTIONS",
+    "RESIDUAL_POINTS",
+    "ActiveEdits",
+    "AttentionCall",
+    "AttentionOverride",
+    "HeadMeanAblate",
+    "HeadOffsets",
+    "HeadPatch",
+    "HeadScale",
+    "Intervened",
+    "Intervention",
+    "KeyKnockout",
+    "LayerPlan",
+    "Positions",
+    "ProbEdit",
+    "Redistribute",
+    "ResidualAdd",
+    "Reweight",
+    "ScoreBoost",
+    "ScoreEditPart",
+    "ScoreScale",
+    "SequenceLayout",
+    "ZEdit",
+    "every_head",
+    "head_list",
+    "intervene",
+    "recombine",
+    "register_intervention",
+    "resolve_heads",
+    "reweight_probs",
+    "run_edited",
+]

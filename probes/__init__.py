@@ -1,7 +1,15 @@
-"""What is read from a running model: attention statistics, residual summaries, accumulators."""
+"""What is read from a running model: attention statistics, activations by name, residual summaries, accumulators."""
 
 from .accumulators import KeyImportance, RowMeans
-from .attention import ATTN_IMPLEMENTATION, AttentionProbe, LazyMask, headlab_attention_forward, register
+from .activations import VALID_PATTERNS, Trace, trace
+from .attention import (
+    ATTN_IMPLEMENTATION,
+    AttentionProbe,
+    LazyMask,
+    PatternReader,
+    headlab_attention_forward,
+    register,
+)
 from .layer_parts import PARTS, LayerPartsProbe, LayerPartsSummary
 from .residual import ResidualProbe, ResidualSummary, hidden_state_median, summarize_hidden
 
@@ -13,11 +21,15 @@ __all__ = [
     "LayerPartsSummary",
     "LazyMask",
     "PARTS",
+    "PatternReader",
     "ResidualProbe",
     "ResidualSummary",
     "RowMeans",
+    "Trace",
+    "VALID_PATTERNS",
     "headlab_attention_forward",
     "register",
     "hidden_state_median",
     "summarize_hidden",
+    "trace",
 ]

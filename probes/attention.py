@@ -3,7 +3,9 @@
 ``AttentionProbe`` switches a model to the ``"headlab"`` attention implementation (registered
 through ``AttentionInterface`` with a matching mask function), so every attention layer of the
 language model returns its output from ``headlab.kernels`` and hands its ``AttentionStats`` to the
-probe. ``output_attentions`` is never used, and no T x T matrix is built on the default path.
+probe. The same function applies the attention-site edits of ``headlab.intervene`` (the probe then
+sees the edited call) and hands full patterns to ``headlab.trace`` when asked. ``output_attentions``
+is never used, and no T x T matrix is built on the default path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from headlab.errors import InputError
+from headlab.interventions.attention_call import ACTIVE_EDITS, AttentionCall, edited_pattern, run_edited
 from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_with_stats
 
 ATTN_IMPLEMENTATION = "headlab"
@@ -118,6 +122,29 @@ def mask_spec_from(attention_mask, *, causal: bool, window: int | None, n_q: int
     return MaskSpec(causal=False, q_offset=n_k - n_q, row_mask=lambda a, b: dense[:, :1, a:b, :n_k])
 
 
+class PatternReader:
+    """Receives full attention patterns of chosen layers (``headlab.trace``'s ``hook_pattern``).
+
+    Patterns are computed by the eager backend inside the attention function, with the active edits,
+    only for ``layers`` and only up to ``max_keys`` keys (the O(T²) path is for short inputs).
+    """
+
+    def __init__(self, arch, layers: set[int], max_keys: int, on_pattern: Callable[[int, torch.Tensor], None]):
+        self.arch = arch
+        self.layers = layers
+        self.max_keys = max_keys
+        self.on_pattern = on_pattern
+
+    def layer_of(self, module: torch.nn.Module) -> int | None:
+        layer = self.arch.layer_of(module)
+        return layer if layer in self.layers else None
+
+
+_PATTERN_READER: contextvars.ContextVar[PatternReader | None] = contextvars.ContextVar(
+    "headlab_pattern_reader", default=None
+)
+
+
 def headlab_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -130,11 +157,18 @@ def headlab_attention_forward(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q ``[batch, head, query, dim]`` -> ``[batch, query, head, dim]``."""
+    """transformers' attention signature: q ``[batch, head, query, dim]`` -> ``[batch, query, head, dim]``.
+
+    Runs headlab's kernel for layers that are probed, edited (``headlab.intervene``) or whose pattern
+    is read (``headlab.trace``); every other attention call (a vision tower, nothing active) is plain sdpa.
+    """
     probe = _ACTIVE_PROBE.get()
     layer = probe.layer_of(module) if probe is not None else None
-    if layer is None:
-        # Not a probed layer (a vision tower, or no probe active): plain sdpa.
+    edits = ACTIVE_EDITS.get()
+    edited_layer, plan = edits.plan_for(module) if edits is not None else (None, None)
+    reader = _PATTERN_READER.get()
+    pattern_layer = reader.layer_of(module) if reader is not None else None
+    if layer is None and plan is None and pattern_layer is None:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
@@ -143,9 +177,22 @@ def headlab_attention_forward(
     causal = bool(getattr(module, "is_causal", True))
     spec = mask_spec_from(attention_mask, causal=causal, window=sliding_window,
                           n_q=query.shape[2], n_k=key.shape[2])
-    out, stats = attention_with_stats(query, key, value, scale=scaling, sinks=s_aux, backend=probe.backend,
-                                      mask=spec, request=probe.request)
-    probe.record(layer, stats)
+    backend = probe.backend if probe is not None else (edits.backend if edits is not None else None)
+    request = probe.request if layer is not None else None
+    edited = None
+    if plan is None:
+        out, stats = attention_with_stats(query, key, value, scale=scaling, sinks=s_aux, backend=backend,
+                                          mask=spec, request=request)
+    else:
+        call = AttentionCall.of(edited_layer, query, key, attention_mask, edits.tracker)
+        out, stats, edited = run_edited(plan, call, query, key, value, spec, scaling, s_aux, backend, request)
+    if pattern_layer is not None:
+        if key.shape[2] > reader.max_keys:
+            raise InputError(f"full attention patterns are kept only up to {reader.max_keys} keys, this call has "
+                             f"{key.shape[2]}; read statistics instead, or raise max_pattern_tokens")
+        reader.on_pattern(pattern_layer, edited_pattern(query, key, spec, scaling, s_aux, edited))
+    if layer is not None:
+        probe.record(layer, stats)
     return out.transpose(1, 2).contiguous(), None
 
 

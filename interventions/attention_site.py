@@ -1,0 +1,220 @@
+"""Edits inside headlab's attention function: pre-softmax score edits and post-softmax group reweighting.
+
+Pre-softmax (site ``"scores"``): ``ScoreBoost`` (PAI / PAINT, s += alpha |s|) and ``ScoreScale``
+(VAF, s *= gamma) on a key group; all of one layer compile to one ``ScoreEdit`` per call, which every
+kernel backend applies where it forms the scores.
+
+Post-softmax (site ``"probs"``): ``Reweight`` (p' = p · w / sum p · w, per key group, with a weight for
+the rest), and the edits built on it: ``KeyKnockout`` (w = 0 on the keys), ``AttentionOverride``
+(w = 1 on the keys, 0 elsewhere) and ``Redistribute`` (VAR: sinks x p, the freed mass to targets in
+proportion to their attention). They run as a recombination of the kernels' group partial outputs
+and masses (``recombine.py``): no second attention pass, no T x T.
+
+Keys and rows are ``Positions`` (counted from the first real token); heads are (layer, head) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headlab.errors import InputError
+
+from .base import HeadSpec, Intervention, register_intervention, resolve_heads
+from .positions import Positions, PositionSpec
+
+
+class AttentionEdit(Intervention):
+    """Common part: ``heads`` [(layer, head or None)], query ``rows`` (default every row)."""
+
+    heads: HeadSpec
+    rows: PositionSpec
+
+    def validate(self, arch) -> None:
+        self._by_layer = resolve_heads(self.heads, arch, type(self).__name__)
+        self._rows = Positions.of(self.rows)
+        for spec in self.key_specs():
+            Positions.of(spec)
+
+    def layers(self) -> list[int]:
+        return list(self._by_layer)
+
+    def heads_of(self, layer: int) -> list[int]:
+        return self._by_layer.get(layer, [])
+
+    @property
+    def row_positions(self) -> Positions:
+        return self._rows
+
+    def key_specs(self) -> list[PositionSpec]:
+        """The key groups this edit names, in order."""
+        raise NotImplementedError
+
+
+class ScoreEditPart(AttentionEdit):
+    """A pre-softmax edit of one key group: s' = mult · s + add_abs · |s| on its keys."""
+
+    site = "scores"
+    keys: PositionSpec
+
+    def key_specs(self) -> list[PositionSpec]:
+        return [self.keys]
+
+    def coefficients(self) -> tuple[float, float]:
+        """(mult, add_abs) of this edit."""
+        raise NotImplementedError
+
+    def keeps_sign(self) -> bool:
+        """True when s -> mult · s + add_abs · |s| never flips a score's sign (then edits compose)."""
+        mult, add = self.coefficients()
+        return mult >= abs(add)
+
+
+@register_intervention("score_boost")
+@dataclass
+class ScoreBoost(ScoreEditPart):
+    """PAI / PAINT: s += alpha · |s| on ``keys`` for ``rows`` (PAINT: last row, alpha 0.7 local, 0.3 summary)."""
+
+    heads: HeadSpec
+    keys: PositionSpec
+    alpha: float
+    rows: PositionSpec = "all"
+
+    def coefficients(self) -> tuple[float, float]:
+        return 1.0, float(self.alpha)
+
+
+@register_intervention("score_scale")
+@dataclass
+class ScoreScale(ScoreEditPart):
+    """VAF-style scaling: s *= gamma on ``keys`` for ``rows``."""
+
+    heads: HeadSpec
+    gamma: float
+    keys: PositionSpec = "all"
+    rows: PositionSpec = "all"
+
+    def coefficients(self) -> tuple[float, float]:
+        return float(self.gamma), 0.0
+
+
+class ProbEdit(AttentionEdit):
+    """A post-softmax edit: per-row weights on its key groups and on the rest (other keys and the sink)."""
+
+    site = "probs"
+
+    def group_weights(self) -> list[float] | None:
+        """Static weight of each key group, or None when the weights depend on the row's masses."""
+        raise NotImplementedError
+
+    def rest_weight(self) -> float:
+        return 1.0
+
+    def dynamic_weights(self, masses: list[torch.Tensor],
+                        rest: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Weights from the row masses of its groups ``[batch, head, query]`` each (and the rest's)."""
+        raise NotImplementedError
+
+
+@register_intervention("reweight")
+@dataclass
+class Reweight(ProbEdit):
+    """p' = p · w / sum p · w: weight ``w`` per key group (``groups`` = [(keys, w), ...]), ``rest`` elsewhere.
+
+    ``rest`` also weighs a learned sink logit's mass (``s_aux``); weights must be >= 0. A key named by
+    two groups of one edit belongs to the first.
+    """
+
+    heads: HeadSpec
+    groups: list[tuple[PositionSpec, float]]
+    rest: float = 1.0
+    rows: PositionSpec = "all"
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        weights = [w for _, w in self.groups] + [self.rest]
+        if any(float(w) < 0 for w in weights):
+            raise InputError(f"{type(self).__name__}: weights must be >= 0, got {weights}")
+
+    def key_specs(self) -> list[PositionSpec]:
+        return [keys for keys, _ in self.groups]
+
+    def group_weights(self) -> list[float]:
+        return [float(w) for _, w in self.groups]
+
+    def rest_weight(self) -> float:
+        return float(self.rest)
+
+
+@register_intervention("key_knockout")
+@dataclass
+class KeyKnockout(ProbEdit):
+    """``keys`` removed from chosen rows, the rows renormalised over what is left (the sink keeps weight 1)."""
+
+    heads: HeadSpec
+    keys: PositionSpec
+    rows: PositionSpec = "all"
+
+    def key_specs(self) -> list[PositionSpec]:
+        return [self.keys]
+
+    def group_weights(self) -> list[float]:
+        return [0.0]
+
+
+@register_intervention("attention_override")
+@dataclass
+class AttentionOverride(ProbEdit):
+    """Rows put onto ``keys`` only: their attention renormalised over those keys (the sink gets none).
+
+    Rows whose chosen keys are all invisible (masked, or outside the sequence) keep their output.
+    """
+
+    heads: HeadSpec
+    keys: PositionSpec
+    rows: PositionSpec = "all"
+
+    def key_specs(self) -> list[PositionSpec]:
+        return [self.keys]
+
+    def group_weights(self) -> list[float]:
+        return [1.0]
+
+    def rest_weight(self) -> float:
+        return 0.0
+
+
+@register_intervention("redistribute")
+@dataclass
+class Redistribute(ProbEdit):
+    """VAR: sink keys x ``p``; the freed mass (1 - p) · m_sinks goes to ``targets`` in proportion to their
+    attention, so rows still sum to one. ``paper_semantics``: sinks x (1 - p), budget p · m_sinks.
+
+    Keys in both groups count as sources. A row with no target mass keeps the freed mass out (renormalised).
+    """
+
+    heads: HeadSpec
+    sources: PositionSpec
+    targets: PositionSpec
+    p: float = 0.6
+    rows: PositionSpec = "all"
+    paper_semantics: bool = False
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        if not 0.0 <= self.p <= 1.0:
+            raise InputError(f"Redistribute: p must lie in [0, 1], got {self.p}")
+
+    def key_specs(self) -> list[PositionSpec]:
+        return [self.sources, self.targets]
+
+    def group_weights(self) -> None:
+        return None
+
+    def dynamic_weights(self, masses, rest):
+        keep = 1.0 - self.p if self.paper_semantics else self.p
+        sinks, targets = masses
+        budget = (1.0 - keep) * sinks
+        target_weight = torch.where(targets > 0, 1.0 + budget / targets.clamp_min(1e-30), 1.0)
+        return [torch.full_like(sinks, keep), target_weight], torch.ones_like(rest)

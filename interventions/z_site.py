@@ -1,0 +1,300 @@
+"""Edits of z, the per-head output before o_proj (``[batch, query, head, d_head]``; TransformerLens hook_z).
+
+Each edit changes z of chosen (layer, head) pairs on chosen rows and returns a new tensor (no in-place
+writes, so gradients reach ``HeadOffsets``' parameters). They run in a forward pre-hook on
+``arch.o_proj(layer)``, which reshapes its input ``[batch, query, head · d_head]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from headlab.errors import InputError
+
+from .base import HeadSpec, Intervention, register_intervention, resolve_heads
+from .positions import Positions, PositionSpec
+
+
+@dataclass
+class ZCall:
+    """What a z edit knows about the call it edits: its layer, its rows and the columns already cached."""
+
+    layer: int
+    seen: int
+    rows_of: object  # Callable[[Positions], Tensor [batch, query] bool]
+
+    def rows(self, positions: Positions) -> torch.Tensor:
+        return self.rows_of(positions)
+
+
+class ZEdit(Intervention):
+    """A z-site edit: ``heads`` [(layer, head or None)], rows ``positions`` (see ``Positions``)."""
+
+    site = "z"
+    heads: HeadSpec
+    positions: PositionSpec
+
+    def validate(self, arch) -> None:
+        self._by_layer = resolve_heads(self.heads, arch, type(self).__name__)
+        Positions.of(self.positions)
+
+    def layers(self) -> list[int]:
+        return list(self._by_layer)
+
+    def heads_of(self, layer: int) -> list[int]:
+        return self._by_layer.get(layer, [])
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        """z ``[batch, query, head, d_head]`` -> edited z of the same shape."""
+        raise NotImplementedError
+
+    def _where(self, z: torch.Tensor, new: torch.Tensor, call: ZCall, heads: list[int]) -> torch.Tensor:
+        """z with ``new`` ``[batch, query, len(heads), d_head]`` on the chosen rows of ``heads``."""
+        rows = call.rows(Positions.of(self.positions)).to(z.device)  # [batch, query]
+        index = torch.tensor(heads, device=z.device)
+        chosen = torch.zeros(z.shape[2], dtype=torch.bool, device=z.device)
+        chosen[index] = True
+        full = z.clone()
+        full[:, :, index] = new.to(z.dtype)
+        return torch.where(rows[:, :, None, None] & chosen[None, None, :, None], full, z)
+
+
+@register_intervention("head_scale")
+@dataclass
+class HeadScale(ZEdit):
+    """z <- alpha · z for chosen heads (VHR: alpha = 2; alpha = 0 ablates a head).
+
+    ``alpha``: one float, or one per (layer, head) pair in the order of ``head_list``.
+    """
+
+    heads: HeadSpec
+    alpha: float | Sequence[float] = 0.0
+    positions: PositionSpec = "all"
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        pairs = [(layer, h) for layer, hs in self._by_layer.items() for h in hs]
+        alphas = [float(self.alpha)] * len(pairs) if isinstance(self.alpha, int | float) else list(self.alpha)
+        if len(alphas) != len(pairs):
+            raise InputError(f"HeadScale: {len(alphas)} alphas for {len(pairs)} heads; give one float or one per head")
+        self._alpha = dict(zip(pairs, alphas, strict=True))
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        heads = self.heads_of(call.layer)
+        scale = torch.ones(z.shape[2], dtype=z.dtype, device=z.device)
+        scale[heads] = torch.tensor([self._alpha[(call.layer, h)] for h in heads], dtype=z.dtype, device=z.device)
+        rows = call.rows(Positions.of(self.positions)).to(z.device)
+        return torch.where(rows[:, :, None, None], z * scale[None, None, :, None], z)
+
+
+def _hook_z(source, layer: int) -> torch.Tensor:
+    """``[batch, pos, head, d_head]`` z of ``layer`` from a ``Trace`` or a ``{name: tensor}`` cache."""
+    name = f"blocks.{layer}.attn.hook_z"
+    try:
+        return source[name]
+    except KeyError:
+        raise InputError(f"the cache has no {name}; record it with headlab.trace(loaded, names=[{name!r}])") from None
+
+
+def _check_source(source, arch, what: str, layers: list[int], model_name: str | None = None) -> None:
+    """A cache recorded on another model fails here, naming the model or the shape that differs.
+
+    ``model_name``: the name of the model being edited; a ``Trace`` knows its own (a plain dict does not).
+    """
+    recorded_on = getattr(source, "model_name", None)
+    if model_name is not None and recorded_on is not None and recorded_on != model_name:
+        raise InputError(f"{what}: the cache was recorded on {recorded_on!r}, this model is {model_name!r}; pass "
+                         "other_model=True to patch across models of the same shape on purpose")
+    if arch is None:
+        return
+    model_of = getattr(source, "model_shape", None)
+    mine = (arch.n_layers, arch.n_heads, arch.head_dim)
+    if model_of is not None and tuple(model_of) != mine:
+        raise InputError(f"{what}: the cache was recorded on a model with (layers, heads, d_head) = {tuple(model_of)}, "
+                         f"this model has {mine}")
+    for layer in layers:
+        z = _hook_z(source, layer)
+        if z.dim() != 4 or tuple(z.shape[2:]) != (arch.n_heads, arch.head_dim):
+            raise InputError(f"{what}: cached z of layer {layer} has shape {list(z.shape)}, expected "
+                             f"[batch, pos, {arch.n_heads}, {arch.head_dim}] (a cache from another model?)")
+
+
+@register_intervention("head_mean_ablate")
+@dataclass
+class HeadMeanAblate(ZEdit):
+    """z <- mean z of a reference set, for chosen heads (mean ablation).
+
+    Either ``mean`` ``{(layer, head): [d_head]}`` is given, or ``source`` (a ``Trace`` or
+    ``{"blocks.{l}.attn.hook_z": [batch, pos, head, d_head]}``) and the mean runs over its real tokens.
+    """
+
+    heads: HeadSpec
+    source: object = None
+    mean: dict | None = None
+    positions: PositionSpec = "all"
+    other_model: bool = False  # True: means from a trace of another model of the same shape, on purpose
+
+    def check_model(self, model_name: str) -> None:
+        if self.source is not None and not self.other_model:
+            _check_source(self.source, None, "HeadMeanAblate", [], model_name)
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        if (self.mean is None) == (self.source is None):
+            raise InputError("HeadMeanAblate: give either mean={(layer, head): tensor} or source=<trace or cache>")
+        if self.mean is None:
+            _check_source(self.source, arch, "HeadMeanAblate", self.layers())
+            real = getattr(self.source, "attention_mask", None)
+            self._means = {}
+            for layer, hs in self._by_layer.items():
+                z = _hook_z(self.source, layer).float()
+                weight = torch.ones(z.shape[:2]) if real is None else real.float()
+                weight = weight.to(z.device)[:, :, None, None]
+                mean = (z * weight).sum(dim=(0, 1)) / weight.sum()  # [head, d_head]
+                for h in hs:
+                    self._means[(layer, h)] = mean[h]
+        else:
+            self._means = {}
+            for layer, hs in self._by_layer.items():
+                for h in hs:
+                    if (layer, h) not in self.mean:
+                        raise InputError(f"HeadMeanAblate: mean has no entry for head ({layer}, {h})")
+                    value = torch.as_tensor(self.mean[(layer, h)]).float()
+                    if value.shape != (arch.head_dim,):
+                        raise InputError(f"HeadMeanAblate: mean of ({layer}, {h}) has shape {list(value.shape)}, "
+                                         f"expected [{arch.head_dim}]")
+                    self._means[(layer, h)] = value
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        heads = self.heads_of(call.layer)
+        means = torch.stack([self._means[(call.layer, h)] for h in heads]).to(z.device)  # [n, d_head]
+        return self._where(z, means.expand(z.shape[0], z.shape[1], -1, -1), call, heads)
+
+
+@register_intervention("head_patch")
+@dataclass
+class HeadPatch(ZEdit):
+    """Activation patching: z of chosen heads and rows <- z of the same heads in another run.
+
+    ``source``: a ``Trace`` (or ``{"blocks.{l}.attn.hook_z": [batch, pos, head, d_head]}``) of a run with
+    the same batch size and input length. Columns index the cached run directly (same padding
+    layout); while decoding past the cached length nothing is patched.
+    """
+
+    heads: HeadSpec
+    source: object = None
+    positions: PositionSpec = "all"
+    other_model: bool = False  # True: patch from a trace of another model of the same shape, on purpose
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        if self.source is None:
+            raise InputError("HeadPatch needs source=<trace or cache of hook_z> from another run")
+        _check_source(self.source, arch, "HeadPatch", self.layers())
+
+    def check_model(self, model_name: str) -> None:
+        if not self.other_model:
+            _check_source(self.source, None, "HeadPatch", [], model_name)
+
+    def check_call(self, batch: int, n_query: int, seen: int) -> None:
+        """Before the model computes: a prefill must match the cached batch and input length."""
+        if seen:
+            return
+        for layer in self.layers():
+            z = _hook_z(self.source, layer)
+            if tuple(z.shape[:2]) != (batch, n_query):
+                raise InputError(f"HeadPatch: the cache of layer {layer} holds [batch, pos] = {list(z.shape[:2])}, "
+                                 f"this input is [{batch}, {n_query}]; patch between runs of the same shape")
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        heads = self.heads_of(call.layer)
+        cached = _hook_z(self.source, call.layer)
+        batch, n_q = z.shape[:2]
+        new = z[:, :, heads].clone()
+        stop = min(n_q, cached.shape[1] - call.seen)
+        if stop <= 0:
+            return z
+        new[:, :stop] = cached[:batch, call.seen : call.seen + stop][:, :, heads].to(device=z.device, dtype=z.dtype)
+        rows = call.rows(Positions.of(self.positions)).clone()
+        rows[:, stop:] = False
+        return self._where(z, new, ZCall(call.layer, call.seen, lambda _p: rows), heads)
+
+
+@register_intervention("head_offsets")
+@dataclass
+class HeadOffsets(ZEdit):
+    """LoFiT: z' = (1 + A) ⊙ z + v for chosen heads, at every chosen row.
+
+    ``A`` and ``v`` are ``nn.Parameter`` ``[n_selected_heads, d_head]``, one row per pair of
+    ``pairs`` (explicit (layer, head) pairs, in that order), so an optimiser can train them while the
+    model stays frozen. Build with ``HeadOffsets.create(arch, pairs, init="zeros" | "normal")``.
+    """
+
+    pairs: list[tuple[int, int]]
+    A: nn.Parameter
+    v: nn.Parameter
+    positions: PositionSpec = "all"
+    heads: HeadSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pairs = [tuple(p) for p in self.pairs]
+        self.heads = list(self.pairs)
+
+    @classmethod
+    def create(cls, arch, pairs: HeadSpec, init: str = "zeros", std: float = 1e-3,
+               generator: torch.Generator | None = None, positions: PositionSpec = "all") -> HeadOffsets:
+        """Zeros (identity) or N(0, std) (LoFiT's init) parameters for ``pairs``, in their order
+        (a None head expands to every head of its layer)."""
+        resolve_heads(pairs, arch, "HeadOffsets")  # names the valid range of a bad pair
+        explicit = [(layer, h) for layer, head in pairs
+                    for h in (range(arch.n_heads) if head is None else [head])]
+        shape = (len(explicit), arch.head_dim)
+        if init == "zeros":
+            a, v = torch.zeros(shape), torch.zeros(shape)
+        elif init == "normal":
+            a, v = (torch.randn(shape, generator=generator) * std for _ in range(2))
+        else:
+            raise InputError(f"HeadOffsets init must be 'zeros' or 'normal', got {init!r}")
+        return cls(explicit, nn.Parameter(a), nn.Parameter(v), positions)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.A, self.v]
+
+    def validate(self, arch) -> None:
+        super().validate(arch)
+        if len(set(self.pairs)) != len(self.pairs):
+            raise InputError("HeadOffsets: a (layer, head) pair appears twice")
+        for name in ("A", "v"):
+            value = getattr(self, name)
+            if tuple(value.shape) != (len(self.pairs), arch.head_dim):
+                raise InputError(f"HeadOffsets.{name} has shape {list(value.shape)}, expected "
+                                 f"[{len(self.pairs)}, {arch.head_dim}] (one row per (layer, head) pair)")
+        self._row = {pair: i for i, pair in enumerate(self.pairs)}
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        heads = self.heads_of(call.layer)
+        index = torch.tensor([self._row[(call.layer, h)] for h in heads], device=self.A.device)
+        a, v = self.A[index].to(z.device, z.dtype), self.v[index].to(z.device, z.dtype)  # [n, d_head]
+        new = (1 + a) * z[:, :, heads] + v
+        return self._where(z, new, call, heads)
+
+    def save(self, path: str | Path) -> None:
+        """Write A, v and the head pairs to a safetensors file."""
+        from safetensors.torch import save_file
+
+        pairs = torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
+        save_file({"A": self.A.detach().cpu().contiguous(), "v": self.v.detach().cpu().contiguous(),
+                   "pairs": pairs}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, positions: PositionSpec = "all") -> HeadOffsets:
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+        pairs = [tuple(int(x) for x in p) for p in data["pairs"].tolist()]
+        return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), positions)
