@@ -113,7 +113,7 @@ class PostPlan:
 class LayerPlan:
     """The attention-site edits of one layer, compiled per call."""
 
-    def __init__(self, layer: int, edits: list):
+    def __init__(self, layer: int, edits: list, n_heads: int):
         self.layer = layer
         self.pre: list[ScoreEditPart] = [e for e in edits if e.site == "scores"]
         self.post: list[ProbEdit] = [e for e in edits if e.site == "probs"]
@@ -122,6 +122,24 @@ class LayerPlan:
         if len(self.pre) > MAX_KEY_SETS or len(self.post_sets) > MAX_KEY_SETS:
             raise InputError(f"layer {layer}: at most {MAX_KEY_SETS} pre-softmax key groups and {MAX_KEY_SETS} "
                              "post-softmax key groups per layer; merge edits that share keys")
+        # Everything that does not depend on the call is worked out once, not at every decoding step.
+        self.score_coefficients = self._score_coefficients(n_heads) if self.pre else None
+        n_cells = 2 ** len(self.post_sets) - 1
+        self.own_groups = [torch.tensor(self._groups_of(i, n_cells)) for i in range(len(self.post))]
+        self.post_heads = [torch.tensor(e.heads_of(layer)) for e in self.post]
+
+    def _score_coefficients(self, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mult, add_abs) ``[head, group]``: group g holds the keys of the pre edits in bitmask g + 1."""
+        n_groups = 2 ** len(self.pre) - 1
+        mult = torch.ones(n_heads, n_groups)
+        add = torch.zeros(n_heads, n_groups)
+        for g in range(n_groups):
+            covering = [e for i, e in enumerate(self.pre) if (g + 1) >> i & 1]
+            for h in range(n_heads):
+                parts = [e.coefficients() for e in covering if h in e.heads_of(self.layer)]
+                if parts:
+                    mult[h, g], add[h, g] = compose(parts)
+        return mult, add
 
     def score_edit(self, call: AttentionCall):
         """The layer's pre-softmax edits for this call as one ``ScoreEdit``, or None."""
@@ -130,17 +148,10 @@ class LayerPlan:
         from headlab.kernels.edits import ScoreEdit
 
         labels = bit_labels([call.keys(Positions.of(e.keys)) for e in self.pre])
-        n_groups = 2 ** len(self.pre) - 1
-        mult = torch.ones(call.n_heads, n_groups)
-        add = torch.zeros(call.n_heads, n_groups)
-        for g in range(n_groups):
-            covering = [e for i, e in enumerate(self.pre) if (g + 1) >> i & 1]
-            for h in range(call.n_heads):
-                parts = [e.coefficients() for e in covering if h in e.heads_of(self.layer)]
-                if parts:
-                    mult[h, g], add[h, g] = compose(parts)
+        device = call.layout.first.device
+        mult, add = (c.to(device) for c in self.score_coefficients)
         rows = call.rows(self.pre[0].row_positions)  # the install check made every pre edit share its rows
-        return ScoreEdit(labels, mult.to(call.layout.first.device), add.to(call.layout.first.device), rows)
+        return ScoreEdit(labels, mult, add, rows)
 
     def post_plan(self, call: AttentionCall) -> PostPlan | None:
         if not self.post:
@@ -165,7 +176,7 @@ class LayerPlan:
         device = group_mass.device
         weights = torch.ones(call.batch, call.n_heads, call.n_q, plan.n_groups, device=device)
         for i, edit in enumerate(self.post):
-            own = torch.tensor(self._groups_of(i, plan.n_cells), device=device)
+            own = self.own_groups[i].to(device)
             static = edit.group_weights()
             if static is not None:
                 table = torch.tensor(static + [edit.rest_weight()], device=device)
@@ -177,7 +188,7 @@ class LayerPlan:
                 per_group, rest_weight = edit.dynamic_weights(masses, rest)
                 table = torch.stack(per_group + [rest_weight], dim=-1)  # [batch, head, query, n_own + 1]
                 factor = table[..., own]
-            heads = torch.tensor(edit.heads_of(self.layer), device=device)
+            heads = self.post_heads[i].to(device)
             rows = call.rows(edit.row_positions).to(device)[:, None, :, None]
             weights[:, heads] = torch.where(rows, weights[:, heads] * factor[:, heads], weights[:, heads])
         plan.weights = weights
@@ -292,7 +303,7 @@ class ActiveEdits:
         for edit in edits:
             for layer in edit.layers():
                 by_layer.setdefault(layer, []).append(edit)
-        self.plans = {layer: LayerPlan(layer, group) for layer, group in by_layer.items()}
+        self.plans = {layer: LayerPlan(layer, group, arch.n_heads) for layer, group in by_layer.items()}
 
     def plan_for(self, module: torch.nn.Module) -> tuple[int | None, LayerPlan | None]:
         layer = self.arch.layer_of(module)

@@ -190,7 +190,7 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
 
     handles = []
     token = None
-    previous = model.config._attn_implementation if attention_edits else None
+    switched, previous = False, model.config._attn_implementation if attention_edits else None
     try:
         tracker.install(check_call)
         by_layer: dict[int, list] = {}
@@ -210,6 +210,7 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
         if attention_edits:
             register()
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            switched = True
         yield Intervened(edits)
     finally:
         for handle in reversed(handles):
@@ -217,5 +218,5 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
         tracker.remove()
         if token is not None:
             ACTIVE_EDITS.reset(token)
-        if previous is not None:
+        if switched:
             model.set_attn_implementation(previous)
