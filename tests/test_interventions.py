@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import pytest
@@ -33,7 +34,10 @@ from headlab.kernels import StatsRequest
 from headlab.probes import AttentionProbe
 from headlab.probes.attention import headlab_attention_forward, headlab_mask
 
-BACKENDS = ["eager", "torch"]
+# The Triton backend joins on a GPU, or on CPU with HEADLAB_TEST_TRITON=1 TRITON_INTERPRET=1 set before the run
+# (the interpreter must be chosen before the kernels are first imported, so it cannot be switched on here).
+BACKENDS = ["eager", "torch"] + (["triton"] if torch.cuda.is_available() or os.environ.get("HEADLAB_TEST_TRITON")
+                                 else [])
 
 
 def encode(loaded, texts, side="right"):
