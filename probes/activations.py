@@ -2,8 +2,9 @@
 
 Names (``l`` a layer):
 - ``blocks.{l}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post``: ``[batch, pos, d_model]``
-  (resid_mid = resid_pre + attn_out, the pre-norm reading);
-- ``blocks.{l}.hook_attn_out`` / ``hook_mlp_out``: ``[batch, pos, d_model]``;
+  (resid_mid = resid_pre + attn_out: the residual between attention and MLP of a pre-norm decoder;
+  a post-norm encoder such as BERT has no such point);
+- ``blocks.{l}.hook_attn_out`` (the output of o_proj) / ``hook_mlp_out``: ``[batch, pos, d_model]``;
 - ``blocks.{l}.attn.hook_z``: ``[batch, pos, head, d_head]``, the input of o_proj;
 - ``blocks.{l}.attn.hook_q`` ``[batch, pos, head, d_head]``, ``hook_k`` / ``hook_v``
   ``[batch, pos, kv_head, d_head]``: the projections, before any q/k norm or rotary embedding;
@@ -125,8 +126,8 @@ class _Recorder:
             needs_attn = hooks & {"hook_attn_out", "hook_resid_mid"}
             if needs_pre:
                 self.handles.append(block.register_forward_pre_hook(self._resid_pre(layer), with_kwargs=True))
-            if needs_attn:
-                self.handles.append(arch.attention(layer).register_forward_hook(self._attn_out(layer)))
+            if needs_attn:  # o_proj's output: the attention output also where o_proj sits outside it (BERT)
+                self.handles.append(arch.o_proj(layer).register_forward_hook(self._attn_out(layer)))
             if "hook_resid_post" in hooks:
                 self.handles.append(block.register_forward_hook(self._output(layer, "hook_resid_post")))
             if "hook_mlp_out" in hooks:
