@@ -39,6 +39,8 @@ class Positions:
     def of(cls, spec: PositionSpec | Positions) -> Positions:
         if isinstance(spec, Positions):
             return spec
+        if isinstance(spec, torch.Tensor):  # e.g. positions found by an analysis
+            spec = spec.flatten().tolist()
         if isinstance(spec, str):
             if spec in ("all", "last"):
                 return cls(spec)
@@ -93,12 +95,15 @@ class SequenceLayout:
     """Where the real tokens of each sequence are: built from the 2-D padding mask of a forward call.
 
     - ``first``: ``[batch]`` column of the first real token (0 under right padding or none).
-    - ``n_real``: ``[batch]`` number of real tokens seen so far (prompt and generated).
+    - ``last_column``: ``[batch]`` column of the last real token seen so far (prompt and generated).
     - ``real``: ``[batch, column]`` bool over every column seen so far (cache included), or None.
+
+    A position is a column's distance from ``first``: padding left inside a sequence (decoding a
+    right-padded batch) is counted, as the KV cache counts it.
     """
 
     first: torch.Tensor
-    n_real: torch.Tensor
+    last_column: torch.Tensor
     real: torch.Tensor | None
 
     @classmethod
@@ -107,14 +112,15 @@ class SequenceLayout:
         """``attention_mask`` ``[batch, column]`` (1 = real) covering every column so far, or None (no padding)."""
         if attention_mask is None or attention_mask.dim() != 2:
             return cls(torch.zeros(batch, dtype=torch.long, device=device),
-                       torch.full((batch,), n_columns, dtype=torch.long, device=device), None)
+                       torch.full((batch,), n_columns - 1, dtype=torch.long, device=device), None)
         real = attention_mask.to(device=device).bool()
-        return cls(real.int().argmax(dim=-1), real.sum(dim=-1), real)
+        last = real.shape[1] - 1 - real.flip(-1).int().argmax(dim=-1)
+        return cls(real.int().argmax(dim=-1), last, real)
 
     @property
     def last(self) -> torch.Tensor:
         """``[batch]`` relative position of the last real token."""
-        return self.n_real - 1
+        return self.last_column - self.first
 
     def span(self, n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Relative positions ``[batch, n]`` and realness ``[batch, n]`` of columns offset .. offset + n - 1."""

@@ -16,7 +16,7 @@ RESIDUAL_POINTS = ("resid_pre", "resid_post", "mlp_out")
 
 
 @register_intervention("residual_add")
-@dataclass
+@dataclass(eq=False)  # holds a tensor: identity, not elementwise comparison
 class ResidualAdd(Intervention):
     """Steering: x <- x + scale · vector at ``point`` of ``layer`` on chosen rows.
 

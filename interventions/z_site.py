@@ -125,7 +125,7 @@ def _check_source(source, arch, what: str, layers: list[int], model_name: str | 
 
 
 @register_intervention("head_mean_ablate")
-@dataclass
+@dataclass(eq=False)  # holds tensors: identity, not elementwise comparison
 class HeadMeanAblate(ZEdit):
     """z <- mean z of a reference set, for chosen heads (mean ablation).
 
@@ -177,7 +177,7 @@ class HeadMeanAblate(ZEdit):
 
 
 @register_intervention("head_patch")
-@dataclass
+@dataclass(eq=False)  # holds tensors: identity, not elementwise comparison
 class HeadPatch(ZEdit):
     """Activation patching: z of chosen heads and rows <- z of the same heads in another run.
 
@@ -226,7 +226,7 @@ class HeadPatch(ZEdit):
 
 
 @register_intervention("head_offsets")
-@dataclass
+@dataclass(eq=False)  # holds tensors: identity, not elementwise comparison
 class HeadOffsets(ZEdit):
     """LoFiT: z' = (1 + A) ⊙ z + v for chosen heads, at every chosen row.
 

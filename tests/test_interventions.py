@@ -21,11 +21,13 @@ from headlab.interventions import (
     HeadPatch,
     HeadScale,
     KeyKnockout,
+    Positions,
     Redistribute,
     ResidualAdd,
     Reweight,
     ScoreBoost,
     ScoreScale,
+    SequenceLayout,
     every_head,
     recombine,
     reweight_probs,
@@ -46,6 +48,28 @@ def encode(loaded, texts, side="right"):
         return tok(texts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = "right"
+
+
+def test_positions_count_from_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # left-padded, right-padded
+    layout = SequenceLayout.from_mask(mask, 2, 6, torch.device("cpu"))
+
+    def chosen(spec, n=6, offset=0, on=layout):
+        return on.choose(Positions.of(spec), n, offset).nonzero().tolist()
+
+    assert chosen("last") == [[0, 5], [1, 4]]
+    assert chosen([0, (2, 4)]) == [[0, 2], [0, 4], [0, 5], [1, 0], [1, 2], [1, 3]]
+    assert chosen("from:3") == [[0, 5], [1, 3], [1, 4]]
+    assert chosen("all") == [[b, c] for b in range(2) for c in range(6)]  # padding too: it never matters
+    # A decoding step: one new column (6) after six cached ones; it is the last real token of both rows.
+    grown = SequenceLayout.from_mask(torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 2, 7,
+                                     torch.device("cpu"))
+    assert chosen("last", 1, 6, grown) == [[0, 0], [1, 0]]
+    assert chosen(4, 1, 6, grown) == [[0, 0]]  # column 6 is position 4 of the left-padded row only
+    assert Positions.of(torch.tensor([1, 2])) == Positions.of([1, 2])
+    for bad in (-1, (3, 2), "first", 1.5):
+        with pytest.raises(InputError):
+            Positions.of(bad)
 
 
 # --------------------------------------------------------------------------------------------------
