@@ -158,8 +158,10 @@ class SecondarySinkCollector:
         self.n_tokens = 0
 
     def add(self, parts: LayerPartsSummary, alpha: dict[int, torch.Tensor], row: int, length: int,
-            prompt: int, tokens: list[str]) -> PromptSinks:
-        """One prompt of a batch. ``alpha``: per layer ``[batch, head, key]`` mean attention received."""
+            prompt: int, tokens: list[str], shown: list[str] | None = None) -> PromptSinks:
+        """One prompt of a batch. ``alpha``: per layer ``[batch, head, key]`` mean attention received;
+        ``tokens``: the raw tokens (``token_raw``), ``shown``: readable ones (``token``; default the raw)."""
+        shown = tokens if shown is None else shown
         resid = PARTS.index("resid")
         found = detect(parts.cos[resid, :, row], parts.norm[resid, :, row], length, self.bounds, self.config,
                        self.chat_template, tokens)
@@ -172,7 +174,8 @@ class SecondarySinkCollector:
                                 for layer, score in zip(sink.layers, scores, strict=True)]
             c = sink.creation
             record = {
-                "prompt": prompt, "position": sink.position, "token": tokens[sink.position],
+                "prompt": prompt, "position": sink.position, "token": shown[sink.position],
+                "token_raw": tokens[sink.position],
                 "creation_layer": c, "lifetime": sink.lifetime, "last_layer": sink.layers[-1],
                 "label": sink.label,
                 "sink_score": float(np.mean(scores)) if scores else float("nan"),
@@ -188,7 +191,7 @@ class SecondarySinkCollector:
         return found
 
     def sinks_table(self) -> pd.DataFrame:
-        columns = ["prompt", "position", "token", "creation_layer", "lifetime", "last_layer", "label",
+        columns = ["prompt", "position", "token", "token_raw", "creation_layer", "lifetime", "last_layer", "label",
                    "sink_score", "sink_score_max", "bos_alpha", *[f"cos_{p}" for p in PARTS], "mlp_out_norm",
                    "resid_norm"]
         return pd.DataFrame(self.sink_rows, columns=columns)
@@ -241,6 +244,11 @@ def formation_table(sinks: pd.DataFrame) -> pd.DataFrame:
 
 
 def formation_figure(model: str, sinks: pd.DataFrame) -> go.Figure:
+    title = f"{model}: secondary sinks, MLP output norm at creation vs sink score"
+    if sinks.empty:
+        from headlab.dashboard.plots import empty_figure
+
+        return empty_figure(title, "nothing found: no secondary sink token in these prompts")
     fig = go.Figure(go.Scatter(
         x=sinks["mlp_out_norm"], y=sinks["sink_score"], mode="markers",
         marker={"color": sinks["lifetime"], "colorscale": "Viridis", "showscale": True,
@@ -249,6 +257,6 @@ def formation_figure(model: str, sinks: pd.DataFrame) -> go.Figure:
             sinks["prompt"], sinks["position"], sinks["token"], sinks["creation_layer"], sinks["label"],
             strict=True)],
         hovertemplate="%{text}<br>||mlp_out|| = %{x:.3g}<br>score = %{y:.3g}<extra></extra>"))
-    fig.update_layout(title=f"{model}: secondary sinks, MLP output norm at creation vs sink score",
+    fig.update_layout(title=title,
                       xaxis_title="||MLP output|| at the creation layer", yaxis_title="sink score (mean attention)")
     return fig

@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.batching import batches, check_max_tokens, id_batches
+from headlab.dashboard.plots import model_title
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
-from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans
+from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans, trace
 from headlab.prompts import hash_inputs
 from headlab.result import Result, to_json_safe
+from headlab.tokens import display_tokens
 
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
@@ -45,6 +47,11 @@ class SinksConfig:
     massive_median: str = "layer"
     top_heads: int = 10
     token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
+    # Full patterns [query, key] of the top sink heads on the first few prompts, for the dashboard's head view:
+    # a separate eager pass after the statistics, capped at pattern_prompts x pattern_heads x T^2 (T <= 64).
+    pattern_prompts: int = 3
+    pattern_heads: int = 8
+    pattern_tokens: int = 64
     backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
     chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
     generate: int = 0  # greedy new tokens per prompt analysed with it (token_ids come from analyses.generation)
@@ -85,6 +92,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     first_norms, median_norms, massive, n_tokens = [], [], [], 0
     token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
     token_rows: list[dict] = []
+    n_pattern_prompts = min(len(prompts), max(0, config.pattern_prompts))
+    pattern_ids: list[list[int]] = []  # ids of the first prompts, for the head-pattern pass
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
     with torch.no_grad(), ExitStack() as stack:
         stack.enter_context(AttentionProbe(loaded, on_stats, backend=config.backend))
@@ -100,18 +109,23 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
             part_summary = parts.summary() if parts else None
             for row, prompt_index in enumerate(batch.indices):
                 length = int(batch.attention_mask[row].sum())
+                ids = batch.input_ids[row, :length].tolist()
+                shown = display_tokens(loaded.text_tokenizer, ids)  # readable; batch.tokens are the raw ones
+                if prompt_index < n_pattern_prompts:
+                    pattern_ids.append(ids)
                 n_tokens += length
                 norms = summary.norm[:, row, :length]  # [layer, position]
                 first_norms.append(norms[:, 0])
                 median_norms.append(norms.median(dim=1).values)
-                massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config)
+                massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config, shown)
                 if secondary:
-                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row])
+                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row], shown)
                 if prompt_index < n_kept:
                     for layer, alpha_b in batch_alpha.items():
                         token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
-                    token_rows += [{"prompt": prompt_index, "position": pos, "token": tok}
-                                   for pos, tok in enumerate(batch.tokens[row][:length])]
+                    token_rows += [{"prompt": prompt_index, "position": pos, "token": text, "token_raw": raw}
+                                   for pos, (text, raw) in enumerate(zip(shown, batch.tokens[row][:length],
+                                                                         strict=True))]
             batch_alpha.clear()
             bar.update(len(batch.indices))
     bar.close()
@@ -122,16 +136,16 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     first_norm = torch.stack(first_norms).mean(0)
     median_norm = torch.stack(median_norms).mean(0)
     tables = _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, massive, config)
-    tables["tokens"] = pd.DataFrame(token_rows, columns=["prompt", "position", "token"])
-    figures = _figures(loaded.name, alpha, sink_rate, first_norm, median_norm, config)
-    tensors = {}
+    tables["tokens"] = pd.DataFrame(token_rows, columns=["prompt", "position", "token", "token_raw"])
+    figures = _figures(model_title(loaded.name), alpha, sink_rate, first_norm, median_norm, config)
+    tensors = _head_patterns(loaded, pattern_ids, tables["sink_heads"], config)
     extra_config = {}
     if secondary:
         tables.update(secondary.tables())
-        figures.update(secondary.figures(loaded.name))
+        figures.update(secondary.figures(model_title(loaded.name)))
         extra_config = {"lifetime_bounds_used": list(secondary.bounds), "lifetime_bounds_rule": secondary.bounds_rule}
         if config.secondary.levels:
-            level_tables, level_tensors, level_figures = _levels(loaded.name, tables["secondary_sinks"],
+            level_tables, level_tensors, level_figures = _levels(model_title(loaded.name), tables["secondary_sinks"],
                                                                  arch.n_layers, config.secondary)
             tables.update(level_tables)
             tensors.update(level_tensors)
@@ -159,6 +173,32 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     )
 
 
+def _head_patterns(loaded: LoadedModel, prompt_ids: list[list[int]], heads: pd.DataFrame,
+                   config: SinksConfig) -> dict[str, torch.Tensor]:
+    """Full patterns of the ``pattern_heads`` heads with the largest alpha_first on the first prompts.
+
+    ``head_patterns [prompt, head, query, key]`` (NaN past a prompt's length, T <= ``pattern_tokens``) and
+    ``head_pattern_heads [head, 2]`` (layer, head). One eager forward per prompt through ``headlab.trace``
+    (``hook_pattern`` of the chosen layers only), after the statistics pass: the main pass never
+    materialises T x T."""
+    n_heads = min(max(0, config.pattern_heads), len(heads))
+    if not prompt_ids or n_heads == 0 or config.pattern_tokens <= 0:
+        return {}
+    chosen = heads.head(n_heads)[["layer", "head"]].to_numpy().astype(np.int64)  # sink_heads: by alpha_first
+    width = min(config.pattern_tokens, max(len(ids) for ids in prompt_ids))
+    patterns = torch.full((len(prompt_ids), n_heads, width, width), float("nan"))
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in sorted(set(chosen[:, 0].tolist()))]
+    for index, ids in enumerate(prompt_ids):
+        ids = ids[:width]
+        input_ids = torch.tensor([ids], device=loaded.device)
+        with torch.no_grad(), trace(loaded, names, stats=False, backend=config.backend,
+                                    max_pattern_tokens=width) as t:
+            loaded.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        for n, (layer, head) in enumerate(chosen.tolist()):
+            patterns[index, n, : len(ids), : len(ids)] = t[f"blocks.{layer}.attn.hook_pattern"][0, head].float().cpu()
+    return {"head_patterns": patterns, "head_pattern_heads": torch.from_numpy(chosen)}
+
+
 def _levels(model: str, sinks: pd.DataFrame, n_layers: int, config: SecondarySinksConfig):
     """Histogram over every detected sink token; levels clustered over the labels in ``config.level_labels``."""
     counts = histogram(sinks["creation_layer"].to_numpy(), sinks["lifetime"].to_numpy(), n_layers)
@@ -173,16 +213,18 @@ def _levels(model: str, sinks: pd.DataFrame, n_layers: int, config: SecondarySin
     return tables, {"sink_level_histogram": torch.from_numpy(counts)}, figures
 
 
-def _massive_rows(summary, row, length, prompt_index, tokens, config) -> list[dict]:
+def _massive_rows(summary, row, length, prompt_index, tokens, config, shown=None) -> list[dict]:
     """Massive activations of one prompt: the top |x| of each (layer, token) against both medians;
-    ``config.massive_median`` picks the one the criterion uses."""
+    ``config.massive_median`` picks the one the criterion uses. ``tokens`` raw, ``shown`` readable."""
+    shown = tokens if shown is None else shown
     value = summary.top_value[:, row, :length]  # [layer, position]
     to_layer = value.abs() / summary.layer_median_abs[:, row, None].clamp(min=1e-12)
     to_token = value.abs() / summary.median_abs[:, row, :length].clamp(min=1e-12)
     ratio = to_layer if config.massive_median == "layer" else to_token
     hits = (value.abs() > config.massive_abs) & (ratio >= config.massive_ratio)
     return [
-        {"prompt": prompt_index, "layer": int(layer), "position": int(pos), "token": tokens[pos],
+        {"prompt": prompt_index, "layer": int(layer), "position": int(pos), "token": shown[pos],
+         "token_raw": tokens[pos],
          "dim": int(summary.top_dim[layer, row, pos]), "value": float(value[layer, pos]),
          "ratio_to_layer_median": float(to_layer[layer, pos]), "ratio_to_token_median": float(to_token[layer, pos])}
         for layer, pos in hits.nonzero().tolist()
@@ -206,7 +248,7 @@ def _tables(alpha, sink_rate, entropy, first_mass, first_norm, median_norm, mass
     rates = pd.DataFrame({"key": np.arange(n_keys), "sink_rate_pct": sink_rate.numpy()})
     norms = pd.DataFrame({"layer": np.arange(n_layers), "first_token_norm": first_norm.numpy(),
                           "median_token_norm": median_norm.numpy()})
-    columns = ["prompt", "layer", "position", "token", "dim", "value", "ratio_to_layer_median",
+    columns = ["prompt", "layer", "position", "token", "token_raw", "dim", "value", "ratio_to_layer_median",
                "ratio_to_token_median"]
     massive_table = pd.DataFrame(massive, columns=columns)
     dims = (massive_table.groupby("dim")

@@ -4,8 +4,10 @@ from .arch import Arch
 from .errors import HeadlabError
 from .interventions import intervene
 from .loading import LoadedModel, load
+from .patterns import AttentionPattern, attention
 from .probes import trace
 
 __version__ = "0.1.0"
 
-__all__ = ["Arch", "HeadlabError", "LoadedModel", "__version__", "intervene", "load", "trace"]
+__all__ = ["Arch", "AttentionPattern", "HeadlabError", "LoadedModel", "__version__", "attention", "intervene",
+           "load", "trace"]

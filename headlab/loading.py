@@ -52,6 +52,17 @@ class LoadedModel:
         """The tokenizer itself, also when ``tokenizer`` is a multimodal processor."""
         return getattr(self.tokenizer, "tokenizer", self.tokenizer)
 
+    def __repr__(self) -> str:
+        # One line: a notebook user sees what was loaded, not the module tree and the tokenizer's vocabulary.
+        arch = self.arch
+        first = next(self.model.parameters(), None)
+        dtype = str(first.dtype).removeprefix("torch.") if first is not None else "?"
+        n_params = sum(p.numel() for p in self.model.parameters())
+        kv = f" ({arch.n_kv_heads} kv)" if arch.n_kv_heads != arch.n_heads else ""
+        return (f"LoadedModel({self.name!r}: {type(self.model).__name__}, {arch.n_layers} layers x "
+                f"{arch.n_heads} heads{kv}, head_dim {arch.head_dim}, {n_params / 1e6:.1f}M params, "
+                f"{dtype} on {self.device}, bos={arch.bos})")
+
 
 def known_names() -> list[str]:
     return sorted(ALIASES) + sorted(TINY_MODELS) + list(EMBEDDED)

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -87,6 +88,50 @@ class Result:
             path=path,
         )
 
+    def head_metrics(self) -> list[str]:
+        """Names ``top_heads`` accepts: ``[layer, head]`` tensors, then per-head table columns."""
+        return list(dict.fromkeys([*_head_tensors(self), *_head_columns(self)]))
+
+    def top_heads(self, metric: str, k: int = 10, *, largest: bool = True) -> pd.DataFrame:
+        """The ``k`` heads with the largest (``largest=False``: smallest) ``metric``, best first.
+
+        ``metric``: a ``[layer, head]`` tensor of the run (``entropy``, ``first_mass``) or a column of a
+        table with one row per (layer, head) (``alpha_first`` of ``sink_heads``); see ``head_metrics()``.
+        Returns a table with columns ``layer``, ``head``, ``<metric>``; NaN values are left out."""
+        from .errors import InputError
+
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise InputError(f"top_heads needs a positive number of heads k, got {k!r}")
+        tensors, columns = _head_tensors(self), _head_columns(self)
+        if metric in tensors:
+            grid = self.tensors[metric].detach().float().cpu().numpy()
+            layer, head = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), indexing="ij")
+            table = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), metric: grid.ravel()})
+        elif metric in columns:
+            table = self.tables[columns[metric]][["layer", "head", metric]]
+        else:
+            known = ", ".join(self.head_metrics()) or "none (this run has no per-head numbers)"
+            raise InputError(f"{self.analysis} run has no per-head metric {metric!r}; it has: {known}")
+        table = table.dropna(subset=[metric]).sort_values(metric, ascending=not largest, kind="stable")
+        return table.head(k).reset_index(drop=True).astype({"layer": int, "head": int})
+
+    def __repr__(self) -> str:
+        def listing(names: list[str], limit: int = 8) -> str:
+            more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+            return ", ".join(names[:limit]) + more if names else "none"
+
+        scalars = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.summary.items()
+                   if isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) <= 40]
+        lines = [
+            f"Result(analysis={self.analysis!r}, model={self.model!r}"
+            + (f", path='{self.path}'" if self.path is not None else "") + ")",
+            f"  tables:  {listing([f'{n} ({len(t)} rows)' for n, t in self.tables.items()])}",
+            f"  tensors: {listing([f'{n} {list(t.shape)}' for n, t in self.tensors.items()])}",
+            f"  figures: {listing(list(self.figures))}",
+            f"  summary: {listing(scalars, 6)}",
+        ]
+        return "\n".join(lines)
+
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in text.split("/")[-1]).strip("-") or "model"
@@ -95,3 +140,23 @@ def _slug(text: str) -> str:
 def to_json_safe(value):
     """Numbers from numpy/torch into plain JSON types (for manifests)."""
     return json.loads(json.dumps(value, default=float))
+
+
+def _head_tensors(result: Result) -> list[str]:
+    """2-D tensors read as ``[layer, head]`` (the run's grid when its summary gives one)."""
+    grid = (result.summary.get("n_layers"), result.summary.get("n_heads"))
+    return [name for name, t in result.tensors.items()
+            if t.ndim == 2 and (None in grid or tuple(t.shape) == grid)]
+
+
+def _head_columns(result: Result) -> dict[str, str]:
+    """Numeric column -> table, for tables with exactly one row per (layer, head)."""
+    columns: dict[str, str] = {}
+    for name, table in result.tables.items():
+        if not {"layer", "head"} <= set(table.columns) or table.duplicated(["layer", "head"]).any():
+            continue
+        for column in table.columns:
+            if column not in ("layer", "head") and pd.api.types.is_numeric_dtype(table[column]) \
+                    and not pd.api.types.is_bool_dtype(table[column]):
+                columns.setdefault(column, name)
+    return columns

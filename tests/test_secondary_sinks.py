@@ -183,7 +183,8 @@ def test_analyze_sinks_writes_the_new_tables_and_figures(constructed, tmp_path):
     for figure in ("sink_formation", "sink_levels", "alpha_first_token"):
         assert (path / "figures" / f"{figure}.html").is_file(), figure
     sinks = loaded.tables["secondary_sinks"]
-    assert sorted(sinks["token"].unique()) == ["w11", "w7", "w9"]
+    assert sorted(sinks["token_raw"].unique()) == ["w11", "w7", "w9"]
+    assert sorted(sinks["token"].unique()) == [" w11", " w7", " w9"]  # readable: the text each token adds
     assert pd.Series(sinks["label"]).value_counts().to_dict() == {"secondary": 3, "primary_like": 2, "noise": 1}
     # secondary and primary-like sinks are clustered; the two primary-like occurrences are fewer than
     # level_min_tokens (3), so one level holds the three secondary ones
