@@ -1,11 +1,14 @@
 """The science: each analysis takes a loaded model and inputs and returns a ``Result``."""
 
+from .circuits import CircuitsConfig, analyze_circuits
 from .position_bias import PositionBiasConfig, analyze_position_bias, fit_exponential_trend
 from .position_graphs import GraphSpec, TheoryConfig, analyze_position_graphs
 from .retrieval_task import RetrievalConfig, run_retrieval
 from .sinks import SinksConfig, analyze_sinks
 
 __all__ = [
+    "CircuitsConfig",
+    "analyze_circuits",
     "GraphSpec",
     "PositionBiasConfig",
     "RetrievalConfig",

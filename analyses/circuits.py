@@ -1,0 +1,273 @@
+"""Circuits of tasks and their overlap (Merullo et al. 2024, methods.md §5), as a ``Result``.
+
+For each task: the clean model's accuracy and mean LD first, then a score per head (attribution
+patching, or exact path patching to the logits; see ``path_patching``), the circuit = the top ``top``
+share of heads by score, and a check that the circuit matters: mean-ablating it against mean-ablating
+as many random heads (``draws`` draws). Across tasks: the overlap table (shared / task-only), IoU and
+the share of each circuit inside the other (the paper: 25 of 32 heads = 78%). ``circuit_graph``
+writes a circuit in the EAP-IG / MIB graph JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from headlab.errors import InputError
+from headlab.interventions import HeadMeanAblate, intervene
+from headlab.result import Result
+
+from .circuit_tasks import TaskBatch, make_task, tokenize_task
+from .path_patching import (
+    Head,
+    all_heads,
+    attribution_patching,
+    final_logits,
+    logit_diff,
+    path_patching,
+    z_names,
+)
+
+METHODS = ("attribution", "path")
+
+
+def top_heads(scores: torch.Tensor, top: float = 0.02, k: int | None = None) -> list[Head]:
+    """The ``k`` heads of highest score (default: ``ceil(top · n_heads)``), best first.
+
+    ``scores``: ``[layer, head]``."""
+    if k is None:
+        if not 0 < top <= 1:
+            raise InputError(f"--top is a share of heads in (0, 1], got {top}")
+        k = max(1, math.ceil(top * scores.numel()))
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)[:k]
+    n_heads = scores.shape[1]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in order]
+
+
+def overlap(a: Sequence[Head], b: Sequence[Head]) -> dict:
+    """Shared and task-only heads, IoU, and the share of each circuit inside the other."""
+    sa, sb = set(map(tuple, a)), set(map(tuple, b))
+    shared = sorted(sa & sb)
+    return {"shared": shared, "only_a": sorted(sa - sb), "only_b": sorted(sb - sa),
+            "iou": len(shared) / max(1, len(sa | sb)), "share_a_in_b": len(shared) / max(1, len(sa)),
+            "share_b_in_a": len(shared) / max(1, len(sb))}
+
+
+def circuit_graph(scores: torch.Tensor, circuit: Sequence[Head], d_model: int | None = None) -> dict:
+    """The EAP-IG / MIB graph JSON of a head circuit: ``{"cfg", "nodes", "edges"}``.
+
+    Nodes ``input``, ``a{L}.h{H}``, ``m{L}``, ``logits``; edges ``src->dst`` (``<q|k|v>`` suffix into a
+    head) from every earlier node, each ``{"score", "in_graph"}``. In the graph: input, logits, every
+    MLP (headlab scores heads only, MLPs are kept) and the circuit's heads, and the edges between them.
+    Scores: the head's score (×100) on its edge to the logits, where headlab measured it; 0 elsewhere.
+    """
+    n_layers, n_heads = scores.shape
+    chosen = set(map(tuple, circuit))
+    nodes = {"input": {"in_graph": True}}
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            nodes[f"a{layer}.h{h}"] = {"in_graph": (layer, h) in chosen}
+        nodes[f"m{layer}"] = {"in_graph": True}
+    nodes["logits"] = {"in_graph": True}
+    edges: dict[str, dict] = {}
+    upstream = ["input"]
+    for layer in range(n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
+        for dst in heads:
+            for src in upstream:
+                for part in "qkv":
+                    edges[f"{src}->{dst}<{part}>"] = {"score": 0.0,
+                                                      "in_graph": nodes[src]["in_graph"] and nodes[dst]["in_graph"]}
+        for src in upstream + heads:  # an MLP reads its own layer's heads too (not parallel attn/MLP)
+            edges[f"{src}->m{layer}"] = {"score": 0.0, "in_graph": nodes[src]["in_graph"]}
+        upstream = upstream + heads + [f"m{layer}"]
+    for src in upstream:
+        score = 0.0
+        if src.startswith("a"):
+            layer, h = (int(x) for x in src[1:].split(".h"))
+            score = float(scores[layer, h])
+        edges[f"{src}->logits"] = {"score": score, "in_graph": nodes[src]["in_graph"]}
+    cfg = {"n_layers": n_layers, "n_heads": n_heads, "parallel_attn_mlp": False}
+    if d_model is not None:
+        cfg["d_model"] = d_model
+    return {"cfg": cfg, "nodes": nodes, "edges": edges}
+
+
+@torch.no_grad()
+def mean_ld(loaded, batch: TaskBatch, edits=(), batch_size: int = 32) -> float:
+    total = 0.0
+    for part in batch.chunks(batch_size):
+        with intervene(loaded, *edits) if edits else contextlib.nullcontext():
+            total += float(logit_diff(final_logits(loaded, part.clean_ids, part.attention_mask), part).sum())
+    return total / len(batch)
+
+
+@torch.no_grad()
+def mean_z(loaded, batch: TaskBatch, batch_size: int = 32) -> dict[Head, torch.Tensor]:
+    """``{(layer, head): [d_head]}`` mean z over the real tokens of the clean prompts (the ablation value)."""
+    from headlab.probes import trace
+
+    arch = loaded.arch
+    total = torch.zeros(arch.n_layers, arch.n_heads, arch.head_dim)
+    count = 0
+    for part in batch.chunks(batch_size):
+        with trace(loaded, names=z_names(arch), stats=False) as t:
+            final_logits(loaded, part.clean_ids, part.attention_mask)
+        real = part.attention_mask.bool()
+        for layer, name in enumerate(z_names(arch)):
+            total[layer] += t[name][real].float().sum(dim=0).cpu()
+        count += int(real.sum())
+    mean = total / count
+    return {(layer, h): mean[layer, h] for layer in range(arch.n_layers) for h in range(arch.n_heads)}
+
+
+def ablation_test(loaded, batch: TaskBatch, circuit: Sequence[Head], draws: int = 20, seed: int = 0,
+                  batch_size: int = 32) -> dict:
+    """Mean LD of the clean model, with the circuit mean-ablated, and with ``draws`` random head sets
+    of the same size mean-ablated (means over the task's clean prompts, every position)."""
+    means = mean_z(loaded, batch, batch_size)
+    heads = all_heads(loaded.arch)
+    circuit = [tuple(h) for h in circuit]
+
+    def ablated(chosen: list[Head]) -> float:
+        return mean_ld(loaded, batch, [HeadMeanAblate(chosen, mean={h: means[h] for h in chosen})], batch_size)
+
+    rng = random.Random(seed)
+    random_lds = [ablated(rng.sample(heads, len(circuit))) for _ in range(draws)]
+    clean = mean_ld(loaded, batch, (), batch_size)
+    ld_circuit = ablated(circuit)
+    drops = torch.tensor([clean - x for x in random_lds])
+    return {"ld_clean": clean, "ld_circuit_ablated": ld_circuit, "drop_circuit": clean - ld_circuit,
+            "drop_random_mean": float(drops.mean()), "drop_random_std": float(drops.std()) if draws > 1 else 0.0,
+            "drop_random_max": float(drops.max()), "draws": draws,
+            "random_at_least_circuit": int((drops >= clean - ld_circuit).sum())}
+
+
+@dataclass
+class CircuitsConfig:
+    tasks: tuple[str, ...] = ("ioi", "name-induction")
+    n: int = 200
+    top: float = 0.02
+    method: str = "attribution"
+    seed: int = 0
+    batch_size: int = 32
+    senders_per_pass: int = 9
+    draws: int = 20  # random head sets in the ablation test (0: no ablation test)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0 < self.top <= 1:
+            raise InputError(f"--top is a share of heads in (0, 1], got {self.top}")
+        if self.n < 2:
+            raise InputError(f"--n must be at least 2 prompts, got {self.n}")
+        if not self.tasks:
+            raise InputError("--tasks needs at least one task")
+        if self.draws < 0 or self.batch_size < 1 or self.senders_per_pass < 1:
+            raise InputError("--draws must be >= 0, batch size and senders per pass >= 1")
+
+
+def heatmap(scores: torch.Tensor, title: str) -> go.Figure:
+    """Layer on y, head on x, diverging scale centred at 0."""
+    limit = float(scores.abs().max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=scores.numpy(), colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+                               colorbar={"title": "score ×100"}))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
+    return fig
+
+
+def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: bool = False) -> Result:
+    """Scores, circuits, ablation checks and the pairwise overlap of ``config.tasks`` on ``loaded``."""
+    config = config or CircuitsConfig()
+    config.check()
+    tok = loaded.text_tokenizer
+    batches = {}
+    for spec in config.tasks:  # every task is built and tokenized before any compute
+        task = make_task(spec, config.n, config.seed, tokenizer=tok)
+        batches[task.name] = tokenize_task(loaded, task)
+    clean_rows, score_rows, circuit_rows, ablation_rows = [], [], [], []
+    tensors, figures, circuits = {}, {}, {}
+    from .path_patching import clean_and_cf
+
+    for name, batch in batches.items():
+        ld, ld_cf, top1 = [], [], []
+        for part in batch.chunks(config.batch_size):
+            runs = clean_and_cf(loaded, part)
+            ld.append(runs.ld_clean)
+            ld_cf.append(runs.ld_cf)
+            top1.append(runs.top1)
+        ld, ld_cf, top1 = torch.cat(ld), torch.cat(ld_cf), torch.cat(top1)
+        clean_rows.append({"task": name, "n": len(batch), "accuracy": float((ld > 0).float().mean()),
+                           "top1": float(top1.float().mean()), "ld_clean": float(ld.mean()),
+                           "ld_cf": float(ld_cf.mean())})
+        if config.method == "attribution":
+            scores = attribution_patching(loaded, batch, config.batch_size, progress)
+        else:
+            flat = path_patching(loaded, batch, batch_size=config.batch_size,
+                                 senders_per_pass=config.senders_per_pass, progress=progress)
+            scores = flat.view(loaded.arch.n_layers, loaded.arch.n_heads)
+        tensors[f"scores.{name}"] = scores
+        figures[f"scores_{name}"] = heatmap(scores, f"{name}: {config.method} patching score ×100")
+        for layer in range(scores.shape[0]):
+            for h in range(scores.shape[1]):
+                score_rows.append({"task": name, "layer": layer, "head": h, "score": float(scores[layer, h])})
+        circuit = top_heads(scores, config.top)
+        circuits[name] = circuit
+        for rank, (layer, h) in enumerate(circuit, start=1):
+            circuit_rows.append({"task": name, "rank": rank, "layer": layer, "head": h,
+                                 "score": float(scores[layer, h])})
+        if config.draws:
+            ablation_rows.append({"task": name, **ablation_test(loaded, batch, circuit, config.draws, config.seed,
+                                                                config.batch_size)})
+    overlap_rows = []
+    names = list(circuits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            o = overlap(circuits[a], circuits[b])
+            overlap_rows.append({"task_a": a, "task_b": b, "n_a": len(circuits[a]), "n_b": len(circuits[b]),
+                                 "shared": " ".join(f"{x}.{y}" for x, y in o["shared"]),
+                                 "only_a": " ".join(f"{x}.{y}" for x, y in o["only_a"]),
+                                 "only_b": " ".join(f"{x}.{y}" for x, y in o["only_b"]),
+                                 "n_shared": len(o["shared"]), "iou": o["iou"], "share_a_in_b": o["share_a_in_b"],
+                                 "share_b_in_a": o["share_b_in_a"]})
+    tables = {"clean": pd.DataFrame(clean_rows), "scores": pd.DataFrame(score_rows),
+              "circuits": pd.DataFrame(circuit_rows), "overlap": pd.DataFrame(overlap_rows)}
+    if ablation_rows:
+        tables["ablation"] = pd.DataFrame(ablation_rows)
+    summary = {"tasks": names, "method": config.method, "circuit_size": len(next(iter(circuits.values()))),
+               "accuracy": {r["task"]: r["accuracy"] for r in clean_rows},
+               "ld_clean": {r["task"]: r["ld_clean"] for r in clean_rows}}
+    if overlap_rows:
+        summary["iou"] = overlap_rows[0]["iou"]
+        summary["n_shared"] = overlap_rows[0]["n_shared"]
+    return Result("circuits", loaded.name, asdict(config), tables=tables, tensors=tensors, figures=figures,
+                  summary=summary, report=_report(tables, config), revision=getattr(loaded, "revision", None))
+
+
+def _report(tables: dict[str, pd.DataFrame], config: CircuitsConfig) -> str:
+    lines = [f"# Circuits ({config.method} patching, top {config.top:.1%} of heads)", "", "## Clean model", ""]
+    for r in tables["clean"].itertuples():
+        lines.append(f"- {r.task}: accuracy (LD > 0) {r.accuracy:.3f}, top-1 {r.top1:.3f}, mean LD {r.ld_clean:.2f} "
+                     f"(counterfactual {r.ld_cf:.2f}), n = {r.n}")
+    lines += ["", "## Circuits", ""]
+    for task, group in tables["circuits"].groupby("task", sort=False):
+        lines.append(f"- {task}: " + ", ".join(f"{r.layer}.{r.head} ({r.score:.1f})" for r in group.itertuples()))
+    if "ablation" in tables:
+        lines += ["", "## Mean-ablating the circuit vs as many random heads", ""]
+        for r in tables["ablation"].itertuples():
+            lines.append(f"- {r.task}: LD {r.ld_clean:.2f} -> {r.ld_circuit_ablated:.2f} (drop {r.drop_circuit:.2f}); "
+                         f"random: drop {r.drop_random_mean:.2f} ± {r.drop_random_std:.2f} over {r.draws} draws, "
+                         f"{r.random_at_least_circuit} of them at least the circuit's")
+    if len(tables["overlap"]):
+        lines += ["", "## Overlap", ""]
+        for r in tables["overlap"].itertuples():
+            lines.append(f"- {r.task_a} / {r.task_b}: {r.n_shared} shared ({r.shared}); IoU {r.iou:.2f}; "
+                         f"{r.share_a_in_b:.0%} of {r.task_a} in {r.task_b}, {r.share_b_in_a:.0%} the other way")
+    return "\n".join(lines) + "\n"

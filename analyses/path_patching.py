@@ -1,0 +1,372 @@
+"""Head scores of a task: the metric, activation patching, attribution patching and exact path patching.
+
+Everything acts on z (``blocks.{l}.attn.hook_z``, ``[batch, pos, head, d_head]``) at the final
+position, the position where the answer is read. Prompts are left-padded (``TaskBatch``), so the
+final position is column -1 of every row.
+
+Metric (Merullo et al. 2024, after Wang et al. 2023): LD = logit(answer) - logit(cf_answer) at the
+final position; a head's score = 100 · (LD_patched - LD_clean) / (LD_cf - LD_clean), with LDs averaged
+over the prompts, so that 100 means "patching this head alone turns the clean model into the
+counterfactual one" and an important head scores positive.
+
+- activation patching: z of one head at the final position <- its value in the counterfactual run;
+- attribution patching: the first-order estimate of the same, (dLD/dz) · (z_cf - z_clean), all heads
+  from one forward and one backward pass per batch;
+- path patching (exact, not linear): the sender's z at the final position <- counterfactual, every
+  other head's z there frozen to its clean value (MLPs recomputed unless ``freeze_mlps``); the
+  receivers' inputs are recorded and a fresh clean run patches only them. Receivers: the logits
+  (default: the first run's final logits are the receivers' input then), or the q / k / v projections
+  of chosen heads at the final position. On a GQA model a k or v receiver is a kv head (its
+  projection is shared by the query heads of its group, so patching it changes all of them).
+Senders are batched: the prompt batch is tiled once per sender of a chunk, each tile with its own
+head patched, so one forward pass scores ``senders_per_pass`` heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from headlab.errors import InputError
+from headlab.interventions import intervene
+from headlab.interventions.z_site import ZCall, ZEdit
+from headlab.probes.activations import _qkv_readers
+
+from .circuit_tasks import TaskBatch
+
+Head = tuple[int, int]
+
+
+def all_heads(arch) -> list[Head]:
+    return [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+
+
+def z_names(arch) -> list[str]:
+    return [f"blocks.{layer}.attn.hook_z" for layer in range(arch.n_layers)]
+
+
+def logit_diff(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """``[batch, vocab]`` final-position logits -> ``[batch]`` logit(answer) - logit(cf_answer)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    answer, cf = batch.answer_ids.to(logits.device), batch.cf_answer_ids.to(logits.device)
+    return (logits[rows, answer] - logits[rows, cf]).float()
+
+
+@dataclass
+class Runs:
+    """The clean and counterfactual runs of a batch: final-position z ``[batch, layer, head, d_head]``,
+    LD ``[batch]`` of each, and whether the clean model ranks the answer above the cf answer."""
+
+    clean_z: torch.Tensor
+    cf_z: torch.Tensor
+    ld_clean: torch.Tensor
+    ld_cf: torch.Tensor
+    top1: torch.Tensor  # [batch] bool: the answer is the clean model's argmax token
+
+
+def final_logits(loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    device = loaded.device
+    return loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
+
+
+@torch.no_grad()
+def clean_and_cf(loaded, batch: TaskBatch) -> Runs:
+    """One clean and one counterfactual forward pass, keeping z at the final position."""
+    from headlab.probes import trace
+
+    arch, out = loaded.arch, {}
+    for which, ids in (("clean", batch.clean_ids), ("cf", batch.cf_ids)):
+        with trace(loaded, names=z_names(arch), stats=False) as t:
+            logits = final_logits(loaded, ids, batch.attention_mask)
+        z = torch.stack([t[name][:, -1] for name in z_names(arch)], dim=1)  # [batch, layer, head, d_head]
+        out[which] = (z.float(), logits)
+    ld_clean = logit_diff(out["clean"][1], batch)
+    top1 = out["clean"][1].argmax(-1).cpu() == batch.answer_ids
+    return Runs(out["clean"][0], out["cf"][0], ld_clean, logit_diff(out["cf"][1], batch), top1)
+
+
+class FinalZMix(ZEdit):
+    """z at the final position, per batch row and head: the counterfactual value where ``patch``, the
+    clean value where ``freeze``, the computed value elsewhere. Not a registered intervention: the
+    patching loops build it.
+
+    ``clean_z`` / ``cf_z``: ``[batch, layer, head, d_head]``; ``patch`` / ``freeze``: ``[batch, layer, head]`` bool.
+    """
+
+    site = "z"
+
+    def __init__(self, clean_z: torch.Tensor, cf_z: torch.Tensor, patch: torch.Tensor, freeze: torch.Tensor):
+        self.clean_z, self.cf_z, self.patch, self.freeze = clean_z, cf_z, patch, freeze
+
+    def validate(self, arch) -> None:
+        touched = (self.patch | self.freeze).any(dim=(0, 2))
+        self._by_layer = {int(layer): list(range(arch.n_heads)) for layer in touched.nonzero().flatten()}
+        if self.clean_z.shape[1:3] != (arch.n_layers, arch.n_heads):
+            raise InputError(f"FinalZMix: z of shape {list(self.clean_z.shape)} does not fit a model with "
+                             f"{arch.n_layers} layers and {arch.n_heads} heads")
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        if call.seen:  # decoding past the prompt: nothing to patch
+            return z
+        layer = call.layer
+        last = z[:, -1]
+        patch, freeze = self.patch[:, layer, :, None].to(z.device), self.freeze[:, layer, :, None].to(z.device)
+        new = torch.where(freeze, self.clean_z[:, layer].to(z.device, z.dtype), last)
+        new = torch.where(patch, self.cf_z[:, layer].to(z.device, z.dtype), new)
+        return torch.cat([z[:, :-1], new[:, None]], dim=1)
+
+
+def _tile(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+def _masks(arch, senders: Sequence[Head], n: int, freeze_others: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled masks ``[len(senders) * n, layer, head]``: tile s patches sender s (and freezes the rest)."""
+    patch = torch.zeros(len(senders), arch.n_layers, arch.n_heads, dtype=torch.bool)
+    for s, (layer, h) in enumerate(senders):
+        patch[s, layer, h] = True
+    freeze = ~patch if freeze_others else torch.zeros_like(patch)
+    return patch.repeat_interleave(n, dim=0), freeze.repeat_interleave(n, dim=0)
+
+
+@contextlib.contextmanager
+def _frozen_mlps(loaded, runs_mlp: dict[int, torch.Tensor] | None) -> Iterator[None]:
+    """MLP outputs at the final position <- their clean values ``{layer: [batch, d_model]}`` (None: no-op)."""
+    handles = []
+    if runs_mlp is not None:
+        for layer, clean in runs_mlp.items():
+            def hook(module, args, output, clean=clean):
+                return torch.cat([output[:, :-1], clean.to(output.device, output.dtype)[:, None]], dim=1)
+
+            handles.append(loaded.arch.mlp(layer).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def clean_mlp_out(loaded, batch: TaskBatch) -> dict[int, torch.Tensor]:
+    from headlab.probes import trace
+
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(loaded.arch.n_layers)]
+    with trace(loaded, names=names, stats=False) as t:
+        final_logits(loaded, batch.clean_ids, batch.attention_mask)
+    return {layer: t[name][:, -1] for layer, name in enumerate(names)}
+
+
+Receiver = tuple[int, int, str]  # (layer, head, "q" | "k" | "v"); k / v name a kv head
+
+
+def _check_receivers(arch, receivers: Sequence[Receiver]) -> None:
+    for item in receivers:
+        if not (isinstance(item, tuple | list) and len(item) == 3 and item[2] in ("q", "k", "v")):
+            raise InputError(f"a receiver is (layer, head, 'q' | 'k' | 'v'), got {item!r}")
+        layer, head, part = item
+        n = arch.n_heads if part == "q" else arch.n_kv_heads
+        if not 0 <= layer < arch.n_layers or not 0 <= head < n:
+            raise InputError(f"receiver {item!r} does not exist: layers 0..{arch.n_layers - 1}, "
+                             f"{'heads' if part == 'q' else 'kv heads'} 0..{n - 1}")
+
+
+def _projection_sites(loaded, receivers: Sequence[Receiver]) -> dict[tuple[int, str], tuple[torch.nn.Module, int]]:
+    """(layer, part) -> (module whose output holds the projection, column offset of the part in it)."""
+    arch, sites = loaded.arch, {}
+    for layer, _, part in receivers:
+        readers = _qkv_readers(arch.attention(layer), arch)
+        module = readers[f"hook_{part}"][0]
+        fused = sum(readers[f"hook_{p}"][0] is module for p in "qkv") > 1
+        offset = {"q": 0, "k": 1, "v": 2}[part] * arch.n_heads * arch.head_dim if fused else 0
+        sites[(layer, part)] = (module, offset)
+    return sites
+
+
+@contextlib.contextmanager
+def _projection_hooks(loaded, receivers: Sequence[Receiver],
+                      values: dict[Receiver, torch.Tensor] | None) -> Iterator[dict[Receiver, torch.Tensor]]:
+    """Record (``values`` None) or patch the receivers' projections at the final position.
+
+    Yields ``{receiver: [batch, d_head]}`` filled by a recording pass."""
+    d = loaded.arch.head_dim
+    sites = _projection_sites(loaded, receivers)
+    by_module: dict[torch.nn.Module, list[tuple[Receiver, int]]] = {}
+    for receiver in receivers:
+        module, offset = sites[(receiver[0], receiver[2])]
+        by_module.setdefault(module, []).append((receiver, offset + receiver[1] * d))
+    recorded: dict[Receiver, torch.Tensor] = {}
+
+    def make(items):
+        def hook(module, args, output):
+            if values is None:
+                for receiver, start in items:
+                    recorded[receiver] = output[:, -1, start:start + d].detach().clone()
+                return None
+            last = output[:, -1].clone()
+            for receiver, start in items:
+                last[:, start:start + d] = values[receiver].to(last.device, last.dtype)
+            return torch.cat([output[:, :-1], last[:, None]], dim=1)
+
+        return hook
+
+    handles = [module.register_forward_hook(make(items)) for module, items in by_module.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _score(ld_patched: torch.Tensor, runs: Runs) -> float:
+    """100 · (mean LD_patched - mean LD_clean) / (mean LD_cf - mean LD_clean)."""
+    denominator = float(runs.ld_cf.mean() - runs.ld_clean.mean())
+    if abs(denominator) < 1e-6:
+        raise InputError("the clean and counterfactual runs have the same mean logit difference; the patching "
+                         "score is undefined (is the counterfactual answer the clean answer?)")
+    return 100.0 * float(ld_patched.mean() - runs.ld_clean.mean()) / denominator
+
+
+@dataclass
+class Accumulator:
+    """Sums of per-prompt LDs over batches, so a score over all prompts is one ratio of means."""
+
+    ld_clean: float = 0.0
+    ld_cf: float = 0.0
+    n: int = 0
+
+    def add(self, runs: Runs) -> None:
+        self.ld_clean += float(runs.ld_clean.sum())
+        self.ld_cf += float(runs.ld_cf.sum())
+        self.n += len(runs.ld_clean)
+
+    def scores(self, patched_sums: torch.Tensor) -> torch.Tensor:
+        """``[...]`` sums of patched LDs -> scores ×100 (see ``_score``)."""
+        clean, cf = self.ld_clean / self.n, self.ld_cf / self.n
+        if abs(cf - clean) < 1e-6:
+            raise InputError("the clean and counterfactual runs have the same mean logit difference; the patching "
+                             "score is undefined (is the counterfactual answer the clean answer?)")
+        return 100.0 * (patched_sums / self.n - clean) / (cf - clean)
+
+
+def _sender_passes(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head], senders_per_pass: int,
+                   freeze_others: bool, run_pass: Callable) -> torch.Tensor:
+    """``[len(senders)]`` sums over the batch of the LD of each sender's patched pass.
+
+    ``run_pass(tiled_batch, mix)`` runs the model with ``mix`` (a ``FinalZMix``) installed where it needs
+    it and returns ``[k · batch]`` LDs."""
+    n = len(batch)
+    sums = torch.zeros(len(senders))
+    for start in range(0, len(senders), senders_per_pass):
+        chunk = list(senders[start:start + senders_per_pass])
+        k = len(chunk)
+        patch, freeze = _masks(loaded.arch, chunk, n, freeze_others)
+        mix = FinalZMix(_tile(runs.clean_z, k), _tile(runs.cf_z, k), patch, freeze)
+        ids, mask = _tile(batch.clean_ids, k), _tile(batch.attention_mask, k)
+        tiled = TaskBatch(batch.name, ids, ids, mask, _tile(batch.answer_ids, k), _tile(batch.cf_answer_ids, k))
+        with torch.no_grad():
+            ld = run_pass(tiled, mix)
+        sums[start:start + k] = ld.view(k, n).sum(dim=1).cpu()
+    return sums
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None = None, batch_size: int = 32,
+                        senders_per_pass: int = 9, progress: bool = False) -> torch.Tensor:
+    """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value."""
+    heads = list(heads) if heads is not None else all_heads(loaded.arch)
+    acc, sums = Accumulator(), torch.zeros(len(heads))
+    for part in _progress(batch.chunks(batch_size), progress, f"activation patching {batch.name}"):
+        runs = clean_and_cf(loaded, part)
+        acc.add(runs)
+
+        def run_pass(tiled: TaskBatch, mix: FinalZMix) -> torch.Tensor:
+            with intervene(loaded, mix):
+                return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+
+        sums += _sender_passes(loaded, part, runs, heads, senders_per_pass, False, run_pass)
+    return acc.scores(sums)
+
+
+def attribution_patching(loaded, batch: TaskBatch, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """``[layer, head]`` scores ×100, the linear estimate of activation patching at the final position:
+    Σ_d dLD/dz · (z_cf - z_clean), from one forward and one backward pass per batch (no parameter grads)."""
+    arch = loaded.arch
+    acc, sums = Accumulator(), torch.zeros(arch.n_layers, arch.n_heads)
+    for part in _progress(batch.chunks(batch_size), progress, f"attribution patching {batch.name}"):
+        runs = clean_and_cf(loaded, part)
+        acc.add(runs)
+        width = arch.n_heads * arch.head_dim
+        deltas = [torch.zeros(len(part), width, device=loaded.device, dtype=loaded.model.dtype, requires_grad=True)
+                  for _ in range(arch.n_layers)]
+
+        def add_delta(layer, deltas=deltas):
+            def hook(module, args):
+                x = args[0]
+                return (torch.cat([x[:, :-1], (x[:, -1] + deltas[layer])[:, None]], dim=1), *args[1:])
+
+            return hook
+
+        handles = [arch.o_proj(layer).register_forward_pre_hook(add_delta(layer)) for layer in range(arch.n_layers)]
+        try:
+            with torch.enable_grad():
+                ld = logit_diff(final_logits(loaded, part.clean_ids, part.attention_mask), part)
+                grads = torch.autograd.grad(ld.sum(), deltas)
+        finally:
+            for handle in handles:
+                handle.remove()
+        grad = torch.stack(grads, dim=1).float().cpu().view(len(part), arch.n_layers, arch.n_heads, arch.head_dim)
+        diff = (runs.cf_z - runs.clean_z).cpu()
+        # LD_patched ≈ LD_clean + grad · diff, summed over the batch
+        sums += (grad * diff).sum(dim=(0, 3)) + float(runs.ld_clean.sum())
+    return acc.scores(sums)
+
+
+def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = None,
+                  receivers: str | Sequence[Receiver] = "logits", freeze_mlps: bool = False,
+                  batch_size: int = 32, senders_per_pass: int = 9, progress: bool = False) -> torch.Tensor:
+    """``[len(senders)]`` scores ×100 of each sender's effect through ``receivers`` only (exact, see the
+    module docstring). ``senders``: default every head; ``receivers``: ``"logits"`` or
+    ``[(layer, head, "q" | "k" | "v")]``, patched together; ``freeze_mlps``: MLP outputs at the final
+    position frozen to clean too (the sender's direct path only)."""
+    arch = loaded.arch
+    senders = list(senders) if senders is not None else all_heads(arch)
+    to_logits = isinstance(receivers, str)
+    if to_logits and receivers != "logits":
+        raise InputError(f"receivers must be 'logits' or [(layer, head, 'q'|'k'|'v'), ...], got {receivers!r}")
+    if not to_logits:
+        receivers = [tuple(r) for r in receivers]
+        _check_receivers(arch, receivers)
+        first = min(r[0] for r in receivers)
+        senders = [s for s in senders if s[0] < first] if senders else senders
+        if not senders:
+            raise InputError(f"no sender sits before the first receiver layer {first}; senders must come earlier")
+    acc, sums = Accumulator(), torch.zeros(len(senders))
+    for part in _progress(batch.chunks(batch_size), progress, f"path patching {batch.name}"):
+        runs = clean_and_cf(loaded, part)
+        acc.add(runs)
+        mlps = clean_mlp_out(loaded, part) if freeze_mlps else None
+
+        def run_pass(tiled: TaskBatch, mix: FinalZMix, n: int = len(part), mlps=mlps) -> torch.Tensor:
+            k = len(tiled) // n
+            with intervene(loaded, mix), _frozen_mlps(loaded, {i: _tile(v, k) for i, v in mlps.items()}
+                                                      if mlps else None):
+                if to_logits:  # the logits are the receivers: their input is this run's final residual
+                    return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+                with _projection_hooks(loaded, receivers, None) as recorded:
+                    final_logits(loaded, tiled.clean_ids, tiled.attention_mask)
+            # a fresh clean run (no z edit, no frozen MLP) that patches only the receivers' inputs
+            with _projection_hooks(loaded, receivers, dict(recorded)):
+                return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+
+        sums += _sender_passes(loaded, part, runs, senders, senders_per_pass, True, run_pass)
+    return acc.scores(sums)
