@@ -25,6 +25,7 @@ head patched, so one forward pass scores ``senders_per_pass`` heads.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -98,8 +99,10 @@ class FinalZMix(ZEdit):
 
     site = "z"
 
-    def __init__(self, clean_z: torch.Tensor, cf_z: torch.Tensor, patch: torch.Tensor, freeze: torch.Tensor):
+    def __init__(self, clean_z: torch.Tensor, cf_z: torch.Tensor, patch: torch.Tensor, freeze: torch.Tensor,
+                 final_column: int):
         self.clean_z, self.cf_z, self.patch, self.freeze = clean_z, cf_z, patch, freeze
+        self.final_column = final_column  # the prompt's last column: a full prefill or a one-token step
 
     def validate(self, arch) -> None:
         touched = (self.patch | self.freeze).any(dim=(0, 2))
@@ -109,7 +112,7 @@ class FinalZMix(ZEdit):
                              f"{arch.n_layers} layers and {arch.n_heads} heads")
 
     def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        if call.seen:  # decoding past the prompt: nothing to patch
+        if call.seen + z.shape[1] - 1 != self.final_column:  # this call does not hold the final position
             return z
         layer = call.layer
         last = z[:, -1]
@@ -120,16 +123,18 @@ class FinalZMix(ZEdit):
 
 
 def _tile(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.repeat(k, *([1] * (x.dim() - 1)))
+    """Each row ``k`` times in a row (prompt-major: row ``b · k + s`` is prompt b for sender s), the order
+    of ``Cache.batch_repeat_interleave``."""
+    return x.repeat_interleave(k, dim=0)
 
 
 def _masks(arch, senders: Sequence[Head], n: int, freeze_others: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled masks ``[len(senders) * n, layer, head]``: tile s patches sender s (and freezes the rest)."""
+    """Tiled masks ``[n · len(senders), layer, head]``: row b · k + s patches sender s (and freezes the rest)."""
     patch = torch.zeros(len(senders), arch.n_layers, arch.n_heads, dtype=torch.bool)
     for s, (layer, h) in enumerate(senders):
         patch[s, layer, h] = True
     freeze = ~patch if freeze_others else torch.zeros_like(patch)
-    return patch.repeat_interleave(n, dim=0), freeze.repeat_interleave(n, dim=0)
+    return patch.repeat(n, 1, 1), freeze.repeat(n, 1, 1)
 
 
 @contextlib.contextmanager
@@ -251,24 +256,55 @@ class Accumulator:
         return 100.0 * (patched_sums / self.n - clean) / (cf - clean)
 
 
+class Stepper:
+    """Final-position logits ``[k · batch, vocab]`` of a batch tiled ``k`` times.
+
+    Every edit of these loops acts at the final position only, so every earlier position is the clean
+    run's in every tile: with ``use_cache`` the clean prefix runs once per batch into a KV cache, and each
+    patched pass is one step of one token over a copy of it (exact; ~T times fewer token-forwards).
+    Without it (or when a prompt is one token long) each pass is a full forward."""
+
+    def __init__(self, loaded, batch: TaskBatch, use_cache: bool = True):
+        self.loaded, self.batch, self.cache = loaded, batch, None
+        mask = batch.attention_mask
+        if use_cache and mask.shape[1] > 1 and bool((mask[:, :-1].sum(dim=1) > 0).all()):
+            device = loaded.device
+            with torch.no_grad():
+                out = loaded.model(input_ids=batch.clean_ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
+                                   use_cache=True)
+            self.cache = out.cache  # transformers 5 names it cache (past_key_values before)
+
+    def logits(self, k: int) -> torch.Tensor:
+        ids, mask = _tile(self.batch.clean_ids, k), _tile(self.batch.attention_mask, k)
+        if self.cache is None:
+            return final_logits(self.loaded, ids, mask)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(k)
+        device = self.loaded.device
+        out = self.loaded.model(input_ids=ids[:, -1:].to(device), attention_mask=mask.to(device),
+                                cache=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+
 def _sender_passes(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head], senders_per_pass: int,
                    freeze_others: bool, run_pass: Callable) -> torch.Tensor:
     """``[len(senders)]`` sums over the batch of the LD of each sender's patched pass.
 
-    ``run_pass(tiled_batch, mix)`` runs the model with ``mix`` (a ``FinalZMix``) installed where it needs
-    it and returns ``[k · batch]`` LDs."""
+    ``run_pass(tiled_batch, mix, k)`` runs the model with ``mix`` (a ``FinalZMix``) installed where it
+    needs it and returns ``[k · batch]`` LDs."""
     n = len(batch)
+    final_column = batch.clean_ids.shape[1] - 1
     sums = torch.zeros(len(senders))
     for start in range(0, len(senders), senders_per_pass):
         chunk = list(senders[start:start + senders_per_pass])
         k = len(chunk)
         patch, freeze = _masks(loaded.arch, chunk, n, freeze_others)
-        mix = FinalZMix(_tile(runs.clean_z, k), _tile(runs.cf_z, k), patch, freeze)
+        mix = FinalZMix(_tile(runs.clean_z, k), _tile(runs.cf_z, k), patch, freeze, final_column)
         ids, mask = _tile(batch.clean_ids, k), _tile(batch.attention_mask, k)
         tiled = TaskBatch(batch.name, ids, ids, mask, _tile(batch.answer_ids, k), _tile(batch.cf_answer_ids, k))
         with torch.no_grad():
-            ld = run_pass(tiled, mix)
-        sums[start:start + k] = ld.view(k, n).sum(dim=1).cpu()
+            ld = run_pass(tiled, mix, k)
+        sums[start:start + k] = ld.view(n, k).sum(dim=0).cpu()
     return sums
 
 
@@ -281,17 +317,20 @@ def _progress(items, enabled: bool, desc: str):
 
 
 def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None = None, batch_size: int = 32,
-                        senders_per_pass: int = 9, progress: bool = False) -> torch.Tensor:
-    """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value."""
+                        senders_per_pass: int = 9, progress: bool = False, use_cache: bool = True) -> torch.Tensor:
+    """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value.
+    ``use_cache``: see ``Stepper``."""
     heads = list(heads) if heads is not None else all_heads(loaded.arch)
     acc, sums = Accumulator(), torch.zeros(len(heads))
     for part in _progress(batch.chunks(batch_size), progress, f"activation patching {batch.name}"):
         runs = clean_and_cf(loaded, part)
         acc.add(runs)
 
-        def run_pass(tiled: TaskBatch, mix: FinalZMix) -> torch.Tensor:
+        step = Stepper(loaded, part, use_cache)
+
+        def run_pass(tiled: TaskBatch, mix: FinalZMix, k: int, step: Stepper = step) -> torch.Tensor:
             with intervene(loaded, mix):
-                return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+                return logit_diff(step.logits(k), tiled)
 
         sums += _sender_passes(loaded, part, runs, heads, senders_per_pass, False, run_pass)
     return acc.scores(sums)
@@ -333,11 +372,12 @@ def attribution_patching(loaded, batch: TaskBatch, batch_size: int = 32, progres
 
 def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = None,
                   receivers: str | Sequence[Receiver] = "logits", freeze_mlps: bool = False,
-                  batch_size: int = 32, senders_per_pass: int = 9, progress: bool = False) -> torch.Tensor:
+                  batch_size: int = 32, senders_per_pass: int = 9, progress: bool = False,
+                  use_cache: bool = True) -> torch.Tensor:
     """``[len(senders)]`` scores ×100 of each sender's effect through ``receivers`` only (exact, see the
     module docstring). ``senders``: default every head; ``receivers``: ``"logits"`` or
     ``[(layer, head, "q" | "k" | "v")]``, patched together; ``freeze_mlps``: MLP outputs at the final
-    position frozen to clean too (the sender's direct path only)."""
+    position frozen to clean too (the sender's direct path only); ``use_cache``: see ``Stepper``."""
     arch = loaded.arch
     senders = list(senders) if senders is not None else all_heads(arch)
     to_logits = isinstance(receivers, str)
@@ -356,17 +396,18 @@ def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = Non
         acc.add(runs)
         mlps = clean_mlp_out(loaded, part) if freeze_mlps else None
 
-        def run_pass(tiled: TaskBatch, mix: FinalZMix, n: int = len(part), mlps=mlps) -> torch.Tensor:
-            k = len(tiled) // n
+        step = Stepper(loaded, part, use_cache)
+
+        def run_pass(tiled: TaskBatch, mix: FinalZMix, k: int, mlps=mlps, step: Stepper = step) -> torch.Tensor:
             with intervene(loaded, mix), _frozen_mlps(loaded, {i: _tile(v, k) for i, v in mlps.items()}
                                                       if mlps else None):
                 if to_logits:  # the logits are the receivers: their input is this run's final residual
-                    return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+                    return logit_diff(step.logits(k), tiled)
                 with _projection_hooks(loaded, receivers, None) as recorded:
-                    final_logits(loaded, tiled.clean_ids, tiled.attention_mask)
+                    step.logits(k)
             # a fresh clean run (no z edit, no frozen MLP) that patches only the receivers' inputs
             with _projection_hooks(loaded, receivers, dict(recorded)):
-                return logit_diff(final_logits(loaded, tiled.clean_ids, tiled.attention_mask), tiled)
+                return logit_diff(step.logits(k), tiled)
 
         sums += _sender_passes(loaded, part, runs, senders, senders_per_pass, True, run_pass)
     return acc.scores(sums)

@@ -238,3 +238,19 @@ def test_activation_patching_equals_transformer_bridge(loaded):
 
     oracle = 100 * (ld(patched) - ld(clean_logits)) / (ld(cf_logits) - ld(clean_logits))
     assert float(ours) == pytest.approx(float(oracle), abs=1e-3)
+
+
+def test_cached_prefix_equals_full_forwards(loaded):
+    """One-token steps over the clean prefix's KV cache give the full-forward scores (left padding too)."""
+    task = CircuitTask("mixed", copy_task(0, n=4).examples + [CircuitExample("w20 w1 w21 w22 w23 w24", "w1",
+                                                                            "w20 w2 w21 w22 w23 w24", "w2")])
+    batch = tokenize_task(loaded, task)
+    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for method in (activation_patching, path_patching):
+        cached = method(loaded, batch, heads, senders_per_pass=3, use_cache=True)
+        full = method(loaded, batch, heads, senders_per_pass=3, use_cache=False)
+        torch.testing.assert_close(cached, full, atol=1e-3, rtol=1e-4)
+    kv = [(1, 0, "k"), (1, 0, "v"), (1, 1, "q")]
+    torch.testing.assert_close(path_patching(loaded, batch, heads[:2], receivers=kv, use_cache=True),
+                               path_patching(loaded, batch, heads[:2], receivers=kv, use_cache=False),
+                               atol=1e-3, rtol=1e-4)
