@@ -97,13 +97,15 @@ def test_massive_activation_is_dim_507_of_the_first_token(sinks_run):
 
 def test_ioi_prefers_the_indirect_object(smollm2):
     tokenizer = smollm2.tokenizer
+    examples = ioi_prompts()
+    for example in examples:
+        assert len(tokenizer(example.correct).input_ids) == len(tokenizer(example.wrong).input_ids) == 1
     diffs = []
-    for example in ioi_prompts():
-        right, wrong = (tokenizer(name).input_ids for name in (example.correct, example.wrong))
-        assert len(right) == len(wrong) == 1
+    for example in examples:  # one prompt at a time: no padding between the measurement and the model
         with torch.no_grad():
             logits = smollm2.model(**tokenizer(example.prompt, return_tensors="pt")).logits[0, -1]
-        diffs.append(float(logits[right[0]] - logits[wrong[0]]))
+        right, wrong = (tokenizer(name).input_ids[0] for name in (example.correct, example.wrong))
+        diffs.append(float(logits[right] - logits[wrong]))
     diffs = torch.tensor(diffs)
     assert len(diffs) == 24
     assert diffs.mean() > 2.0, diffs  # measured 4.33 +- 0.55
