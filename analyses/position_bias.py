@@ -13,6 +13,8 @@ Three parts, one run:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,7 +29,8 @@ from headlab.kernels import StatsRequest, distance_bin_edges
 from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe
 from headlab.probes.position import SEGMENTS, PositionProfile, head_mean_attention
-from headlab.prompts import hash_inputs
+from headlab.prompts import as_prompt_list, hash_inputs
+from headlab.provenance import model_settings
 from headlab.result import Result, to_json_safe
 
 from .position_graphs import (
@@ -39,7 +42,14 @@ from .position_graphs import (
     repeated_attention,
     synthetic_attention,
 )
-from .retrieval_task import PLACEMENTS, RetrievalConfig, is_language_model, retrieval_figure, run_retrieval
+from .retrieval_task import (
+    ABSENT,
+    PLACEMENTS,
+    RetrievalConfig,
+    is_language_model,
+    retrieval_figure,
+    run_retrieval,
+)
 
 ROLLOUT_LIMIT = 1024  # the rollout holds [layer, head, T, T] of one prompt: 40 x 40 x 1024² fp32 is 6.7 GB
 SIDES = ("before", "after")  # keys at or before the query (d = i - j), keys after it (d = j - i)
@@ -156,7 +166,8 @@ def model_graph_spec(loaded: LoadedModel, n_tokens: int) -> tuple[GraphSpec, Gra
                               head_dim=loaded.arch.head_dim)
 
 
-def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig):
+def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig,
+                      on_prompt: Callable[[], None] | None = None):
     """Head-averaged P^(t) over the model's layers on each prompt's first ``rollout_tokens`` tokens.
 
     Returns (first-token mass ``[variant, layer]`` averaged over prompts and query rows, the first
@@ -172,23 +183,46 @@ def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionB
         if example is None:
             example = variants
         used += 1
+        if on_prompt is not None:
+            on_prompt()
     return torch.stack(first_mass).mean(0), example, used
 
 
 # ----------------------------------------------------------------------------------------------- analysis
 
 
+class _Cost:
+    """Announces what a part will cost: after its first step, the time per step times the steps left."""
+
+    def __init__(self, log: Callable[[str], None] | None, part: str, n_steps: int, unit: str, skip: str):
+        self.log, self.part, self.n_steps, self.unit, self.skip = log, part, n_steps, unit, skip
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self.done == 1 and self.log is not None and self.n_steps > 1:
+            first = time.perf_counter() - self.start
+            self.log(f"{self.part}: {self.n_steps} {self.unit}, about {_duration(first * self.n_steps)} at "
+                     f"{first:.2g} s per {self.unit.rstrip('s')}" + (f"; {self.skip}" if self.skip else ""))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig | None = None,
-                          progress: bool = True) -> Result:
+                          progress: bool = True, log: Callable[[str], None] | None = None) -> Result:
+    """``log`` receives one line per long part, with its estimated cost, before the bulk of it runs."""
     config = config or PositionBiasConfig()
-    if not prompts:
-        raise InputError("no prompts to analyse")
+    prompts = as_prompt_list(prompts)
     config.check()
     check_max_tokens(loaded, config.max_tokens)
     arch = loaded.arch
     profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal)
     n_tokens = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.name}", disable=not progress)
+    cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), "batches", "")
     with torch.no_grad(), AttentionProbe(loaded, profile.add, backend=config.backend,
                                          request=StatsRequest(distance=True)):
         for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
@@ -196,6 +230,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
                          attention_mask=batch.attention_mask.to(loaded.device))
             n_tokens += int(batch.attention_mask.sum())
             bar.update(len(batch.indices))
+            cost.step()
     bar.close()
 
     trends = layer_trends(profile, config.fit_skip_first)
@@ -205,7 +240,9 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
 
     rollout = None
     if config.rollout_tokens:
-        first_mass, example, used = empirical_rollout(loaded, prompts, config)
+        cost = _Cost(log, "rollout", min(config.rollout_prompts, len(prompts)), "prompts",
+                     "--rollout-tokens 0 skips it")
+        first_mass, example, used = empirical_rollout(loaded, prompts, config, cost.step)
         rollout = _rollout_parts(loaded, first_mass, example, used)
         tensors.update(rollout["tensors"])
         tables["rollout_first_mass"] = rollout["table"]
@@ -224,17 +261,26 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
     elif config.retrieval_trials:
         retrieval_config = RetrievalConfig(config.retrieval_trials, config.retrieval_pairs, config.seed,
                                            config.batch_size)
-        rbar = tqdm(total=config.retrieval_trials * len(PLACEMENTS), unit="item", desc="retrieval task",
-                    disable=not progress)
-        trials, by_placement = run_retrieval(loaded, retrieval_config, rbar)
+        n_items = config.retrieval_trials * (len(PLACEMENTS) + 1)  # + one absent-key item per trial
+        rbar = tqdm(total=n_items, unit="item", desc="retrieval task", disable=not progress)
+        cost = _Cost(log, "retrieval task", n_items, "items", "--retrieval-trials 0 skips it")
+
+        class _Progress:
+            def update(self, n: int) -> None:
+                rbar.update(n)
+                cost.step()
+
+        trials, by_placement, absent_trials, baseline = run_retrieval(loaded, retrieval_config, _Progress())
         rbar.close()
         tables["retrieval_trials"], tables["retrieval_by_placement"] = trials, by_placement
-        retrieval = by_placement
+        tables["retrieval_absent_trials"], tables["retrieval_absent_baseline"] = absent_trials, baseline
+        retrieval = (by_placement, baseline)
     else:
         notes.append("retrieval task off (--retrieval-trials 0)")
 
     summary = _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, notes)
-    figures = _figures(loaded.name, profile, tensors, trends, rollout, retrieval, config)
+    summary["max_tokens"] = config.max_tokens
+    figures = _figures(loaded.name, profile, tensors, trends, rollout, retrieval and retrieval[0], config)
     return Result(
         analysis="position_bias",
         model=loaded.name,
@@ -246,6 +292,8 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
         summary=summary,
         report=_report(summary, tables),
         input_hash=hash_inputs(prompts),
+        prompts=prompts,
+        provenance={"settings": model_settings(loaded, backend=config.backend)},
     )
 
 
@@ -342,8 +390,10 @@ def _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, not
     relative = tensors["relative_mean"].mean((0, 1)) / tensors["relative_uniform"].mean(0)  # [bin]
     n_rel = len(relative)
     third = max(1, n_rel // 3)
+    first_part, last_part = relative[:third].mean(), relative[-third:].mean()
     ends = torch.cat([relative[:third], relative[-third:]]).mean()
     middle = relative[third:n_rel - third].mean() if n_rel > 2 * third else relative[n_rel // 2]
+    first_vs_middle, last_vs_middle = float(first_part / middle), float(last_part / middle)
     segment = tensors["segment_mean"].mean((0, 1)) / tensors["segment_uniform"].mean(0)
     ks = [t.k for t in trends if t]
     out = {
@@ -357,19 +407,63 @@ def _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, not
         "trend_k_by_layer": [t.k if t else None for t in trends],
         "trend_r2_by_layer": [t.r2 if t else None for t in trends],
         "segment_ratio_to_uniform": dict(zip(SEGMENTS, segment.tolist(), strict=True)),
-        "middle_vs_ends": float(middle / ends),
+        "middle_vs_ends": float(middle / ends),  # kept for old readers; it cannot tell U-shaped from monotone
+        "first_vs_middle": first_vs_middle,
+        "last_vs_middle": last_vs_middle,
+        "position_shape": position_shape(first_vs_middle, last_vs_middle),
+        "mean_prompt_tokens": n_tokens / len(prompts),
         "notes": notes,
     }
     if rollout is not None:
         first = rollout["tensors"]["rollout_first_mass"]
         out.update(rollout_example_tokens=rollout["n_tokens"], rollout_prompts=rollout["prompts"],
                    rollout_first_mass_final=float(first[0, -1]), rollout_residual_first_mass_final=float(first[1, -1]),
-                   theory_uniform_first_mass_final=float(rollout["theory"]["uniform_rollout"][-1]))
+                   theory_uniform_first_mass_final=float(rollout["theory"]["uniform_rollout"][-1]),
+                   rollout_separation={
+                       variant: rollout_separation(first[index], rollout["theory"][f"uniform_{variant}"])
+                       for index, variant in enumerate(("rollout", "residual"))})
     if retrieval is not None:
-        out["retrieval_accuracy"] = dict(zip(retrieval["placement"], retrieval["accuracy"], strict=True))
-        out["retrieval_mean_logprob"] = dict(zip(retrieval["placement"], retrieval["mean_logprob"], strict=True))
-        out["retrieval_chance"] = float(retrieval["chance"].iloc[0])
+        by_placement, baseline = retrieval
+        out["retrieval_accuracy"] = dict(zip(by_placement["placement"], by_placement["accuracy"], strict=True))
+        out["retrieval_mean_logprob"] = dict(zip(by_placement["placement"], by_placement["mean_logprob"], strict=True))
+        out["retrieval_chance"] = float(by_placement["chance"].iloc[0])
+        if baseline is not None:
+            out["retrieval_absent_pick"] = dict(zip(baseline["picked"], baseline["share"], strict=True))
+            out["retrieval_absent_trials"] = int(baseline["n"].iloc[0])
     return to_json_safe(out)
+
+
+FLAT = 0.02  # ratios within 2% of 1 count as "no difference" (a random-init model gives 1 +- 1e-3)
+
+
+def position_shape(first_vs_middle: float, last_vs_middle: float) -> str:
+    """The lost-in-the-middle curve in words: "U-shaped" only when both ends receive more than the middle."""
+    if abs(first_vs_middle - 1) <= FLAT and abs(last_vs_middle - 1) <= FLAT:
+        return "flat (no preference by position)"
+    if first_vs_middle > 1 + FLAT and last_vs_middle > 1 + FLAT:
+        return "U-shaped (both ends above the middle: lost in the middle)"
+    if last_vs_middle > 1 + FLAT:
+        return "rises toward the last keys (recency), not U-shaped"
+    if first_vs_middle > 1 + FLAT:
+        return "falls from the first keys (primacy), not U-shaped"
+    return "peaks in the middle, not U-shaped"
+
+
+def rollout_separation(model: torch.Tensor, theory: torch.Tensor) -> dict:
+    """Where the model's first-token rollout mass ``[layer]`` and the uniform-attention theory's differ.
+
+    Both approach 1 with depth (every rollout converges to the first token), so the final value cannot tell
+    them apart; the layers at which each reaches 0.5 and 0.9, and the largest gap, can. Layers count from 1.
+    """
+    def reach(values: torch.Tensor, level: float) -> int | None:
+        above = (values >= level).nonzero()
+        return int(above[0]) + 1 if len(above) else None
+
+    gap = model.double() - theory.double()
+    at = int(gap.abs().argmax())
+    return {"model_layer_0.5": reach(model, 0.5), "theory_layer_0.5": reach(theory, 0.5),
+            "model_layer_0.9": reach(model, 0.9), "theory_layer_0.9": reach(theory, 0.9),
+            "max_gap_layer": at + 1, "max_gap_model": float(model[at]), "max_gap_theory": float(theory[at])}
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -472,7 +566,9 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         f"{'causal' if summary['causal'] else 'bidirectional'}",
         "- attention received relative to uniform attention: "
         + ", ".join(f"{name} {value:.3g}" for name, value in summary["segment_ratio_to_uniform"].items()),
-        f"- middle vs ends (relative position, first token left out): {summary['middle_vs_ends']:.3g}",
+        f"- tokens per prompt: T <= {summary.get('max_tokens')} (mean {summary['mean_prompt_tokens']:.1f})",
+        f"- relative position (first token left out): first third / middle {summary['first_vs_middle']:.3g}, "
+        f"last third / middle {summary['last_vs_middle']:.3g}: {summary['position_shape']}",
         f"- trend f(i) = a·exp(-k i), mean k over layers: {'n/a' if k is None else f'{k:.4g}'} "
         "(k > 0: earlier keys get more; debiasing weights w_i = exp(k i))",
     ]
@@ -482,14 +578,45 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
                      f"mass {summary['rollout_first_mass_final']:.3f} (residual-aware "
                      f"{summary['rollout_residual_first_mass_final']:.3f}; uniform-attention theory "
                      f"{summary['theory_uniform_first_mass_final']:.3f})")
+    if "rollout_separation" in summary:
+        lines.append(f"- {rollout_sentence(summary)}")
     if "retrieval_accuracy" in summary:
         acc = ", ".join(f"{p} {a:.2f}" for p, a in summary["retrieval_accuracy"].items())
         lines.append(f"- retrieval accuracy by placement: {acc} (chance {summary['retrieval_chance']:.3f})")
+    if "retrieval_absent_pick" in summary:
+        lines.append(f"- {absent_sentence(summary)}")
     lines += [f"- note: {note}" for note in summary["notes"]]
     lines += ["", "## Trend fit per layer", "", "```", tables["trend"].to_string(index=False), "```"]
     if "retrieval_by_placement" in tables:
         lines += ["", "## Retrieval task", "", "```", tables["retrieval_by_placement"].to_string(index=False), "```"]
+    if tables.get("retrieval_absent_baseline") is not None:
+        lines += ["", f"## Retrieval: queried key absent ({ABSENT} trials)", "", "```",
+                  tables["retrieval_absent_baseline"].to_string(index=False), "```"]
     return "\n".join(lines) + "\n"
+
+
+def rollout_sentence(summary: dict) -> str:
+    """The rollout in one line: the layers where model and uniform theory reach 0.5 and 0.9, and their largest gap."""
+    def layer(value: int | None) -> str:
+        return "never" if value is None else str(value)
+
+    parts = []
+    for variant, label in (("rollout", "rollout"), ("residual", "residual-aware")):
+        sep = summary["rollout_separation"][variant]
+        parts.append(f"{label}: reaches 0.5 / 0.9 at layer {layer(sep['model_layer_0.5'])} / "
+                     f"{layer(sep['model_layer_0.9'])} (uniform theory {layer(sep['theory_layer_0.5'])} / "
+                     f"{layer(sep['theory_layer_0.9'])}), largest gap at layer "
+                     f"{sep['max_gap_layer']}: {sep['max_gap_model']:.3f} vs {sep['max_gap_theory']:.3f}")
+    return (f"first-token mass in the rollout over {summary['n_layers']} layers (T = "
+            f"{summary['rollout_example_tokens']}): " + "; ".join(parts))
+
+
+def absent_sentence(summary: dict) -> str:
+    pick = summary["retrieval_absent_pick"]
+    return (f"queried key absent ({summary['retrieval_absent_trials']} trials): the model still picks the first value "
+            f"{pick['first']:.2f}, middle {pick['middle']:.2f}, last {pick['last']:.2f}, other slots "
+            f"{pick['other']:.2f} of the time (chance {summary['retrieval_chance']:.3f} per slot): a placement's "
+            "accuracy near its pick rate here is a default preference, not retrieval")
 
 
 __all__ = ["ExpTrend", "PositionBiasConfig", "analyze_position_bias", "fit_exponential_trend"]

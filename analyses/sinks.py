@@ -24,7 +24,7 @@ from headlab.dashboard.plots import model_title
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans, trace
-from headlab.prompts import hash_inputs
+from headlab.prompts import as_prompt_list, hash_inputs
 from headlab.result import Result, to_json_safe
 from headlab.tokens import display_tokens
 
@@ -63,8 +63,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     """``token_ids``: the inputs as ids (chat template, generations: ``analyses.generation``), one list per
     prompt, at most ``config.max_tokens`` long; without it the prompts are tokenized under the BOS policy."""
     config = config or SinksConfig()
-    if not prompts:
-        raise InputError("no prompts to analyse")
+    prompts = as_prompt_list(prompts)  # a bare str would be read one character per prompt
     if not 0 < config.eps < 1:
         raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
     if config.massive_median not in MASSIVE_MEDIANS:

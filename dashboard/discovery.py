@@ -7,7 +7,7 @@ from pathlib import Path
 
 from headlab.errors import HeadlabError, RunStoreError
 from headlab.result import Result
-from headlab.runs import MANIFEST, TMP_MARKER, check_runs_dir, read_manifest, run_path
+from headlab.runs import MANIFEST, TMP_MARKER, check_part_name, check_runs_dir, read_manifest, run_path
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,24 @@ def discover_runs(runs_dir: Path) -> RunListing:
     if not runs_dir.is_dir():
         return RunListing(runs_dir, runs, broken)
     for entry in sorted(runs_dir.iterdir()):
+        if entry.is_symlink():
+            # A link may point anywhere on the machine; the dashboard reads nothing outside the runs folder.
+            if not entry.name.startswith("."):
+                broken.append(BrokenRun(entry.name, "a symbolic link: headlab reads nothing outside the runs folder; "
+                                                    "copy the run here instead of linking it"))
+            continue
         if not entry.is_dir():
             continue
         if entry.name.startswith("."):
             if TMP_MARKER in entry.name:
-                broken.append(BrokenRun(entry.name, "incomplete: still being written, or the writer crashed"))
+                broken.append(BrokenRun(entry.name, "incomplete: still being written, or the writer crashed "
+                                                    "(`headlab runs clean` removes leftovers of killed runs)"))
+            continue
+        try:
+            run_path(runs_dir, entry.name)  # a name headlab would write: no spaces, brackets or other characters
+        except RunStoreError:
+            broken.append(BrokenRun(entry.name, "not a run name headlab writes (letters, digits, '.', '_' and '-' "
+                                                "only): rename the folder to open it"))
             continue
         try:
             manifest = read_manifest(entry)
@@ -92,6 +105,18 @@ def _check_files(path: Path, manifest: dict) -> None:
     for field in ("analysis", "model", "tables", "figures"):
         if field not in manifest:
             raise RunStoreError(f"{path / MANIFEST} has no {field!r}; the run is corrupt, run it again")
+    if not isinstance(manifest["tables"], list) or not isinstance(manifest["figures"], list):
+        raise RunStoreError(f"{path / MANIFEST} lists tables or figures in the wrong form; the run is corrupt")
+    for name in (*manifest["tables"], *manifest["figures"]):
+        check_part_name(name, "table or figure")
+    root = path.resolve()
+    files = [path / MANIFEST, path / "report.md", path / "tensors.safetensors",
+             *(path / "tables" / f"{name}.parquet" for name in manifest["tables"]),
+             *(path / "figures" / f"{name}.json" for name in manifest["figures"])]
+    for file in files:
+        if (file.exists() or file.is_symlink()) and not file.resolve().is_relative_to(root):
+            raise RunStoreError(f"{file.relative_to(path)} in run {path.name} links outside the run folder; "
+                                "headlab reads nothing outside the runs folder")
     missing = [f"tables/{name}.parquet" for name in manifest["tables"]
                if not (path / "tables" / f"{name}.parquet").is_file()]
     missing += [f"figures/{name}.json" for name in manifest["figures"]
@@ -112,3 +137,41 @@ def load_run(runs_dir: Path, name: str) -> Result:
     except Exception as err:  # parquet/safetensors/plotly parse errors: a damaged file, said plainly
         raise RunStoreError(f"run {name} cannot be read ({type(err).__name__}: {err}); "
                             "it is corrupt, run it again") from err
+
+
+# Settings that change what a number means: runs that differ in them are compared with a warning.
+_SETTING_KEYS = ("max_tokens", "eps", "bos", "n_relative", "rollout_tokens", "retrieval_pairs", "chat_template",
+                 "generate", "seed")
+
+
+def comparison_warnings(left: RunInfo, right: RunInfo) -> list[str]:
+    """Why two runs' numbers may not be comparable: prompts, model, settings, headlab version (one line each)."""
+    from headlab import __version__
+
+    a, b = left.manifest, right.manifest
+    warnings = []
+    if a.get("analysis") != b.get("analysis"):
+        warnings.append(f"different analyses: {a.get('analysis')} vs {b.get('analysis')}")
+    if a.get("model") != b.get("model") or a.get("revision") != b.get("revision"):
+        warnings.append(f"different models: {a.get('model')} vs {b.get('model')}")
+    if a.get("input_hash") != b.get("input_hash"):
+        warnings.append("different prompts (input hashes differ): differences may come from the inputs, not the models")
+    config_a, config_b = a.get("config") or {}, b.get("config") or {}
+    if config_a.get("max_tokens") != config_b.get("max_tokens"):
+        warnings.append(f"different --max-tokens ({config_a.get('max_tokens')} vs {config_b.get('max_tokens')}): "
+                        "Sink_1 and position profiles depend on the token count T, so these numbers do not compare")
+    changed = [k for k in _SETTING_KEYS if k != "max_tokens" and config_a.get(k) != config_b.get(k)]
+    settings_a = (a.get("provenance") or {}).get("settings") or {}
+    settings_b = (b.get("provenance") or {}).get("settings") or {}
+    changed += [k for k in ("dtype", "backend") if settings_a.get(k) != settings_b.get(k)]
+    if changed:
+        warnings.append("different settings: " + ", ".join(
+            f"{k} {config_a.get(k, settings_a.get(k))} vs {config_b.get(k, settings_b.get(k))}" for k in changed))
+    versions = {run.name: str(run.manifest.get("headlab_version")) for run in (left, right)}
+    if len(set(versions.values())) > 1:
+        warnings.append("written by different headlab versions: "
+                        + ", ".join(f"{name} {v}" for name, v in versions.items()))
+    other = [f"{name} ({v})" for name, v in versions.items() if v != __version__]
+    if other:
+        warnings.append(f"written by another headlab version than this one ({__version__}): {', '.join(other)}")
+    return warnings

@@ -14,7 +14,7 @@ from headlab.errors import HeadlabError
 from headlab.result import Result
 from headlab.runs import run_path
 
-from .discovery import RunInfo, RunListing, discover_runs, load_run
+from .discovery import RunInfo, RunListing, comparison_warnings, discover_runs, load_run
 from .registry import GenericView, broken_views, get_view
 from .widgets import show_table
 
@@ -123,6 +123,8 @@ def compare_page(listing: RunListing) -> None:
     left, right = _load_or_report(listing, left_name), _load_or_report(listing, right_name)
     if left is None or right is None:
         return
+    for warning in comparison_warnings(listing.get(left_name), listing.get(right_name)):
+        st.warning(warning)  # numbers that differ for reasons other than the models
     if left.analysis == right.analysis:
         get_view(left.analysis).compare(left, right, key=f"cmp-{left_name}-{right_name}")
     else:

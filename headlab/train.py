@@ -106,6 +106,11 @@ def train_backcopy(config: TrainConfig, out: Path, log: Callable[[str], None] = 
     """Train, evaluate, and write the HF-format folder ``out`` atomically; returns the final metrics."""
     if config.steps <= 0 or config.batch_size <= 0:
         raise InputError("--steps and --batch-size must be positive")
+    if config.threads < 1:
+        # torch.set_num_threads(0) raises a bare RuntimeError deep in the run; say what is wanted instead.
+        raise InputError(f"--threads must be at least 1 (CPU threads for training), got {config.threads}")
+    if config.eval_every < 1:
+        raise InputError(f"--eval-every must be at least 1, got {config.eval_every}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder for the checkpoint")

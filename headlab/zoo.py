@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -20,43 +19,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# Names and descriptions are plain data in headlab.catalog (the CLI lists them without torch); re-exported here.
+from .catalog import (  # noqa: F401
+    ALIASES,
+    BUNDLED_DIR,
+    BUNDLED_MODELS,
+    DEFAULT_PROMPTS,
+    TINY_DESCRIPTIONS,
+    default_prompt_file,
+)
 from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, byte_tokenizer
-
-ALIASES: dict[str, str] = {
-    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
-    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
-    "qwen3-4b": "Qwen/Qwen3-4B",
-    "qwen3-8b": "Qwen/Qwen3-8B",
-    "qwen3-14b": "Qwen/Qwen3-14B",
-    "qwen3-32b": "Qwen/Qwen3-32B",
-    "qwq-32b": "Qwen/QwQ-32B",
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
-    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-}
-
-# Trained checkpoints shipped inside the package (HF format, safetensors): small causal LMs with real
-# attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/backcopy.py).
-BUNDLED_DIR = Path(__file__).parent / "data" / "models"
-BUNDLED_MODELS: dict[str, str] = {
-    "backcopy": "Llama-style, 4 layers x 4 heads, d=128, trained on Bigram-Backcopy with BOS (real first-token sink)",
-    "backcopy-nobos": "the same model and recipe trained without BOS (where the sink goes without one)",
-}
-ALIASES.update({name: str(BUNDLED_DIR / name) for name in BUNDLED_MODELS})
-# Prompts used when a bundled model is analysed without --prompts: sequences from its own task, as text.
-DEFAULT_PROMPTS: dict[str, str] = {"backcopy": "backcopy_prompts.txt", "backcopy-nobos": "backcopy_prompts.txt"}
-
-
-def default_prompt_file(model: str) -> Path | None:
-    """The bundled prompt file that goes with ``model``, or None (then the general bundled set is used)."""
-    name = DEFAULT_PROMPTS.get(model)
-    return Path(__file__).parent / "data" / name if name else None
-
 
 BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = (256 + i for i in range(len(SPECIAL_TOKENS)))
 TINY_SEED = 0
@@ -111,18 +83,18 @@ def _tiny_qwen2_vl_config() -> PretrainedConfig:
 
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny-qwen3": TinySpec(lambda: AutoConfig.for_model("qwen3", **_TINY_DECODER), AutoModelForCausalLM,
-                           False, "Qwen3 architecture, 4 layers x 4 heads (2 kv heads), random init"),
+                           False, TINY_DESCRIPTIONS["tiny-qwen3"]),
     "tiny-llama": TinySpec(lambda: AutoConfig.for_model("llama", **_TINY_DECODER), AutoModelForCausalLM,
-                           True, "Llama architecture, 4 layers x 4 heads (2 kv heads), random init"),
+                           True, TINY_DESCRIPTIONS["tiny-llama"]),
     "tiny-gpt2": TinySpec(
         lambda: AutoConfig.for_model("gpt2", vocab_size=VOCAB_SIZE, n_embd=64, n_layer=4, n_head=4,
                                      n_positions=1024, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                                      pad_token_id=PAD_ID),
-        AutoModelForCausalLM, False, "GPT-2 architecture, 4 layers x 4 heads, random init"),
+        AutoModelForCausalLM, False, TINY_DESCRIPTIONS["tiny-gpt2"]),
     "tiny-llava": TinySpec(_tiny_llava_config, AutoModelForImageTextToText, True,
-                           "LLaVA: CLIP vision tower + Llama language model, random init"),
+                           TINY_DESCRIPTIONS["tiny-llava"]),
     "tiny-qwen2-vl": TinySpec(_tiny_qwen2_vl_config, AutoModelForImageTextToText, False,
-                              "Qwen2-VL: vision transformer + Qwen2 language model, random init"),
+                              TINY_DESCRIPTIONS["tiny-qwen2-vl"]),
 }
 
 

@@ -242,7 +242,8 @@ def test_dashboard_command_refuses_a_missing_or_file_runs_folder(tmp_path):
 
 def test_dashboard_command_starts_streamlit_on_localhost(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("subprocess.call", lambda command: calls.append(command) or 0)
+    monkeypatch.setattr("headlab.dashboard.launch.run_child", lambda command: calls.append(command) or 0)
+    monkeypatch.setattr("headlab.dashboard.launch.check_port_free", lambda host, port: None)  # tested on its own
     result = CliRunner().invoke(headlab_app, ["dashboard", "--runs", str(tmp_path), "--port", "8765"])
     assert result.exit_code == 0, result.output
     assert "http://127.0.0.1:8765" in result.output

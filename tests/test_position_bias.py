@@ -218,7 +218,11 @@ FAST = ["--model", "tiny-qwen3", "--n-prompts", "3", "--max-tokens", "32", "--ro
 def test_cli_writes_a_complete_run(tmp_path):
     result = runner.invoke(analyze_app, ["position-bias", *FAST, "--out", str(tmp_path), "--name", "pb"])
     assert result.exit_code == 0, result.output
-    assert "middle vs ends" in result.output and "retrieval accuracy" in result.output
+    text = " ".join(result.output.split())
+    assert "first third / middle" in text and "last third / middle" in text and "retrieval accuracy" in text
+    assert "middle vs ends" not in text, "one ratio of both ends cannot tell U-shaped from monotone"
+    assert "queried key absent (2 trials)" in text and "T <= 32" in text
+    assert "retrieval task: 8 items, about" in text and "--retrieval-trials 0 skips it" in text
     run = Result.load(tmp_path / "pb")
     assert run.analysis == "position_bias" and run.model == "tiny-qwen3"
     assert set(run.figures) == {"distance_profile", "position_profile", "segments", "lost_in_the_middle", "rollout",
@@ -228,6 +232,8 @@ def test_cli_writes_a_complete_run(tmp_path):
     assert run.tensors["rollout_example"].shape == (2, 4, 16, 16)
     assert run.tensors["debias_weights"].shape == (4, 32)
     assert len(run.tables["retrieval_trials"]) == 2 * 3
+    assert len(run.tables["retrieval_absent_trials"]) == 2
+    assert run.tables["retrieval_absent_baseline"]["count"].sum() == 2
     assert run.config["rollout_tokens"] == 16 and run.config["n_prompts"] == 3
     assert "# Position bias" in run.report
     assert [p.name for p in tmp_path.iterdir()] == ["pb"]
@@ -310,3 +316,97 @@ def test_dashboard_page_draws_the_run_from_its_tensors(position_runs, monkeypatc
     at.query_params["page"], at.query_params["left"], at.query_params["right"] = "compare", "pb-llama", "pb-qwen3"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
+
+
+# ------------------------------------------------------------------ issue 12: faster scoring, honest summaries
+
+
+@pytest.mark.slow
+def test_shared_prompt_scoring_equals_one_forward_per_candidate_on_smollm2(load_model):
+    """The KV-cache scoring (prompt once, answers on top) against the old full forward per candidate with a
+    log-softmax at every position: measured max difference 3.5e-5 nats (fp32), the brief allows 1e-4."""
+    loaded = load_model("smollm2-135m")
+    tok = loaded.text_tokenizer
+    for item in make_items(RetrievalConfig(n_trials=1, n_pairs=8, seed=0), absent=True):
+        scores = continuation_logprobs(loaded, item.prompt, item.candidates)
+        prompt_ids = tok(item.prompt).input_ids
+        answers = [tok(c, add_special_tokens=False).input_ids for c in item.candidates]
+        width = len(prompt_ids) + max(len(a) for a in answers)
+        ids = torch.full((len(answers), width), tok.eos_token_id)
+        mask = torch.zeros_like(ids)
+        for row, answer in enumerate(answers):
+            ids[row, :len(prompt_ids) + len(answer)] = torch.tensor(prompt_ids + answer)
+            mask[row, :len(prompt_ids) + len(answer)] = 1
+        with torch.no_grad():
+            logprobs = torch.log_softmax(loaded.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        want = [sum(float(logprobs[row, len(prompt_ids) - 1 + m, t]) for m, t in enumerate(answer))
+                for row, answer in enumerate(answers)]
+        assert scores.tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_absent_key_items_and_baseline(load_model):
+    config = RetrievalConfig(n_trials=3, n_pairs=5, seed=2)
+    plain, with_absent = make_items(config), make_items(config, absent=True)
+    assert [i for i in with_absent if i.placement != "absent"] == plain, "absent items change nothing else"
+    absent = [i for i in with_absent if i.placement == "absent"]
+    assert len(absent) == 3
+    for item in absent:
+        assert item.key not in {k for k, _ in item.pairs} and f"value of key {item.key}?" in item.prompt
+    trials, by_placement, absent_trials, baseline = run_retrieval(load_model("tiny-llama"), config)
+    assert len(trials) == 9 and len(absent_trials) == 3 and "absent" not in set(by_placement["placement"])
+    # Hand count of the picked slots: slot 0 first, 2 middle (5 // 2), 4 last, the rest other.
+    names = {0: "first", 2: "middle", 4: "last", 1: "other", 3: "other"}
+    picked = [names[s] for s in absent_trials["picked_slot"]]
+    assert baseline.set_index("picked")["count"].to_dict() == {p: picked.count(p) for p in
+                                                                ("first", "middle", "last", "other")}
+    assert baseline["share"].sum() == pytest.approx(1.0)
+    assert baseline["chance"].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.4])
+
+
+@pytest.mark.parametrize("first,last,shape", [
+    (1.3, 1.4, "U-shaped"), (0.68, 3.3, "recency"), (1.5, 0.7, "primacy"), (0.8, 0.9, "peaks in the middle"),
+    (1.001, 0.999, "flat"), (1.01, 1.5, "recency"),
+])
+def test_position_shape_says_u_shaped_only_when_both_ends_exceed_the_middle(first, last, shape):
+    from headlab.analyses.position_bias import position_shape
+
+    assert shape in position_shape(first, last)
+    if shape != "U-shaped":
+        assert "U-shaped" not in position_shape(first, last).split(",")[0]
+
+
+def test_rollout_separation_by_hand():
+    from headlab.analyses.position_bias import rollout_separation
+
+    model = torch.tensor([0.05, 0.3, 0.6, 0.95, 1.0])
+    theory = torch.tensor([0.07, 0.2, 0.5, 0.8, 1.0])
+    sep = rollout_separation(model, theory)
+    assert (sep["model_layer_0.5"], sep["theory_layer_0.5"]) == (3, 3)
+    assert (sep["model_layer_0.9"], sep["theory_layer_0.9"]) == (4, 5)
+    assert sep["max_gap_layer"] == 4 and sep["max_gap_model"] == pytest.approx(0.95)
+    assert rollout_separation(torch.tensor([0.1, 0.2]), torch.tensor([0.1, 0.2]))["model_layer_0.5"] is None
+
+
+def test_summary_reports_both_ends_separately(load_model):
+    config = PositionBiasConfig(max_tokens=32, rollout_tokens=16, rollout_prompts=1, retrieval_trials=1,
+                                retrieval_pairs=4)
+    lines: list[str] = []
+    result = analyze_position_bias(load_model("tiny-llama"), TEXT[:3], config, progress=False, log=lines.append)
+    summary = result.summary
+    relative = result.tensors["relative_mean"].mean((0, 1)) / result.tensors["relative_uniform"].mean(0)
+    third = len(relative) // 3
+    middle = relative[third:len(relative) - third].mean()
+    assert summary["first_vs_middle"] == pytest.approx(float(relative[:third].mean() / middle), rel=1e-5)
+    assert summary["last_vs_middle"] == pytest.approx(float(relative[-third:].mean() / middle), rel=1e-5)
+    assert summary["mean_prompt_tokens"] == summary["n_tokens"] / 3 and summary["max_tokens"] == 32
+    assert set(summary["rollout_separation"]) == {"rollout", "residual"}
+    assert set(summary["retrieval_absent_pick"]) == {"first", "middle", "last", "other"}
+    assert any(line.startswith("retrieval task: 4 items, about") for line in lines)
+    assert result.prompts == TEXT[:3] and result.provenance["settings"]["dtype"] == "float32"
+
+
+def test_a_string_is_not_a_list_of_prompts(load_model):
+    from headlab.errors import PromptError
+
+    with pytest.raises(PromptError, match="single string"):
+        analyze_position_bias(load_model("tiny-llama"), "one prompt", PositionBiasConfig(max_tokens=16, **OFF))
