@@ -51,6 +51,11 @@ def top_heads(scores: torch.Tensor, top: float = 0.02, k: int | None = None) -> 
     return [(int(i) // n_heads, int(i) % n_heads) for i in order]
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two score tensors of the same shape (average ranks for ties)."""
+    return float(pd.Series(a.flatten().tolist()).corr(pd.Series(b.flatten().tolist()), method="spearman"))
+
+
 def overlap(a: Sequence[Head], b: Sequence[Head]) -> dict:
     """Shared and task-only heads, IoU, and the share of each circuit inside the other."""
     sa, sb = set(map(tuple, a)), set(map(tuple, b))
@@ -192,7 +197,7 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
     for spec in config.tasks:  # every task is built and tokenized before any compute
         task = make_task(spec, config.n, config.seed, tokenizer=tok)
         batches[task.name] = tokenize_task(loaded, task)
-    clean_rows, score_rows, circuit_rows, ablation_rows = [], [], [], []
+    clean_rows, score_rows, circuit_rows, ablation_rows, agreement_rows = [], [], [], [], []
     tensors, figures, circuits = {}, {}, {}
     from .path_patching import clean_and_cf
 
@@ -207,12 +212,17 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
         clean_rows.append({"task": name, "n": len(batch), "accuracy": float((ld > 0).float().mean()),
                            "top1": float(top1.float().mean()), "ld_clean": float(ld.mean()),
                            "ld_cf": float(ld_cf.mean())})
+        attribution = attribution_patching(loaded, batch, config.batch_size, progress)
         if config.method == "attribution":
-            scores = attribution_patching(loaded, batch, config.batch_size, progress)
+            scores = attribution
         else:
             flat = path_patching(loaded, batch, batch_size=config.batch_size,
                                  senders_per_pass=config.senders_per_pass, progress=progress)
             scores = flat.view(loaded.arch.n_layers, loaded.arch.n_heads)
+            tensors[f"attribution.{name}"] = attribution
+            agreement_rows.append({"task": name, "spearman_attribution_path": spearman(attribution, scores),
+                                   "top_shared": len(set(top_heads(attribution, config.top))
+                                                     & set(top_heads(scores, config.top)))})
         tensors[f"scores.{name}"] = scores
         figures[f"scores_{name}"] = heatmap(scores, f"{name}: {config.method} patching score ×100")
         for layer in range(scores.shape[0]):
@@ -241,6 +251,8 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
               "circuits": pd.DataFrame(circuit_rows), "overlap": pd.DataFrame(overlap_rows)}
     if ablation_rows:
         tables["ablation"] = pd.DataFrame(ablation_rows)
+    if agreement_rows:
+        tables["agreement"] = pd.DataFrame(agreement_rows)
     summary = {"tasks": names, "method": config.method, "circuit_size": len(next(iter(circuits.values()))),
                "accuracy": {r["task"]: r["accuracy"] for r in clean_rows},
                "ld_clean": {r["task"]: r["ld_clean"] for r in clean_rows}}
@@ -265,9 +277,40 @@ def _report(tables: dict[str, pd.DataFrame], config: CircuitsConfig) -> str:
             lines.append(f"- {r.task}: LD {r.ld_clean:.2f} -> {r.ld_circuit_ablated:.2f} (drop {r.drop_circuit:.2f}); "
                          f"random: drop {r.drop_random_mean:.2f} ± {r.drop_random_std:.2f} over {r.draws} draws, "
                          f"{r.random_at_least_circuit} of them at least the circuit's")
+    if "agreement" in tables:
+        lines += ["", "## Attribution (linear) vs exact path patching", ""]
+        for r in tables["agreement"].itertuples():
+            lines.append(f"- {r.task}: Spearman {r.spearman_attribution_path:.3f} over all heads; "
+                         f"{r.top_shared} heads shared between the two top-{config.top:.1%} sets")
     if len(tables["overlap"]):
         lines += ["", "## Overlap", ""]
         for r in tables["overlap"].itertuples():
             lines.append(f"- {r.task_a} / {r.task_b}: {r.n_shared} shared ({r.shared}); IoU {r.iou:.2f}; "
                          f"{r.share_a_in_b:.0%} of {r.task_a} in {r.task_b}, {r.share_b_in_a:.0%} the other way")
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(result: Result) -> list[str]:
+    """The CLI's summary: clean model first, then circuits, ablation and overlap (the report's sections)."""
+    return [line for line in result.report.splitlines() if line.strip()]
+
+
+def export_graphs(result: Result, folder, d_model: int | None = None) -> list:
+    """Each task's circuit as an EAP-IG / MIB graph JSON file ``{folder}/{task}.json``; returns the paths."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    circuits = result.tables["circuits"]
+    for task in result.summary["tasks"]:
+        rows = circuits[circuits.task == task]
+        graph = circuit_graph(result.tensors[f"scores.{task}"], [(int(a), int(b)) for a, b in zip(rows["layer"], rows["head"], strict=True)],
+                              d_model)
+        path = folder / f"{task}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(graph), encoding="utf-8")
+        tmp.replace(path)  # never a half-written graph under the final name
+        written.append(path)
+    return written
