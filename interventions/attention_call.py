@@ -127,6 +127,20 @@ class LayerPlan:
         n_cells = 2 ** len(self.post_sets) - 1
         self.own_groups = [torch.tensor(self._groups_of(i, n_cells)) for i in range(len(self.post))]
         self.post_heads = [torch.tensor(e.heads_of(layer)) for e in self.post]
+        self.needed_cells = self._needed_cells(n_cells)
+
+    def _needed_cells(self, n_cells: int) -> list[int]:
+        """Cells (and the rest, last) whose partial outputs a recombination reads: a cell whose static weight is
+        0 in every post edit has weight 0 in every edited row, so its O_g is never used (no P·V for it)."""
+        needed = []
+        for g in range(n_cells + 1):
+            for i, edit in enumerate(self.post):
+                static = edit.group_weights()
+                own = self.own_groups[i][g] if g < n_cells else -1
+                if static is None or (static + [edit.rest_weight()])[own] != 0:
+                    needed.append(g)
+                    break
+        return needed
 
     def _score_coefficients(self, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mult, add_abs) ``[head, group]``: group g holds the keys of the pre edits in bitmask g + 1."""
@@ -203,8 +217,12 @@ class EditedCall:
     post: PostPlan | None
 
 
-def _merged_request(probe_request: StatsRequest | None, plan: PostPlan) -> tuple[StatsRequest, int]:
-    """A request for the edit's groups crossed with the probe's (label = (probe label + 1) · groups + edit label)."""
+def _merged_request(probe_request: StatsRequest | None, plan: PostPlan,
+                    needed: list[int] | None = None) -> tuple[StatsRequest, int]:
+    """A request for the edit's groups crossed with the probe's (label = (probe label + 1) · groups + edit label).
+
+    ``needed``: the edit's groups whose partial outputs the recombination reads (None = all); a probe that
+    asks for group outputs itself reads every group."""
     cells = plan.n_groups
     probe_groups = 0
     labels = plan.labels
@@ -217,8 +235,11 @@ def _merged_request(probe_request: StatsRequest | None, plan: PostPlan) -> tuple
         probe_labels = torch.where((probe_labels >= 0) & (probe_labels < probe_groups), probe_labels, -1)
         labels = (probe_labels + 1) * cells + labels
     distance = probe_request.distance if probe_request is not None else False
+    output_groups = None
+    if needed is not None and len(needed) < cells and not (probe_request is not None and probe_request.group_outputs):
+        output_groups = tuple(p * cells + g for p in range(probe_groups + 1) for g in needed)
     request = StatsRequest(distance=distance, key_groups=labels, n_groups=(probe_groups + 1) * cells,
-                           group_outputs=True)
+                           group_outputs=True, output_groups=output_groups)
     return request, probe_groups
 
 
@@ -235,7 +256,7 @@ def run_edited(plan: LayerPlan, call: AttentionCall, query: torch.Tensor, key: t
                                           request=probe_request, **edit_kwargs)
         return out, stats, EditedCall(score_edit, None)
 
-    request, probe_groups = _merged_request(probe_request, post)
+    request, probe_groups = _merged_request(probe_request, post, plan.needed_cells)
     out, stats = attention_with_stats(query, key, value, scale=scale, sinks=sinks, backend=backend, mask=mask,
                                       request=request, **edit_kwargs)
     cells = post.n_groups

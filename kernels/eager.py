@@ -114,6 +114,10 @@ def eager_attention_with_stats(
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v_full).to(q.dtype)
     stats = stats_from_probs(probs, mask, lse, request)
     if request is not None and request.group_outputs:
-        onehot = group_onehot(request.labels(q.shape[0], q.device), request.group_count())
+        n_groups = request.group_count()
+        onehot = group_onehot(request.labels(q.shape[0], q.device), n_groups)
+        wanted = request.output_mask(n_groups, q.device)
+        if wanted is not None:  # groups not asked for read as 0, as on every backend
+            onehot = onehot * wanted.float()
         stats.group_out = torch.einsum("bhqk,bkg,bhkd->bhqgd", probs, onehot, v_full).to(q.dtype)
     return out, stats

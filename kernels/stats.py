@@ -132,6 +132,9 @@ class StatsRequest:
       any other label (e.g. -1) belongs to no group. Asks for ``group_mass``.
     - ``n_groups``: number of groups; default ``key_groups.max() + 1`` (one host sync, so pass it on GPU).
     - ``group_outputs``: also the partial outputs ``O_g = sum_{k in g} P_ik V_k`` (``group_out``).
+    - ``output_groups``: with ``group_outputs``, the groups whose partial outputs are needed (None = all);
+      the others' ``group_out`` entries are 0 on every backend, and cost the torch backend no P·V
+      (e.g. a group whose weight is 0 in every edited row of a post-softmax edit).
     - ``query_group``: restrict the column statistics (``key_mass``, ``key_count``, distance profile)
       to queries whose own position carries this label; query row i sits at key position
       i + q_offset, so this needs the keys to cover the queries (self-attention, with or without cache).
@@ -142,6 +145,7 @@ class StatsRequest:
     n_groups: int | None = None
     group_outputs: bool = False
     query_group: int | None = None
+    output_groups: tuple[int, ...] | None = None
 
     def group_count(self) -> int:
         """Number of key groups asked for (0 when no labels were given)."""
@@ -165,11 +169,29 @@ class StatsRequest:
                              f"got {list(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise InputError(f"key_groups must hold integer labels, got {labels.dtype}")
+        if self.output_groups is not None and not self.group_outputs:
+            raise InputError("output_groups names the groups whose partial outputs are needed: it needs "
+                             "StatsRequest(group_outputs=True)")
+        if self.output_groups is not None:
+            n_groups = self.group_count()
+            bad = [g for g in self.output_groups if not 0 <= int(g) < n_groups]
+            if bad:
+                raise InputError(f"output_groups {bad} are not groups of this request (0 .. {n_groups - 1})")
         if self.n_groups is not None and self.n_groups < 1:
             raise InputError(f"n_groups must be at least 1, got {self.n_groups}")
         if self.query_group is not None and q_offset + n_q > n_k:
             raise InputError(f"query_group reads the label of query i at key position i + q_offset, but "
                              f"{n_q} queries at offset {q_offset} run past the {n_k} keys; label the queries' keys")
+
+    def output_mask(self, n_groups: int, device: torch.device) -> torch.Tensor | None:
+        """``[group]`` bool: the groups whose partial outputs were asked for, or None for all of them."""
+        if self.output_groups is None:
+            return None
+        wanted = torch.zeros(n_groups, dtype=torch.bool)
+        for g in self.output_groups:
+            if 0 <= int(g) < n_groups:
+                wanted[int(g)] = True
+        return wanted.to(device)
 
     def labels(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """``[batch, key]`` int32 labels on ``device``, or None."""

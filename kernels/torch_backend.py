@@ -3,13 +3,24 @@
 Peak extra memory is O(batch · head · chunk · key): one chunk of scores at a time. GQA runs on the
 kv heads directly (queries of a group are stacked), so K and V are never expanded. Under a causal
 mask (and a sliding window) each chunk only reads the keys its rows can see.
+
+One pass per score tile (the chunk body, ``_ChunkBody``): q is scaled once, each score gets one
+exponential ``e = exp(s - m)`` with m the row maximum, and everything else is read from ``e`` without
+writing the tile back: the output (``e @ V``), the row sums (lse = m + log l), the entropy term
+``Σ e·(s - m)``, the key mass (weighted column sum), the group masses and partial outputs, the first-key
+mass and the distance bins, each then scaled per row by ``1 / L``. Causal and window masks only touch the
+diagonal (and window-edge) blocks of the tile, the only ones with masked entries; a model's own row mask
+(``MaskSpec.row_mask``) still masks the whole tile.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+
+from headlab.errors import InputError
 
 from .edits import ScoreEdit
 from .stats import (
@@ -23,19 +34,37 @@ from .stats import (
     group_onehot,
 )
 
-# Two fp32 buffers per chunk (scores, probabilities). A small budget keeps each chunk in cache and
-# lets the allocator reuse memory: measured on CPU, 256 MiB chunks were ~2x slower than 16 MiB.
-_BYTES_PER_SCORE = 2 * 4
-DEFAULT_CHUNK_BYTES = 16 * 2**20
-MIN_CHUNK = 16
-# Finite stand-in for -inf: exp() gives exactly 0 and 0 * _MASKED stays finite (no NaN in p · s).
+# Query rows per chunk. Measured on smollm2-135m shapes (9 heads, head_dim 64, one thread, 4 MiB L2 per
+# core): 64 rows was fastest or within 3 % of it at T = 1k..8k (see benchmarks/chunk_rows.py); the old
+# byte budget (16 MiB of scores) was 1.5x slower at 1k. Override with chunk_size= or HEADLAB_CHUNK_ROWS.
+DEFAULT_CHUNK_ROWS = 64
+CHUNK_ROWS_ENV = "HEADLAB_CHUNK_ROWS"
+# Finite stand-in for -inf: exp2() gives exactly 0 and 0 * (_MASKED - m) stays finite (no NaN).
 _MASKED = torch.finfo(torch.float32).min
+# Scores are kept in base-2 units (q pre-scaled by scale · log2 e) and exponentiated with exp2: on CPU,
+# torch.exp of an argument below -87 (masked entries, far-off keys) leaves the vectorised path and took
+# 100x longer (98 ms instead of 0.8 ms for a 9 x 64 x 4096 tile); exp2 stays fast down to -1e38. The
+# score edit s -> mult · s + add · |s| is positively homogeneous, so it holds in either unit.
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# A group whose members fill at most this share of a chunk's keys gets its partial output from just
+# those columns (a gather and a thin product) instead of a masked product over the whole tile.
+_NARROW = 0.25
 
 
-def pick_chunk_size(batch: int, n_heads: int, n_keys: int, chunk_bytes: int | None = None) -> int:
-    """Query rows per chunk so that the scores fit in ``chunk_bytes`` (env ``HEADLAB_CHUNK_BYTES``)."""
-    budget = chunk_bytes or int(os.environ.get("HEADLAB_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    return max(MIN_CHUNK, budget // (_BYTES_PER_SCORE * batch * n_heads * max(n_keys, 1)))
+def pick_chunk_size(chunk_rows: int | None = None) -> int:
+    """Query rows per chunk: ``chunk_rows``, else ``$HEADLAB_CHUNK_ROWS``, else ``DEFAULT_CHUNK_ROWS``."""
+    if chunk_rows is not None:
+        rows = chunk_rows
+    else:
+        text = os.environ.get(CHUNK_ROWS_ENV, "")
+        try:
+            rows = int(text) if text else DEFAULT_CHUNK_ROWS
+        except ValueError:
+            raise InputError(f"${CHUNK_ROWS_ENV} must be a whole number of query rows, got {text!r}") from None
+    if rows < 1:
+        raise InputError(f"chunk size must be at least 1 query row, got {rows} (chunk_size= or ${CHUNK_ROWS_ENV})")
+    return rows
 
 
 def visible_keys(mask: MaskSpec, start: int, stop: int, n_keys: int) -> tuple[int, int]:
@@ -43,6 +72,49 @@ def visible_keys(mask: MaskSpec, start: int, stop: int, n_keys: int) -> tuple[in
     hi = min(n_keys, stop + mask.q_offset) if mask.causal else n_keys
     lo = max(0, start + mask.q_offset - mask.window + 1) if mask.window is not None else 0
     return min(lo, hi), max(hi, 0)
+
+
+def partial_block(mask: MaskSpec, start: int, stop: int, lo: int, hi: int) -> tuple[int, int]:
+    """Keys [a, b) within [lo, hi) that the causal / window rule hides from some of rows [start, stop).
+
+    Every other key of [lo, hi) is visible to every row (before padding): causally the keys up to row
+    ``start``'s own position, under a window the keys from row ``stop - 1``'s window start. One range
+    (the union of the diagonal block and the window edge), at most 2 · rows wide; empty when a == b.
+    """
+    a, b = hi, lo
+    if mask.causal:  # row i sees j <= i + q_offset: keys after the first row's position are partial
+        a, b = min(a, start + mask.q_offset + 1), max(b, hi)
+    if mask.window is not None:  # row i sees j > i + q_offset - window: keys before the last row's start
+        a, b = min(a, lo), max(b, stop + mask.q_offset - mask.window)
+    a, b = max(a, lo), min(b, hi)
+    return (a, b) if a < b else (lo, lo)
+
+
+def structural_allowed(mask: MaskSpec, start: int, stop: int, a: int, b: int, device: torch.device) -> torch.Tensor:
+    """``[rows, b - a]`` bool: the causal / window rule alone for query rows [start, stop) and keys [a, b)."""
+    rows = torch.arange(start, stop, device=device)[:, None] + mask.q_offset
+    keys = torch.arange(a, b, device=device)[None, :]
+    allowed = torch.ones(stop - start, b - a, dtype=torch.bool, device=device)
+    if mask.causal:
+        allowed &= keys <= rows
+    if mask.window is not None:
+        allowed &= keys > rows - mask.window
+    return allowed
+
+
+def row_sees_any(mask: MaskSpec, batch: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """``[batch, query]`` bool: rows with at least one visible key (no row mask), from prefix sums of the padding."""
+    rows = torch.arange(n_q, device=device) + mask.q_offset
+    first = (rows - mask.window + 1).clamp_min(0) if mask.window is not None else torch.zeros_like(rows)
+    last = rows.clamp_max(n_k - 1) if mask.causal else torch.full_like(rows, n_k - 1)
+    nonempty = (first <= last)[None].expand(batch, -1)
+    if mask.key_padding is None:
+        return nonempty.clone()
+    padding = mask.key_padding.to(device=device, dtype=torch.long).expand(batch, -1)
+    prefix = torch.nn.functional.pad(padding.cumsum(-1), (1, 0))  # [batch, key + 1]
+    inside = prefix.gather(1, (last + 1).clamp(0, n_k)[None].expand(batch, -1)) - \
+        prefix.gather(1, first.clamp(0, n_k)[None].expand(batch, -1))
+    return nonempty & (inside > 0)
 
 
 # Per-key coefficients [batch, head, key] (mult, add_abs) and the edited rows [batch, query] or None.
@@ -55,14 +127,50 @@ def edit_tables(edit: ScoreEdit, batch: int, device: torch.device) -> _EditTable
     return mult, add, edit.row_flags(batch, device)
 
 
-def edit_chunk(scores: torch.Tensor, tables: _EditTables, start: int, stop: int, lo: int, hi: int) -> torch.Tensor:
-    """Edited scaled scores ``[batch, head, rows, width]`` of query rows [start, stop) and keys [lo, hi)."""
+def edit_chunk(scores: torch.Tensor, tables: _EditTables, start: int, stop: int, lo: int, hi: int,
+               work: torch.Tensor | None = None) -> torch.Tensor:
+    """Edited scaled scores ``[batch, head, rows, width]`` of query rows [start, stop) and keys [lo, hi).
+
+    ``work``: a tile-shaped buffer for the edited scores (else a new one); the result is ``work`` or,
+    when only some rows are edited, ``scores`` itself, overwritten."""
     mult, add, rows = tables
     # |s| · add + s · mult, with one chunk-sized temporary (the scores are only read).
-    edited = scores.abs().mul_(add[:, :, None, lo:hi]).addcmul_(scores, mult[:, :, None, lo:hi])
+    edited = torch.abs(scores, out=work) if work is not None else scores.abs()
+    edited.mul_(add[:, :, None, lo:hi]).addcmul_(scores, mult[:, :, None, lo:hi])
     if rows is None:
         return edited
-    return torch.where(rows[:, None, start:stop, None], edited, scores)
+    return torch.where(rows[:, None, start:stop, None], edited, scores, out=scores)
+
+
+@dataclass
+class _GroupColumns:
+    """Where one key group's members sit, worked out once per call (host side) for the partial outputs.
+
+    ``members`` / ``outsiders``: sorted key indices that are in the group for some batch row / out of it
+    for some batch row; ``uniform``: every batch row has the same labels (then the two partition the keys).
+    """
+
+    members: torch.Tensor
+    outsiders: torch.Tensor
+    uniform: bool
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, group: int, uniform: bool) -> _GroupColumns:
+        inside = (labels == group).cpu()
+        return cls(inside.any(0).nonzero()[:, 0], (~inside).any(0).nonzero()[:, 0], uniform)
+
+    @staticmethod
+    def within(columns: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The sorted ``columns`` in [lo, hi), shifted to the chunk's own key index."""
+        a, b = torch.searchsorted(columns, torch.tensor([lo, hi])).tolist()
+        return columns[a:b] - lo
+
+
+def output_groups(request: StatsRequest, n_groups: int) -> list[int]:
+    """The groups whose partial outputs a request asks for (all of them unless ``output_groups`` says)."""
+    if request.output_groups is None:
+        return list(range(n_groups))
+    return sorted({int(g) for g in request.output_groups if 0 <= int(g) < n_groups})
 
 
 def torch_attention_with_stats(
@@ -79,99 +187,259 @@ def torch_attention_with_stats(
     """q ``[batch, head, query, dim]``, k/v ``[batch, kv_head, key, dim]`` -> ``[batch, head, query, dim_v]``.
 
     ``score_edit`` edits each chunk's scaled scores before masking; every statistic describes the edited
-    attention."""
+    attention. ``chunk_size``: query rows per chunk (default ``pick_chunk_size()``)."""
     batch, n_heads, n_q, _ = q.shape
-    n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    n_k = k.shape[2]
     if score_edit is not None:
         score_edit.check(batch, n_heads, n_q, n_k)
-    group = n_heads // n_kv
-    device = q.device
-    chunk = chunk_size or pick_chunk_size(batch, n_heads, n_k)
-
-    # [batch, kv_head, group, query, dim]: the heads sharing one kv head sit together.
-    q_grouped = q.view(batch, n_kv, group, n_q, -1)
-    k_t = k.float().transpose(-1, -2)  # [batch, kv_head, dim, key]
-    v_f = v.float()
-    sink_logits = None if sinks is None else sinks.float().view(1, n_heads, 1)
-    first_key = mask.first_key(batch, device)
-
-    out = torch.zeros(batch, n_heads, n_q, dim_v, dtype=q.dtype, device=device)
-    lse = torch.full((batch, n_heads, n_q), float("-inf"), dtype=torch.float32, device=device)
-    entropy = torch.zeros_like(lse)
-    first_mass = torch.zeros_like(lse)
-    key_mass = torch.zeros(batch, n_heads, n_k, dtype=torch.float32, device=device)
-    key_count = torch.zeros(batch, n_k, dtype=torch.float32, device=device)
-    row_counted = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
     if request is not None:
         request.check(batch, n_q, n_k, mask.q_offset)
-    edit = None if score_edit is None else edit_tables(score_edit, batch, device)
-    n_groups = request.group_count() if request is not None else 0
-    onehot = group_mass = group_out = None
-    if n_groups:
-        onehot = group_onehot(request.labels(batch, device), n_groups)  # [batch, key, group]
-        group_mass = torch.zeros(batch, n_heads, n_q, n_groups, dtype=torch.float32, device=device)
-        if request.group_outputs:
-            group_out = torch.zeros(batch, n_heads, n_q, n_groups, dim_v, dtype=q.dtype, device=device)
-    distance_mass = distance_count = None
-    if request is not None and request.distance:
-        n_bins = distance_shape(n_q, n_k, mask.q_offset)
-        distance_mass = torch.zeros(batch, n_heads, 2, n_bins, dtype=torch.float32, device=device)
-        distance_count = torch.zeros(batch, 2, n_bins, dtype=torch.float32, device=device)
-
+    chunk = pick_chunk_size(chunk_size)
+    body = _ChunkBody(q, k, v, mask, scale, sinks, request, score_edit, chunk)
     for start in range(0, n_q, chunk):
-        stop = min(start + chunk, n_q)
+        body.run(start, min(start + chunk, n_q))
+    return body.result()
+
+
+class _ChunkBody:
+    """The accumulators of one call and the work of one chunk of query rows (``run``).
+
+    Chunks store unnormalised sums (``e @ V``, Σe, Σe·(s - m), e on the first key, group sums) with the row
+    maximum; ``result`` turns them into probabilities' statistics with one per-row scale for the whole call.
+    Only the key mass (a sum over rows) is normalised inside the chunk.
+    """
+
+    def __init__(self, q, k, v, mask: MaskSpec, scale: float, sinks, request: StatsRequest | None,
+                 score_edit: ScoreEdit | None, chunk: int):
+        batch, n_heads, n_q, _ = q.shape
+        n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+        device = q.device
+        self.shape = (batch, n_heads, n_kv, n_heads // n_kv, n_q, n_k, dim_v)
+        self.mask, self.request, self.dtype, self.device = mask, request, q.dtype, device
+        # [batch, kv_head, group, query, dim]: the heads sharing one kv head sit together; scaled once.
+        self.q = (q.float() * (scale * _LOG2E)).view(batch, n_kv, n_heads // n_kv, n_q, -1)
+        self.k_t = k.float().transpose(-1, -2)  # [batch, kv_head, dim, key]
+        self.v = v.float()
+        self.sinks = None if sinks is None else sinks.float().view(1, n_heads, 1) * _LOG2E  # base 2
+        self.first_key = mask.first_key(batch, device)
+        first = self.first_key.unique() if batch > 1 else self.first_key
+        self.first_column = int(first[0]) if first.numel() == 1 else None  # one column for every batch row
+        self.edit = None if score_edit is None else edit_tables(score_edit, batch, device)
+        self.padding = None if mask.key_padding is None else \
+            mask.key_padding.to(device=device, dtype=torch.bool).expand(batch, -1)
+        # Causal, window and padding have a structure; only a model's own row mask needs the whole tile.
+        self.dense = mask.row_mask is not None
+        f32 = dict(dtype=torch.float32, device=device)
+        if self.dense:  # filled chunk by chunk
+            self.sees = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
+            self.row_counted = torch.zeros_like(self.sees)
+            self.column_weight = torch.zeros(batch, n_q, **f32)
+            self.key_count = torch.zeros(batch, n_k, **f32)
+            self.all_see = False
+        else:
+            self.sees = row_sees_any(mask, batch, n_q, n_k, device)
+            self.all_see = bool(self.sees.all())
+            self.row_counted = mask.rows_counted(0, n_q, batch, device) & self.sees
+            self.column_weight = column_rows(self.row_counted, request, mask.q_offset).float()
+            self.key_count = None  # from the mask's structure, at the end
+        self.blocks: dict[tuple[int, int, int], torch.Tensor] = {}
+
+        # Two tile buffers (scores, exponentials) reused by every chunk: a fresh multi-MiB tensor per chunk
+        # costs page faults (measured: a 64 x 4k score product took 3.8 ms into a new tensor, 2.2 ms into one).
+        self.work = [torch.empty(batch * n_heads * min(n_q, chunk) * n_k, **f32) for _ in range(2)]
+        self.out = torch.zeros(batch, n_heads, n_q, dim_v, dtype=q.dtype, device=device)
+        self.out_sum = self.out if q.dtype == torch.float32 else torch.zeros(batch, n_heads, n_q, dim_v, **f32)
+        self.row_max = torch.zeros(batch, n_heads, n_q, **f32)
+        self.row_sum = torch.zeros_like(self.row_max)
+        self.row_dot = torch.zeros_like(self.row_max)
+        self.first_sum = torch.zeros_like(self.row_max)
+        self.key_mass = torch.zeros(batch, n_heads, n_k, **f32)
+
+        n_groups = request.group_count() if request is not None else 0
+        self.onehot = self.group_sum = self.group_out_sum = None
+        self.columns: dict[int, _GroupColumns] = {}
+        if n_groups:
+            labels = request.labels(batch, device)
+            self.onehot = group_onehot(labels, n_groups)  # [batch, key, group]
+            self.group_sum = torch.zeros(batch, n_heads, n_q, n_groups, **f32)
+            if request.group_outputs:
+                self.group_out_sum = torch.zeros(batch, n_heads, n_q, n_groups, dim_v, **f32)
+                uniform = batch == 1 or bool((labels == labels[:1]).all())
+                self.columns = {g: _GroupColumns.of(labels, g, uniform) for g in output_groups(request, n_groups)}
+        self.distance_mass = self.distance_count = None
+        if request is not None and request.distance:
+            self.n_bins = distance_shape(n_q, n_k, mask.q_offset)
+            self.distance_mass = torch.zeros(batch, n_heads, 2, self.n_bins, **f32)
+            self.distance_count = torch.zeros(batch, 2, self.n_bins, **f32)
+
+    def result(self) -> tuple[torch.Tensor, AttentionStats]:
+        """Normalise the per-row sums: lse = m + log2 L (sinks added), p = e / L; natural units out."""
+        sees = self.sees[:, None]
+        row_max, row_sum = self.row_max, self.row_sum
+        # log2 L relative to the row maximum, never as lse - m: with logits in the hundreds that difference
+        # would cancel away the precision of a sink's small share (and with it the entropy).
+        log_total = row_sum.log2()
+        if self.sinks is not None:
+            log_total = torch.logaddexp2(log_total, self.sinks - row_max)
+        lse2 = torch.where(sees, row_max + log_total, float("-inf"))
+        if self.sinks is not None:
+            lse2 = torch.where(sees, lse2, self.sinks.expand_as(lse2))  # a row without keys: the sink alone
+        inv = torch.where(sees, torch.exp2(-log_total), 0.0)  # 1 / L; 0 on rows without keys
+        # Entropy over keys (sink excluded): H = lse · Σp - Σ p·s = (l · log L - Σ e·(s - m)) / L, in nats.
+        entropy = torch.where(sees, (row_sum * log_total - self.row_dot) * inv * _LN2, 0.0)
+        self.out_sum.mul_(inv[..., None])
+        if self.out_sum is not self.out:
+            self.out.copy_(self.out_sum)
+        group_mass = group_out = None
+        if self.group_sum is not None:
+            group_mass = self.group_sum.mul_(inv[..., None])
+        if self.group_out_sum is not None:
+            group_out = self.group_out_sum.mul_(inv[..., None, None]).to(self.dtype)
+        key_count = self.key_count if self.key_count is not None else self.structural_key_count()
+        stats = AttentionStats(lse2 * _LN2, entropy, self.key_mass, key_count, self.first_sum.mul_(inv),
+                               self.row_counted, self.first_key, self.distance_mass, self.distance_count,
+                               group_mass, group_out)
+        return self.out, stats
+
+    def structural_key_count(self) -> torch.Tensor:
+        """``[batch, key]`` counted rows that see each key, from prefix sums over rows (causal / window / padding).
+
+        Key j is seen by rows i with i >= j - q_offset (causal) and i < j - q_offset + window (window)."""
+        batch, _, _, _, n_q, n_k, _ = self.shape
+        mask = self.mask
+        prefix = torch.nn.functional.pad(self.column_weight.cumsum(-1), (1, 0))  # [batch, query + 1]
+        shift = torch.arange(n_k, device=self.device) - mask.q_offset
+        first = shift.clamp(0, n_q) if mask.causal else torch.zeros_like(shift)
+        last = (shift + mask.window).clamp(0, n_q) if mask.window is not None else torch.full_like(shift, n_q)
+        last = torch.maximum(first, last)
+        count = prefix[:, last] - prefix[:, first]
+        return count * self.padding if self.padding is not None else count
+
+    def block(self, start: int, stop: int, a: int, b: int) -> torch.Tensor:
+        """The causal / window block of rows [start, stop) and keys [a, b), cached by its relative position."""
+        key = (stop - start, b - a, start + self.mask.q_offset - a)
+        if key not in self.blocks:
+            self.blocks[key] = ~structural_allowed(self.mask, start, stop, a, b, self.device)
+        return self.blocks[key]
+
+    def scores(self, start: int, stop: int, lo: int, hi: int) -> torch.Tensor:
+        """Scaled (base 2), edited, masked scores ``[batch, head, rows, width]`` in the first tile buffer;
+        on the dense path it also records which rows see a key and which are counted."""
+        batch, n_heads, n_kv, group, _, n_k, _ = self.shape
+        rows, width = stop - start, hi - lo
+        q_chunk = self.q[:, :, :, start:stop].reshape(batch, n_kv, group * rows, -1)
+        size = batch * n_heads * rows * width
+        scores = self.work[0][:size].view(batch, n_kv, group * rows, width)
+        torch.matmul(q_chunk, self.k_t[..., lo:hi], out=scores)
+        scores = scores.view(batch, n_heads, rows, width)
+        if self.edit is not None:
+            edited = edit_chunk(scores, self.edit, start, stop, lo, hi, self.work[1][:size].view_as(scores))
+            if edited.data_ptr() != scores.data_ptr():
+                self.work.reverse()  # the edited scores sit in the second buffer now: swap roles
+            scores = edited
+        if self.dense:
+            allowed = self.mask.allowed(start, stop, n_k, self.device)[..., lo:hi]  # [batch or 1, 1, rows, width]
+            scores.masked_fill_(~allowed, _MASKED)
+            sees = allowed.any(dim=-1)[:, 0].expand(batch, rows)
+            self.sees[:, start:stop] = sees
+            counted = self.mask.rows_counted(start, stop, batch, self.device) & sees
+            self.row_counted[:, start:stop] = counted
+            counted = column_rows(counted, self.request, self.mask.q_offset + start)
+            self.column_weight[:, start:stop] = counted
+            self.key_count[:, lo:hi] += (allowed[:, 0] & counted[:, :, None]).sum(dim=1)
+            return scores
+        if self.padding is not None:
+            scores.masked_fill_(~self.padding[:, None, None, lo:hi], _MASKED)
+        a, b = partial_block(self.mask, start, stop, lo, hi)
+        if b > a:  # only the diagonal block (and the window edge) holds masked entries
+            scores[..., a - lo : b - lo].masked_fill_(self.block(start, stop, a, b), _MASKED)
+        return scores
+
+    def visible_pairs(self, start: int, stop: int, lo: int, hi: int) -> torch.Tensor:
+        """``[batch, rows, width]`` bool visibility of the tile (only for the distance profile)."""
+        batch, n_k = self.shape[0], self.shape[5]
+        allowed = self.mask.allowed(start, stop, n_k, self.device)[:, 0, :, lo:hi]
+        return allowed.expand(batch, -1, -1)
+
+    def run(self, start: int, stop: int) -> None:
+        batch, n_heads, n_kv, group, _, n_k, dim_v = self.shape
         rows = stop - start
-        lo, hi = visible_keys(mask, start, stop, n_k)
+        lo, hi = visible_keys(self.mask, start, stop, n_k)
         if hi <= lo:
-            continue  # these rows see no key: output 0, lse -inf, nothing counted
+            return  # these rows see no key: output 0, lse -inf, nothing counted
         width = hi - lo
-        q_chunk = q_grouped[:, :, :, start:stop].float().reshape(batch, n_kv, group * rows, -1)
-        scores = (q_chunk @ k_t[..., lo:hi]).view(batch, n_heads, rows, width).mul_(scale)
-        if edit is not None:
-            scores = edit_chunk(scores, edit, start, stop, lo, hi)
-        allowed = mask.allowed(start, stop, n_k, device)[..., lo:hi]  # [batch or 1, 1, rows, width]
-        scores.masked_fill_(~allowed, _MASKED)
-        sees_any = allowed.any(dim=-1).expand(batch, 1, rows)  # [batch, 1, rows]
+        scores = self.scores(start, stop, lo, hi)
 
-        # A row without visible keys has lse -inf (or the sink's logit) and probabilities 0.
-        row_lse = torch.logsumexp(scores, dim=-1).masked_fill_(~sees_any, float("-inf"))  # [batch, head, rows]
-        if sink_logits is not None:
-            row_lse = torch.logaddexp(row_lse, sink_logits.expand_as(row_lse))
-        probs = torch.exp(scores - row_lse.nan_to_num(neginf=0.0)[..., None])
+        # One exponential per score: e = 2^(s - m), s in base-2 units; a row without keys gets m = 0, so e = 0.
+        row_max = scores.amax(dim=-1)  # [batch, head, rows]
+        if not self.all_see:
+            row_max = torch.where(self.sees[:, None, start:stop], row_max, 0.0)
+        shifted = scores.sub_(row_max[..., None])
+        e = torch.exp2(shifted, out=self.work[1][: shifted.numel()].view_as(shifted))
+        row_sum = e.sum(dim=-1)
+        self.row_max[:, :, start:stop] = row_max
+        self.row_sum[:, :, start:stop] = row_sum
+        self.row_dot[:, :, start:stop] = torch.einsum("bhrk,bhrk->bhr", e, shifted)  # 8x faster than 1xk @ kx1
+        e_rows = e.view(batch, n_kv, group * rows, width)  # the GQA view every product reads
+        self.out_sum[:, :, start:stop] = (e_rows @ self.v[:, :, lo:hi]).view(batch, n_heads, rows, dim_v)
+        self.first_sum[:, :, start:stop] = self.first_e(e, lo, hi)
 
-        out_chunk = probs.view(batch, n_kv, group * rows, width) @ v_f[:, :, lo:hi]
-        out[:, :, start:stop] = out_chunk.view(batch, n_heads, rows, dim_v).to(q.dtype)
-        lse[:, :, start:stop] = row_lse
-        # Entropy over keys without a log per element: H = lse · sum(p) - sum(p · s).
-        row_sum = probs.sum(-1)
-        entropy[:, :, start:stop] = torch.where(
-            sees_any, row_lse.nan_to_num(neginf=0.0) * row_sum - scores.mul_(probs).sum(-1), 0.0)
-        first_in = (first_key >= lo) & (first_key < hi)
-        first_idx = (first_key - lo).clamp(0, width - 1).view(batch, 1, 1, 1).expand(-1, n_heads, rows, 1)
-        first_mass[:, :, start:stop] = probs.gather(-1, first_idx)[..., 0] * first_in.view(batch, 1, 1)
+        if self.onehot is not None:
+            self.group_sum[:, :, start:stop] = e @ self.onehot[:, None, lo:hi]
+            for g, columns in self.columns.items():
+                part = self.group_output(e, e_rows, g, columns, lo, hi)
+                if part is not None:
+                    self.group_out_sum[:, :, start:stop, g] = part.view(batch, n_heads, rows, dim_v)
 
-        if onehot is not None:
-            members = onehot[:, None, lo:hi]  # [batch, 1, width, group]
-            group_mass[:, :, start:stop] = probs @ members
-            if group_out is not None:
-                # [batch, head, rows, group, dim_v]: one masked product per group (few groups).
-                for g in range(n_groups):
-                    masked = (probs * members[..., g][:, :, None, :]).view(batch, n_kv, group * rows, width)
-                    part = (masked @ v_f[:, :, lo:hi]).view(batch, n_heads, rows, dim_v)
-                    group_out[:, :, start:stop, g] = part.to(q.dtype)
+        # The key mass (a sum over rows) needs each row's 1 / L now: l plus the sink's share.
+        total = row_sum if self.sinks is None else row_sum + torch.exp2(self.sinks - row_max)
+        weights = self.column_weight[:, None, start:stop] / total  # [batch, head, rows]; 0 on rows not counted
+        if not self.all_see:
+            weights = torch.where(self.sees[:, None, start:stop], weights, 0.0)
+        self.key_mass[..., lo:hi] += (weights[:, :, None] @ e)[:, :, 0]
+        if self.distance_mass is not None:
+            pairs = self.visible_pairs(start, stop, lo, hi) & (self.column_weight[:, start:stop, None] > 0)
+            index = distance_index(start, stop, lo, hi, self.mask.q_offset, self.n_bins, self.device)
+            add_distance(self.distance_mass.view(batch, n_heads, -1), self.distance_count.view(batch, -1),
+                         e * weights[..., None], pairs, index)
 
-        counted = mask.rows_counted(start, stop, batch, device) & sees_any[:, 0]
-        row_counted[:, start:stop] = counted
-        counted = column_rows(counted, request, mask.q_offset + start)  # rows that add to the column sums
-        weights = counted[:, None, None, :].to(probs.dtype).expand(batch, n_heads, 1, rows)
-        key_mass[..., lo:hi] += (weights @ probs)[:, :, 0]
-        pairs = allowed[:, 0] & counted[:, :, None]  # [batch, rows, width]
-        key_count[:, lo:hi] += pairs.sum(dim=1)
-        if distance_mass is not None:
-            index = distance_index(start, stop, lo, hi, mask.q_offset, n_bins, device)
-            add_distance(distance_mass.view(batch, n_heads, -1), distance_count.view(batch, -1),
-                         probs * counted[:, None, :, None], pairs.expand(batch, -1, -1), index)
+    def first_e(self, e: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``[batch, head, rows]`` unnormalised weight of each row on its first real key (0 outside [lo, hi))."""
+        batch, n_heads, rows, width = e.shape
+        if self.first_column is not None:
+            if lo <= self.first_column < hi:
+                return e[..., self.first_column - lo]
+            return e.new_zeros(batch, n_heads, rows)
+        first = self.first_key
+        first_in = ((first >= lo) & (first < hi)).view(batch, 1, 1)
+        index = (first - lo).clamp(0, width - 1).view(batch, 1, 1, 1).expand(-1, n_heads, rows, 1)
+        return e.gather(-1, index)[..., 0] * first_in
 
-    stats = AttentionStats(lse, entropy, key_mass, key_count, first_mass, row_counted, first_key,
-                           distance_mass, distance_count, group_mass, group_out)
-    return out, stats
+    def group_output(self, e: torch.Tensor, e_rows: torch.Tensor, g: int, columns: _GroupColumns,
+                     lo: int, hi: int) -> torch.Tensor | None:
+        """Unnormalised ``Σ_{k in g} e_ik V_k`` ``[batch, kv_head, group · rows, dim_v]`` of one chunk, or None
+        when no key of [lo, hi) is in the group: from the member columns when they are few, by zeroing
+        the few outsiders (and restoring them) when the group fills most of the chunk, else masked."""
+        batch, n_kv, width = self.shape[0], self.shape[2], hi - lo
+        v = self.v[:, :, lo:hi]
+        inside = _GroupColumns.within(columns.members, lo, hi)
+        if inside.numel() == 0:
+            return None
+        if inside.numel() <= _NARROW * width:
+            inside = inside.to(self.device)
+            picked = e.index_select(-1, inside)
+            if not columns.uniform:  # a column in the group for one batch row may be out of it for another
+                picked = picked * self.onehot[:, None, None, lo:hi, g].index_select(-1, inside)
+            return picked.view(batch, n_kv, -1, inside.numel()) @ v.index_select(-2, inside)
+        outside = _GroupColumns.within(columns.outsiders, lo, hi)
+        if outside.numel() == 0:
+            return e_rows @ v
+        if columns.uniform and outside.numel() <= _NARROW * width:
+            outside = outside.to(self.device)
+            saved = e.index_select(-1, outside)
+            e.index_fill_(-1, outside, 0.0)
+            part = e_rows @ v
+            e.index_copy_(-1, outside, saved)
+            return part
+        masked = e * self.onehot[:, None, None, lo:hi, g]
+        return masked.view(batch, n_kv, -1, width) @ v

@@ -268,6 +268,9 @@ def triton_attention_with_stats(
     group_out = None
     if request is not None and request.group_outputs and call.n_groups:
         group_out = _launch_group_outputs(call, lse, edit)
+        wanted = request.output_mask(call.n_groups, q.device)
+        if wanted is not None:  # every group is computed; those not asked for read as 0, as on every backend
+            group_out = group_out * wanted.view(1, 1, 1, -1, 1).to(group_out.dtype)
 
     row_counted = mask.rows_counted(0, n_q, batch, q.device)
     row_counted = row_counted & rows_seeing_keys(mask, call.padding, batch, n_q, n_k, q.device)

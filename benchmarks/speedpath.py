@@ -1,0 +1,218 @@
+"""Statistics path against a plain sdpa forward on smollm2-135m, in process CPU time; quiet and busy machine.
+
+Cases (batch 1, fp32, ``torch.no_grad()``, ``use_cache=False``), one prompt of T tokens from the bundled
+prompts:
+
+- ``sdpa``: the model as loaded (transformers' sdpa attention). The baseline of every ratio.
+- ``stats``: the same forward inside ``AttentionProbe`` (headlab's attention function on every layer, the
+  torch backend's chunked kernel, all default statistics; the callback drops them).
+- ``attn-sdpa`` / ``attn-stats`` (at ``--attention-T``): one attention call at smollm2's shape (9 query
+  heads, 3 kv heads, head_dim 64, causal, random q/k/v): ``scaled_dot_product_attention(is_causal=True,
+  enable_gqa=True)`` against ``torch_attention_with_stats``.
+
+Measurement. Time is **process CPU time** (``time.process_time``, user + system of this process only), so
+other processes on the machine change it far less than wall time. Rounds interleave the cases (sdpa,
+stats, sdpa, stats, ...) so that drifts hit both alike; each number is the **minimum** over ``--rounds``
+rounds, after one warm-up call per case. Peak memory of a call (``--memory``): growth of ``ru_maxrss``
+over the first call of each case in a fresh process (this script with ``--_memory``), in MiB.
+
+Busy machine (``--busy``): the same interleaved rounds with the default torch thread count while a
+competing CPU-bound process runs: ``python -c "while True: pass"`` started by this script (``--busy-pin``
+pins it with ``taskset`` to one cpu), killed afterwards. Both cases run under the same load, so the ratio
+is what a user on a shared machine sees; ``os.getloadavg()`` is recorded before and after.
+
+Usage (repository root)::
+
+    python benchmarks/speedpath.py                      # T = 1k, 4k, 8k, one thread, 3 rounds
+    python benchmarks/speedpath.py --busy --lengths 1024 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUSY_LOOP = "while True: pass"
+
+
+def cpu_time(fn: Callable[[], object]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Process CPU seconds of each case per round, the cases alternating within every round."""
+    for fn in cases.values():
+        fn()  # warm-up: thread pool, allocator, headlab's attention function registered
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            times[name].append(cpu_time(fn))
+    return times
+
+
+def model_cases(loaded, ids: torch.Tensor) -> dict[str, Callable[[], object]]:
+    from headlab.probes import AttentionProbe
+
+    model = loaded.model
+
+    def forward(make):
+        def run():
+            with torch.no_grad(), make():
+                model(input_ids=ids, use_cache=False)
+        return run
+
+    return {"sdpa": forward(nullcontext),
+            "stats": forward(lambda: AttentionProbe(loaded, on_stats=lambda layer, stats: None))}
+
+
+def attention_cases(n: int) -> dict[str, Callable[[], object]]:
+    from headlab.kernels import MaskSpec, torch_attention_with_stats
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, n, 64, generator=gen)
+    k, v = (torch.randn(1, 3, n, 64, generator=gen) for _ in range(2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {"attn-sdpa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
+            "attn-stats": lambda: torch_attention_with_stats(q, k, v, MaskSpec(causal=True), 0.125)}
+
+
+def prompt_ids(loaded, n_tokens: int) -> torch.Tensor:
+    from headlab.prompts import bundled_prompts
+
+    text = " ".join(bundled_prompts())
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids.repeat(n_tokens // len(ids) + 1)[:n_tokens][None]
+
+
+def summarise(times: dict[str, list[float]], base: str) -> dict[str, dict]:
+    best = {name: min(values) for name, values in times.items()}
+    return {name: {"cpu_s": best[name], "ratio_to_sdpa": best[name] / best[base], "rounds_s": times[name]}
+            for name in times}
+
+
+def start_busy(pin: int | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", BUSY_LOOP]
+    if pin is not None:
+        cmd = ["taskset", "-c", str(pin), *cmd]
+    proc = subprocess.Popen(cmd)
+    time.sleep(1.0)  # let it reach the loop
+    return proc
+
+
+def memory_worker(case: str, n: int) -> None:
+    """Fresh process: ru_maxrss growth over the first call of one case (MiB), printed as JSON."""
+    import gc
+
+    import headlab
+
+    torch.set_num_threads(1)
+    loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
+    fn = (model_cases(loaded, prompt_ids(loaded, n)) | attention_cases(n))[case]
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+
+
+def memory(case: str, n: int) -> float | None:
+    done = subprocess.run([sys.executable, __file__, "--_memory", case, str(n)], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])["peak_mib"] if done.returncode == 0 and lines else None
+
+
+def run(args) -> dict:
+    import headlab
+
+    loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
+    result: dict = {"model": "smollm2-135m", "dtype": "float32", "batch": 1, "rounds": args.rounds,
+                    "measure": "process CPU time (time.process_time), minimum over interleaved rounds",
+                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "quiet": [], "busy": []}
+    default_threads = torch.get_num_threads()  # torch's own default: one per physical core
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    for n in args.lengths:
+        row = {"T": n, "threads": args.threads, **summarise(interleaved(model_cases(loaded, prompt_ids(loaded, n)),
+                                                                         args.rounds), "sdpa")}
+        if n == args.attention_T:
+            row.update(summarise(interleaved(attention_cases(n), args.rounds), "attn-sdpa"))
+        if args.memory:
+            row["peak_mib"] = {case: memory(case, n) for case in ("sdpa", "stats")}
+        result["quiet"].append(row)
+        print(json.dumps({k: (v["ratio_to_sdpa"] if isinstance(v, dict) and "ratio_to_sdpa" in v else v)
+                          for k, v in row.items()}), flush=True)
+    result["quiet_loadavg"] = [load_before, os.getloadavg()]
+    if args.busy:
+        torch.set_num_threads(args.busy_threads or default_threads)
+        threads = torch.get_num_threads()
+        busy = start_busy(args.busy_pin)
+        try:
+            load = [os.getloadavg()]
+            for n in args.busy_lengths or args.lengths:
+                times = interleaved(model_cases(loaded, prompt_ids(loaded, n)), args.rounds)
+                row = {"T": n, "threads": threads, **summarise(times, "sdpa")}
+                result["busy"].append(row)
+                print("busy", json.dumps({"T": n, "ratio": row["stats"]["ratio_to_sdpa"]}), flush=True)
+            load.append(os.getloadavg())
+        finally:
+            busy.kill()
+            busy.wait()
+        result["busy_load"] = {"how": f"one competing process `{sys.executable} -c '{BUSY_LOOP}'`"
+                                      + (f" pinned to cpu {args.busy_pin} with taskset" if args.busy_pin is not None
+                                         else " (not pinned)") + f"; torch threads {threads}",
+                               "loadavg": load}
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = ["| T | threads | load | sdpa s | stats s | stats / sdpa | attention call / sdpa's |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for kind in ("quiet", "busy"):
+        for row in result[kind]:
+            attn = f"{row['attn-stats']['ratio_to_sdpa']:.2f}" if "attn-stats" in row else ""
+            lines.append(f"| {row['T']} | {row['threads']} | {kind} | {row['sdpa']['cpu_s']:.3f} | "
+                         f"{row['stats']['cpu_s']:.3f} | {row['stats']['ratio_to_sdpa']:.2f} | {attn} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention-T", type=int, default=4096, help="T of the single attention call timed")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS growth per case (fresh processes)")
+    parser.add_argument("--busy", action="store_true", help="also time under one competing CPU-bound process")
+    parser.add_argument("--busy-lengths", type=int, nargs="+")
+    parser.add_argument("--busy-threads", type=int, help="torch threads under load (default: torch's default)")
+    parser.add_argument("--busy-pin", type=int, help="pin the competing process to this cpu (taskset)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speedpath_cpu.json")
+    parser.add_argument("--_memory", nargs=2, metavar=("CASE", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory:
+        memory_worker(args._memory[0], int(args._memory[1]))
+        return
+    result = run(args)
+    result["markdown"] = markdown(result)
+    print(result["markdown"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The torch backend's one-pass chunk body: structural masking, deferred normalisation, partial outputs of
+chosen groups, chunk size in rows; each against the eager oracle (fp32 within 1e-5, bf16 within 2e-2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_helpers import assert_same, make_qkv
+
+from headlab.errors import InputError
+from headlab.interventions import AttentionOverride, KeyKnockout, Redistribute
+from headlab.interventions.attention_call import LayerPlan, PostPlan, _merged_request
+from headlab.kernels import MaskSpec, ScoreEdit, StatsRequest, eager_attention_with_stats, torch_attention_with_stats
+from headlab.kernels.torch_backend import DEFAULT_CHUNK_ROWS, pick_chunk_size
+
+
+def all_true_rows(batch: int, n_k: int):
+    """A row mask that hides nothing: it sends the torch backend down the dense (whole-tile) path."""
+    return lambda start, stop: torch.ones(batch, 1, stop - start, n_k, dtype=torch.bool)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_q=st.integers(1, 21),
+    extra_keys=st.integers(0, 6),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    pad=st.integers(0, 4),
+    left=st.booleans(),
+    chunk=st.integers(1, 9),
+    sinks=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_structured_and_dense_paths_equal_eager(n_q, extra_keys, causal, window, pad, left, chunk, sinks, seed):
+    """Diagonal-block masking, structural key counts and rows-with-keys from prefix sums, with a KV-cache
+    offset (keys before the queries), against eager and against the dense row-mask path."""
+    n_k = n_q + extra_keys
+    q, k, v = make_qkv(2, 4, 2, n_q, n_k, 8, seed=seed)
+    padding = torch.ones(2, n_k, dtype=torch.bool)
+    if pad:
+        if left:
+            padding[1, : min(pad, n_k)] = False
+        else:
+            padding[1, n_k - min(pad, n_k):] = False
+    valid = padding[:, extra_keys:]
+    sink = torch.linspace(-1.0, 2.0, 4) if sinks else None
+    request = StatsRequest(distance=True, key_groups=(torch.arange(n_k) % 3)[None], n_groups=3, group_outputs=True)
+    mask = MaskSpec(causal=causal, window=window, q_offset=extra_keys, key_padding=padding, query_valid=valid)
+    want = eager_attention_with_stats(q, k, v, mask, 0.4, sink, request=request)
+    assert_same(torch_attention_with_stats(q, k, v, mask, 0.4, sink, request=request, chunk_size=chunk), want, 1e-5)
+    dense = MaskSpec(causal=causal, window=window, q_offset=extra_keys, key_padding=padding, query_valid=valid,
+                     row_mask=all_true_rows(2, n_k))
+    assert_same(torch_attention_with_stats(q, k, v, dense, 0.4, sink, request=request, chunk_size=chunk), want, 1e-5)
+
+
+def test_extreme_logits_and_masked_entries():
+    """Scores hundreds of nats apart (where torch.exp leaves its fast path) and a sink far above every key:
+    probabilities, lse and entropy still match eager."""
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16, seed=3)
+    q += 1.0
+    k[:, :, 5] = 25.0  # about 400 above the other keys: they sit below exp's fast range (-87) once key 5 is seen
+    sinks = torch.tensor([0.0, 50.0, 400.0, -400.0])
+    mask = MaskSpec(causal=True, window=17)
+    want = eager_attention_with_stats(q, k, v, mask, 1.0, sinks)
+    assert want[1].lse.max() - want[1].lse.min() > 200
+    assert_same(torch_attention_with_stats(q, k, v, mask, 1.0, sinks, chunk_size=8), want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_with_groups_and_edit(dtype):
+    q, k, v = make_qkv(2, 6, 3, 37, 37, 16, dtype=dtype, seed=1)
+    labels = (torch.arange(37) % 4)[None].expand(2, -1)
+    request = StatsRequest(key_groups=labels, n_groups=4, group_outputs=True, output_groups=(0, 3))
+    edit = ScoreEdit(labels, torch.full((6, 4), 1.5), torch.full((6, 4), 0.2))
+    mask = MaskSpec(causal=True)
+    assert_same(torch_attention_with_stats(q, k, v, mask, 0.25, request=request, score_edit=edit, chunk_size=7),
+                eager_attention_with_stats(q, k, v, mask, 0.25, request=request, score_edit=edit), atol=2e-2)
+
+
+def group_labels(n_k: int, kind: str, batch: int) -> torch.Tensor:
+    """Labels that send each group down one partial-output route of the torch backend."""
+    labels = torch.full((batch, n_k), 1)  # group 1: nearly every key (outsiders few: zero-and-restore)
+    labels[:, 1:3] = 0  # group 0: two columns (gathered)
+    labels[:, 7] = 2  # group 2: one column
+    if kind == "even":
+        labels[:, ::2] = 3  # group 3: half of the keys (masked product)
+    if batch > 1:
+        labels[1, 4] = 0  # batch rows differ: gathered columns need each row's own membership
+        labels[1, 9] = -1  # in no group
+    return labels
+
+
+@pytest.mark.parametrize("kind", ["narrow", "even"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("wanted", [None, (0,), (1,), (0, 2, 3)])
+def test_output_groups_match_eager_and_others_are_zero(kind, batch, wanted):
+    n = 40
+    q, k, v = make_qkv(batch, 4, 2, n, n, 8, seed=7)
+    request = StatsRequest(key_groups=group_labels(n, kind, batch), n_groups=4, group_outputs=True,
+                           output_groups=wanted)
+    mask = MaskSpec(causal=True)
+    got = torch_attention_with_stats(q, k, v, mask, 0.3, request=request, chunk_size=16)
+    want = eager_attention_with_stats(q, k, v, mask, 0.3, request=request)
+    assert_same(got, want, 1e-5)
+    full = eager_attention_with_stats(q, k, v, mask, 0.3, request=StatsRequest(
+        key_groups=request.key_groups, n_groups=4, group_outputs=True))[1].group_out
+    for g in range(4):
+        if wanted is None or g in wanted:
+            torch.testing.assert_close(got[1].group_out[..., g, :], full[..., g, :], atol=1e-5, rtol=1e-5)
+        else:
+            assert got[1].group_out[..., g, :].abs().max() == 0
+
+
+def test_output_groups_bad_input():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 4)
+    labels = torch.zeros(1, 5, dtype=torch.long)
+    for request, message in [
+        (StatsRequest(key_groups=labels, n_groups=2, group_outputs=True, output_groups=(2,)), "not groups"),
+        (StatsRequest(key_groups=labels, n_groups=2, output_groups=(0,)), "group_outputs=True"),
+    ]:
+        for fn in (torch_attention_with_stats, eager_attention_with_stats):
+            with pytest.raises(InputError, match=message):
+                fn(q, k, v, MaskSpec(), 0.5, request=request)
+
+
+def test_chunk_rows_default_override_and_bad_env(monkeypatch):
+    monkeypatch.delenv("HEADLAB_CHUNK_ROWS", raising=False)
+    assert pick_chunk_size() == DEFAULT_CHUNK_ROWS
+    assert pick_chunk_size(5) == 5
+    monkeypatch.setenv("HEADLAB_CHUNK_ROWS", "24")
+    assert pick_chunk_size() == 24
+    monkeypatch.setenv("HEADLAB_CHUNK_ROWS", "lots")
+    with pytest.raises(InputError, match="HEADLAB_CHUNK_ROWS"):
+        pick_chunk_size()
+    with pytest.raises(InputError, match="at least 1"):
+        pick_chunk_size(0)
+
+
+def test_post_softmax_edits_ask_only_for_the_groups_they_read(load_model):
+    """AttentionOverride reads its keys' group, KeyKnockout the rest, both together what either reads;
+    Redistribute (weights from the masses) every group; crossed with a probe's groups, each probe group
+    repeats the edit's choice."""
+    loaded = load_model("tiny-llama")
+
+    def needed(*edits):
+        for edit in edits:
+            edit.validate(loaded.arch)
+        return LayerPlan(1, list(edits), loaded.arch.n_heads).needed_cells
+
+    assert needed(AttentionOverride([(1, 0)], keys=[0, 1])) == [0]
+    assert needed(KeyKnockout([(1, 0)], keys=[0])) == [1]
+    # Two key sets: cells 0 (set 0 only), 1 (set 1 only), 2 (both), 3 the rest; cell 1 has weight 0 in both edits.
+    assert needed(AttentionOverride([(1, 0)], keys=[0]), KeyKnockout([(1, 1)], keys=[0])) == [0, 2, 3]
+    assert needed(Redistribute([(1, 0)], sources=[0], targets=[1, 2])) == [0, 1, 2, 3]
+
+    plan = PostPlan(torch.tensor([[0, 1, 1, 1]]), 1)
+    probe = StatsRequest(key_groups=torch.tensor([[0, 0, 1, -1]]), n_groups=2)
+    request, probe_groups = _merged_request(probe, plan, [0])
+    assert probe_groups == 2 and request.output_groups == (0, 2, 4)
+    probe.group_outputs = True  # the probe reads every group's output itself
+    assert _merged_request(probe, plan, [0])[0].output_groups is None
