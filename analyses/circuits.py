@@ -306,8 +306,8 @@ def export_graphs(result: Result, folder, d_model: int | None = None) -> list:
     circuits = result.tables["circuits"]
     for task in result.summary["tasks"]:
         rows = circuits[circuits.task == task]
-        graph = circuit_graph(result.tensors[f"scores.{task}"], [(int(a), int(b)) for a, b in zip(rows["layer"], rows["head"], strict=True)],
-                              d_model)
+        heads = [(int(a), int(b)) for a, b in zip(rows["layer"], rows["head"], strict=True)]
+        graph = circuit_graph(result.tensors[f"scores.{task}"], heads, d_model)
         path = folder / f"{task}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(graph), encoding="utf-8")

@@ -254,3 +254,22 @@ def test_cached_prefix_equals_full_forwards(loaded):
     torch.testing.assert_close(path_patching(loaded, batch, heads[:2], receivers=kv, use_cache=True),
                                path_patching(loaded, batch, heads[:2], receivers=kv, use_cache=False),
                                atol=1e-3, rtol=1e-4)
+
+
+def test_attention_override_repairs_and_breaks(loaded):
+    """Two names in the prompt: the copying head (1, 0) splits its attention between them (both carry the
+    marker) and the model is right on 1 of 6 prompts (LD -0.36). Overriding (1, 0) at the final position
+    onto the answer's position (1, after BOS) repairs it: 6 of 6, LD 6.98; onto the other name (2): 0 of 6,
+    LD -2.71 (measured)."""
+    from headlab.analyses.circuit_repair import override_effect
+
+    rng = random.Random(1)
+    examples = []
+    for _ in range(6):
+        a, b = rng.sample(NAMES, 2)
+        examples.append(CircuitExample(f"{a} {b} w20 w21", a, f"{b} {a} w20 w21", b))
+    repaired = override_effect(loaded, examples, [(1, 0)], keys_of=lambda _loaded, _ex: [1])
+    broken = override_effect(loaded, examples, [(1, 0)], keys_of=lambda _loaded, _ex: [2])
+    assert repaired["accuracy_before"] < 0.5 and repaired["accuracy_after"] == 1.0 and repaired["ld_after"] > 5
+    assert broken["accuracy_after"] == 0.0 and broken["ld_after"] < repaired["ld_before"] - 1
+    assert loaded.model.config._attn_implementation != "headlab"  # restored after the block
