@@ -194,7 +194,7 @@ def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionB
 class _Cost:
     """Announces what a part will cost: after its first step, the time per step times the steps left."""
 
-    def __init__(self, log: Callable[[str], None] | None, part: str, n_steps: int, unit: str, skip: str):
+    def __init__(self, log: Callable[[str], None] | None, part: str, n_steps: int, unit: tuple[str, str], skip: str):
         self.log, self.part, self.n_steps, self.unit, self.skip = log, part, n_steps, unit, skip
         self.start = time.perf_counter()
         self.done = 0
@@ -203,8 +203,8 @@ class _Cost:
         self.done += 1
         if self.done == 1 and self.log is not None and self.n_steps > 1:
             first = time.perf_counter() - self.start
-            self.log(f"{self.part}: {self.n_steps} {self.unit}, about {_duration(first * self.n_steps)} at "
-                     f"{first:.2g} s per {self.unit.rstrip('s')}" + (f"; {self.skip}" if self.skip else ""))
+            self.log(f"{self.part}: {self.n_steps} {self.unit[1]}, about {_duration(first * self.n_steps)} at "
+                     f"{first:.2g} s per {self.unit[0]}" + (f"; {self.skip}" if self.skip else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -222,7 +222,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
     profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal)
     n_tokens = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.name}", disable=not progress)
-    cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), "batches", "")
+    cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), ("batch", "batches"), "")
     with torch.no_grad(), AttentionProbe(loaded, profile.add, backend=config.backend,
                                          request=StatsRequest(distance=True)):
         for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
@@ -240,7 +240,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
 
     rollout = None
     if config.rollout_tokens:
-        cost = _Cost(log, "rollout", min(config.rollout_prompts, len(prompts)), "prompts",
+        cost = _Cost(log, "rollout", min(config.rollout_prompts, len(prompts)), ("prompt", "prompts"),
                      "--rollout-tokens 0 skips it")
         first_mass, example, used = empirical_rollout(loaded, prompts, config, cost.step)
         rollout = _rollout_parts(loaded, first_mass, example, used)
@@ -263,7 +263,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
                                            config.batch_size)
         n_items = config.retrieval_trials * (len(PLACEMENTS) + 1)  # + one absent-key item per trial
         rbar = tqdm(total=n_items, unit="item", desc="retrieval task", disable=not progress)
-        cost = _Cost(log, "retrieval task", n_items, "items", "--retrieval-trials 0 skips it")
+        cost = _Cost(log, "retrieval task", n_items, ("item", "items"), "--retrieval-trials 0 skips it")
 
         class _Progress:
             def update(self, n: int) -> None:

@@ -180,6 +180,8 @@ def load(
             f"machine (`hf download {source}`), or pass a local folder."
         ) from err
     check_supported(config)
+    if local.is_dir():
+        _check_local_files(local)
 
     if hasattr(config, "vision_config"):
         model_class = AutoModelForImageTextToText
@@ -240,13 +242,7 @@ def _check_local_folder(folder: Path, trust_remote_code: bool = False) -> None:
     if "auto_map" in config and not trust_remote_code and config.get("model_type") not in CONFIG_MAPPING:
         # auto_map beside a model_type transformers knows is harmless (the built-in class is used).
         raise ModelFilesError(_REMOTE_CODE.format(source=folder))
-    weights = sorted(folder.glob("*.safetensors"))
-    if weights:
-        for file in weights:
-            _check_safetensors(file)
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise ModelFilesError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, …): copy "
-                                  "them from the original checkpoint")
+    if any(folder.glob("*.safetensors")):
         return
     pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
@@ -256,6 +252,15 @@ def _check_local_folder(folder: Path, trust_remote_code: bool = False) -> None:
             "safe_serialization=True)`), then try again."
         )
     raise ModelFilesError(f"{folder} has a config.json but no *.safetensors weights: copy the weights there")
+
+
+def _check_local_files(folder: Path) -> None:
+    """Weights that are whole and a tokenizer, checked once the architecture is known to be supported."""
+    for file in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(file)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFilesError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, …): copy "
+                              "them from the original checkpoint")
 
 
 def _check_safetensors(path: Path) -> None:
