@@ -43,17 +43,27 @@ def is_empty(fig: go.Figure) -> bool:
 
 
 def layer_head_heatmap(values, title: str, label: str, zmin: float | None = None,
-                       zmax: float | None = None, colorscale: str = "Viridis") -> go.Figure:
-    """``values [layer, head]`` as a heatmap, layer on y (0 at the bottom, as in the analyses' figures), head on x."""
+                       zmax: float | None = None, colorscale: str = "Viridis", clickable: bool = False) -> go.Figure:
+    """``values [layer, head]`` as a heatmap, layer on y (0 at the bottom, as in the analyses' figures), head on x.
+
+    ``clickable``: an invisible marker at every cell centre (trace 1), because Streamlit's selection events
+    do not fire on heatmap cells; clicking a cell selects its marker (x = head, y = layer)."""
     z = _matrix(values)
     n_layers, n_heads = z.shape
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(n_heads)), y=list(range(n_layers)), colorscale=colorscale, zmin=zmin, zmax=zmax,
         colorbar={"title": label},
         hovertemplate=f"layer %{{y}}, head %{{x}}<br>{label} = %{{z:{HOVER_DIGITS}}}<extra></extra>"))
-    # Integer ticks only: a tick at head 0.5 means nothing.
-    fig.update_layout(title=title, xaxis={"title": "head", "dtick": max(1, n_heads // 16)},
-                      yaxis={"title": "layer", "dtick": max(1, n_layers // 16)})
+    if clickable:
+        layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        fig.add_scatter(x=head.ravel(), y=layer.ravel(), customdata=z.ravel(), mode="markers", showlegend=False,
+                        marker={"size": 14, "opacity": 0.0, "color": "white"}, name="cells",
+                        hovertemplate=f"layer %{{y}}, head %{{x}}<br>{label} = %{{customdata:{HOVER_DIGITS}}}"
+                                      "<br>click: open this head<extra></extra>")
+    # Integer ticks only: a tick at head 0.5 means nothing. Fixed ranges: the click markers add no padding.
+    fig.update_layout(title=title, xaxis={"title": "head", "dtick": max(1, n_heads // 16),
+                                          "range": [-0.5, n_heads - 0.5]},
+                      yaxis={"title": "layer", "dtick": max(1, n_layers // 16), "range": [-0.5, n_layers - 0.5]})
     return fig
 
 
@@ -74,3 +84,39 @@ def _matrix(values) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"a layer x head heatmap needs a 2-D [layer, head] array, got shape {array.shape}")
     return array
+
+
+def clicked_cell(points: list[dict]) -> tuple[int, int] | None:
+    """(layer, head) of the last clicked cell of a ``clickable`` layer x head heatmap, from Streamlit's
+    ``event.selection.points`` (x = head, y = layer); None when nothing is selected."""
+    for point in reversed(points or []):
+        x, y = point.get("x"), point.get("y")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            return int(round(y)), int(round(x))
+    return None
+
+
+def limit_legend(fig: go.Figure, limit: int = MAX_LEGEND_LINES) -> go.Figure:
+    """More than ``limit`` legend entries: hide the legend and add a dropdown that shows one entry (or all).
+
+    Entries are legend groups when traces have them (a head drawn as two lines is one entry)."""
+    shown = [t for t in fig.data if t.showlegend is not False and t.name]
+    groups = list(dict.fromkeys((t.legendgroup or t.name) for t in shown))
+    if len(groups) <= limit or fig.layout.updatemenus:
+        return fig
+    fig = go.Figure(fig)  # a copy: saved figures are shared between reruns
+    keys = [(t.legendgroup or t.name) if (t.showlegend is not False and t.name) else None for t in fig.data]
+    names = {g: next(t.name for t in shown if (t.legendgroup or t.name) == g) for g in groups}
+    buttons = [{"label": f"all {len(groups)}", "method": "restyle", "args": [{"visible": [True] * len(keys)}]}]
+    buttons += [{"label": names[g], "method": "restyle",
+                 "args": [{"visible": [k is None or k == g for k in keys]}]} for g in groups]
+    fig.update_layout(showlegend=False, updatemenus=[{"type": "dropdown", "buttons": buttons, "x": 1.0,
+                                                      "xanchor": "right", "y": 1.15, "yanchor": "bottom"}])
+    return fig
+
+
+def line_colours(n: int, colorscale: str = "Viridis") -> list[str]:
+    """``n`` colours along a continuous scale: many lines read as a colour scale, not a legend."""
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale(colorscale, [i / max(1, n - 1) for i in range(n)])

@@ -7,20 +7,33 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from .export import IMAGE_FORMATS, figure_image, find_browser, table_csv
+from .plots import empty_figure, is_empty, limit_legend
 
 
-def show_figure(fig: go.Figure, key: str, name: str) -> None:
-    """Plot ``fig`` and offer it as PNG and SVG (rendered only when a button is clicked)."""
-    st.plotly_chart(fig, key=key, width="stretch")
+def show_figure(fig: go.Figure, key: str, name: str, select: bool = False):
+    """Plot ``fig`` and offer it as PNG and SVG (rendered only when a button is clicked).
+
+    A figure with nothing to draw says "nothing found" instead of showing empty axes; more than
+    ``MAX_LEGEND_LINES`` legend entries become a dropdown. ``select``: clicking a point reruns the app and
+    the selection is returned (``event.selection.points``); otherwise None."""
+    if is_empty(fig):
+        fig = empty_figure(fig.layout.title.text or name)
+    fig = limit_legend(fig)
+    if select:
+        event = st.plotly_chart(fig, key=key, width="stretch", on_select="rerun", selection_mode="points")
+    else:
+        event = None
+        st.plotly_chart(fig, key=key, width="stretch")
     if find_browser() is None:
         st.caption("PNG/SVG export needs chromium (apt-get install chromium) or BROWSER_PATH.")
-        return
+        return event
     columns = st.columns(len(IMAGE_FORMATS) + 4)
     for column, (fmt, mime) in zip(columns, IMAGE_FORMATS.items(), strict=False):
         with column:
             # A callable defers kaleido (~1 s) to the click, so reruns stay fast.
             st.download_button(fmt.upper(), data=_renderer(fig, fmt), file_name=f"{name}.{fmt}", mime=mime,
                                key=f"{key}-{fmt}", on_click="ignore")
+    return event
 
 
 def show_table(table: pd.DataFrame, key: str, name: str, height: int | None = None) -> None:

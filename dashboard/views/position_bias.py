@@ -19,9 +19,10 @@ from ..generic import (
     show_tables,
     side_by_side,
 )
-from ..plots import HOVER_DIGITS, layer_head_heatmap
+from ..plots import HOVER_DIGITS, MAX_LEGEND_LINES, layer_head_heatmap, line_colours, model_title
 from ..registry import View, register_view
 from ..widgets import show_figure
+from .head import head_picker, render_head
 
 REQUIRED_TENSORS = ("distance_mean", "distance_count", "segment_mean", "segment_uniform", "relative_mean",
                     "relative_uniform")
@@ -37,17 +38,29 @@ def head_distance_figure(run: Result, layer: int) -> go.Figure:
     mean = run.tensors["distance_mean"][layer].float().numpy()  # [head, side, bin]
     pairs = run.tensors["distance_count"][layer].float().numpy() > 0  # [side, bin]
     x = np.array(distance_bin_edges(mean.shape[-1])) + 1
+    n_heads = mean.shape[0]
+    n_lines = n_heads * int(pairs[0].any() + pairs[1].any())
+    # Many heads (e.g. 9 heads x 2 sides, 40 on a 14B model): colour by head on a scale, no legend.
+    scale = n_lines > MAX_LEGEND_LINES
+    colours = line_colours(n_heads) if scale else [None] * n_heads
     fig = go.Figure()
-    for head in range(mean.shape[0]):
+    for head in range(n_heads):
         for side, dash in ((0, "solid"), (1, "dash")):
             if not pairs[side].any():
                 continue
             fig.add_scatter(x=x[pairs[side]], y=mean[head, side, pairs[side]], mode="lines+markers",
-                            line={"dash": dash}, legendgroup=str(head),
+                            line={"dash": dash, "color": colours[head]}, legendgroup=str(head),
+                            marker={"size": 4} if scale else None, showlegend=not scale,
                             name=f"head {head}" + (" (keys after)" if side else ""),
                             hovertemplate=f"1 + |i-j| = %{{x}}<br>mean = %{{y:{HOVER_DIGITS}}}"
                                           f"<extra>head {head}</extra>")
-    fig.update_layout(title=f"{run.model}: layer {layer}, mean attention of one key vs distance (dashed: keys after)",
+    if scale:  # the colour bar of the heads: an invisible trace carries it
+        fig.add_scatter(x=[x[0]], y=[float(np.nanmax(mean[:, 0]))], mode="markers", showlegend=False,
+                        hoverinfo="skip", marker={"color": [0], "cmin": 0, "cmax": n_heads - 1, "opacity": 0,
+                                                  "colorscale": "Viridis", "showscale": True,
+                                                  "colorbar": {"title": "head"}})
+    fig.update_layout(title=f"{model_title(run.model)}: layer {layer}, mean attention of one key vs distance "
+                            "(dashed: keys after)",
                       xaxis_title="1 + |i - j| (bin left edge)", yaxis_title="mean attention per key",
                       xaxis_type="log", yaxis_type="log")
     return fig
@@ -58,13 +71,13 @@ def segment_ratio(run: Result, segment: int):
     return run.tensors["segment_mean"][:, :, segment] / run.tensors["segment_uniform"][:, None, segment]
 
 
-def segment_heatmap(run: Result, segment: int) -> go.Figure:
+def segment_heatmap(run: Result, segment: int, clickable: bool = False) -> go.Figure:
     ratio = segment_ratio(run, segment)
     fig = layer_head_heatmap(np.log10(ratio.float().clamp(min=1e-12).numpy()),
-                             f"{run.model}: {SEGMENTS[segment]}, log10(attention received / uniform)",
-                             "log10 ratio", colorscale="RdBu_r")
+                             f"{model_title(run.model)}: {SEGMENTS[segment]}, log10(attention received / uniform)",
+                             "log10 ratio", colorscale="RdBu_r", clickable=clickable)
     bound = float(np.nanmax(np.abs(fig.data[0].z))) or 1.0
-    fig.update_traces(zmin=-bound, zmax=bound)  # diverging, centred at 0 = uniform attention
+    fig.update_traces(zmin=-bound, zmax=bound, selector={"type": "heatmap"})  # diverging, 0 = uniform attention
     return fig
 
 
@@ -108,7 +121,12 @@ class PositionBiasView(View):
         st.subheader("Attention received by segment, per (layer, head)")
         segment = st.radio("segment", list(range(len(SEGMENTS))), format_func=lambda s: SEGMENTS[s],
                            horizontal=True, key=f"{key}-segment")
-        show_figure(segment_heatmap(run, segment), key=f"{key}-seg", name=f"{run_name(run)}-segment-{segment}")
+        event = show_figure(segment_heatmap(run, segment, clickable=True), key=f"{key}-seg",
+                            name=f"{run_name(run)}-segment-{segment}", select=True)
+        st.subheader("One head")
+        st.caption("Click a cell of the heatmap above, or pick the layer and head here.")
+        picked = head_picker(run, key, event.selection.points if event is not None else None)
+        render_head(run, *picked, key)
         show_saved_figures(run, key, [name for name in SAVED_FIGURES if name in run.figures])
         show_tables(run, key, [name for name in sorted(KNOWN_TABLES) if name in run.tables])
         other_tables = sorted(set(run.tables) - KNOWN_TABLES)

@@ -1,5 +1,6 @@
-"""The sinks page: alpha heatmap per key position, Sink_k bars, residual-norm profile, massive activations,
-per-prompt token view; and the comparison of two sinks runs with a difference heatmap."""
+"""The sinks page: alpha heatmap per key position (click a cell to open that head), Sink_k bars, residual-norm
+profile, massive activations, per-prompt token view; and the comparison of two sinks runs with a difference
+heatmap."""
 
 from __future__ import annotations
 
@@ -21,28 +22,29 @@ from ..generic import (
     show_tables,
     side_by_side,
 )
-from ..plots import HOVER_DIGITS, layer_head_heatmap
+from ..plots import HOVER_DIGITS, layer_head_heatmap, model_title
 from ..registry import View, register_view
 from ..widgets import show_figure, show_table
+from .head import head_picker, render_head
 
 REQUIRED_TENSORS = ("alpha", "sink_rate", "first_token_norm", "median_token_norm")
 # What this page draws itself; any other table or saved figure is shown as it is, below.
 KNOWN_TABLES = {"sink_heads", "key_importance", "sink_rate", "residual_norms", "massive_activations",
-                "massive_dims", "tokens"}
+                "massive_dims", "tokens", "head_patterns", "head_pattern_heads"}
 KNOWN_FIGURES = {"alpha_first_token", "residual_norms", "sink_rate"}
 MASSIVE_COLUMNS = ["dim", "value", "layer", "token", "position", "prompt", "ratio_to_layer_median",
                    "ratio_to_token_median"]
 ALL_HEADS = "mean over heads"
 
 
-def alpha_heatmap(run: Result, key_position: int) -> go.Figure:
+def alpha_heatmap(run: Result, key_position: int, clickable: bool = False) -> go.Figure:
     """alpha[:, :, k] (``alpha [layer, head, key]``): mean attention key k receives from the queries that see it."""
     alpha = run.tensors["alpha"]
     if not 0 <= key_position < alpha.shape[2]:
         raise IndexError(f"key position {key_position} outside the {alpha.shape[2]} saved positions")
     eps = run.config.get("eps")
-    title = f"{run.model}: alpha of key position {key_position}" + (f" (sink if > {eps})" if eps else "")
-    return layer_head_heatmap(alpha[:, :, key_position], title, "alpha", zmin=0.0, zmax=1.0)
+    title = f"{model_title(run.model)}: alpha of key position {key_position}" + (f" (sink if > {eps})" if eps else "")
+    return layer_head_heatmap(alpha[:, :, key_position], title, "alpha", zmin=0.0, zmax=1.0, clickable=clickable)
 
 
 def sink_rate_bars(runs: list[Result]) -> go.Figure:
@@ -51,7 +53,8 @@ def sink_rate_bars(runs: list[Result]) -> go.Figure:
     for run in runs:
         rate = run.tensors["sink_rate"].float().numpy()
         fig.add_bar(x=list(range(len(rate))), y=rate, name=run_name(run),
-                    hovertemplate=f"k = %{{x}}<br>Sink_k = %{{y:{HOVER_DIGITS}}}%<extra>{run.model}</extra>")
+                    hovertemplate=f"k = %{{x}}<br>Sink_k = %{{y:{HOVER_DIGITS}}}%"
+                                  f"<extra>{model_title(run.model)}</extra>")
     eps = runs[0].config.get("eps", "?")
     fig.update_layout(title=f"Sink_k (eps = {eps}): % of (sample, layer, head) with alpha > eps",
                       xaxis_title="key position k", yaxis_title="Sink_k %", barmode="group",
@@ -83,9 +86,11 @@ def massive_table(run: Result) -> pd.DataFrame:
 
 
 def token_attention(run: Result, prompt: int, layer: int, head: int | None) -> tuple[list[str], np.ndarray]:
-    """Tokens of ``prompt`` and the mean attention each receives in (layer, head) (``head=None``: mean over heads).
+    """Readable tokens of ``prompt`` and the mean attention each receives in (layer, head) (``head=None``: mean
+    over heads).
 
-    Reads ``token_alpha [prompt, layer, head, position]`` (NaN past the prompt's length) and the tokens table.
+    Reads ``token_alpha [prompt, layer, head, position]`` (NaN past the prompt's length) and the tokens table
+    (``token`` readable, ``token_raw`` raw; runs older than ``token_raw`` saved the raw token in ``token``).
     """
     tokens_table = run.tables["tokens"]
     rows = tokens_table[tokens_table["prompt"] == prompt].sort_values("position")
@@ -95,9 +100,13 @@ def token_attention(run: Result, prompt: int, layer: int, head: int | None) -> t
     return rows["token"].astype(str).tolist(), values
 
 
-def prompt_preview(tokens, length: int = 60) -> str:
-    """Readable text from tokens: byte-level (Ġ) and sentencepiece (▁) marks become spaces, WordPiece ## joins."""
+def prompt_preview(tokens, length: int = 60, readable: bool = False) -> str:
+    """Text of a prompt from its tokens: readable ones (``headlab.tokens``) are joined; raw ones (runs saved
+    before readable tokens) have byte-level (Ġ) and sentencepiece (▁) marks turned into spaces, WordPiece ##
+    joined."""
     tokens = list(tokens)
+    if readable:
+        return "".join(tokens).replace("\n", " ").strip()[:length]
     if any(t.startswith(("Ġ", "▁")) for t in tokens):
         text = "".join(tokens).replace("Ġ", " ").replace("▁", " ").replace("Ċ", " ")
     elif all(len(t) == 1 for t in tokens):  # character-level tokenizers (the tiny zoo models)
@@ -107,15 +116,20 @@ def prompt_preview(tokens, length: int = 60) -> str:
     return text.strip()[:length]
 
 
-def token_html(tokens: list[str], values: np.ndarray) -> str:
-    """Tokens as spans whose red shade is their attention received, relative to the largest in the prompt."""
+def token_html(tokens: list[str], values: np.ndarray, raw: list[str] | None = None) -> str:
+    """Tokens as spans whose red shade is their attention received, relative to the largest in the prompt.
+
+    ``raw``: the raw tokens, shown on hover (``data-raw``); a leading byte piece of a character (readable
+    text "") shows as a faint dot."""
     top = float(np.nanmax(values)) if len(values) and np.isfinite(values).any() else 0.0
     spans = []
-    for token, value in zip(tokens, values, strict=True):
+    raw = raw if raw is not None else [None] * len(tokens)
+    for token, value, raw_token in zip(tokens, values, raw, strict=True):
         shade = 0.0 if top <= 0 or not np.isfinite(value) else float(value) / top
         # Token text is user data: escape it, and make whitespace visible.
-        text = html.escape(token).replace(" ", "&nbsp;").replace("\n", "\\n") or "&nbsp;"
-        spans.append(f'<span title="{value:.6g}" style="background: rgba(220, 38, 38, {shade:.3f}); '
+        text = html.escape(token).replace(" ", "&nbsp;").replace("\n", "\\n") or '<span style="opacity: 0.4">·</span>'
+        extra = f' data-raw="{html.escape(raw_token, quote=True)}"' if raw_token is not None else ""
+        spans.append(f'<span title="{value:.6g}"{extra} style="background: rgba(220, 38, 38, {shade:.3f}); '
                      f'padding: 1px 2px; margin: 1px; border-radius: 3px; font-family: monospace; '
                      f'display: inline-block">{text}</span>')
     legend = (f'<div style="font-size: 0.8em; color: gray">colour: 0 (white) to {top:.4g} (red); '
@@ -143,12 +157,20 @@ class SinksView(View):
         n_keys = run.tensors["alpha"].shape[2]
         k = st.radio("key position k", list(range(n_keys)), horizontal=True, key=f"{key}-k",
                      help="alpha of this key position: 0 is the first token")
-        show_figure(alpha_heatmap(run, k), key=f"{key}-alpha", name=f"{run_name(run)}-alpha-k{k}")
+        event = show_figure(alpha_heatmap(run, k, clickable=True), key=f"{key}-alpha",
+                            name=f"{run_name(run)}-alpha-k{k}", select=True)
         left, right = st.columns(2)
         with left:
             show_figure(sink_rate_bars([run]), key=f"{key}-rate", name=f"{run_name(run)}-sink-rate")
         with right:
             show_figure(norm_profile([run]), key=f"{key}-norms", name=f"{run_name(run)}-residual-norms")
+        st.subheader("One head")
+        st.caption("Click a cell of the alpha heatmap above, or pick the layer and head here.")
+        top = run.tables["sink_heads"].iloc[0] if len(run.tables.get("sink_heads", [])) else None
+        default = (int(top["layer"]), int(top["head"])) if top is not None else (0, 0)
+        points = event.selection.points if event is not None else None
+        layer, head = head_picker(run, key, points, default)
+        render_head(run, layer, head, key)
         st.subheader("Massive activations")
         st.caption("|x| > 100 and >= 1000x the median |x| of the same hidden state (Sun et al.)")
         massive = massive_table(run)
@@ -176,15 +198,19 @@ class SinksView(View):
         token_alpha = run.tensors["token_alpha"]  # [prompt, layer, head, position]
         tokens = run.tables["tokens"]
         n_prompts, n_layers, n_heads, _ = token_alpha.shape
-        previews = {p: prompt_preview(tokens[tokens["prompt"] == p].sort_values("position")["token"].astype(str))
-                    for p in range(n_prompts)}
+        readable = "token_raw" in tokens.columns
+        previews = {p: prompt_preview(tokens[tokens["prompt"] == p].sort_values("position")["token"].astype(str),
+                                      readable=readable) for p in range(n_prompts)}
         prompt_col, layer_col, head_col = st.columns([3, 1, 1])
         prompt = prompt_col.selectbox("prompt", list(range(n_prompts)), key=f"{key}-prompt",
                                       format_func=lambda p: f"#{p}: {previews[p]}")
         layer = layer_col.selectbox("layer", list(range(n_layers)), key=f"{key}-tok-layer")
         head = head_col.selectbox("head", [ALL_HEADS, *range(n_heads)], key=f"{key}-tok-head")
         words, values = token_attention(run, prompt, layer, None if head == ALL_HEADS else int(head))
-        st.html(token_html(words, values))
+        raw = None
+        if readable:
+            raw = tokens[tokens["prompt"] == prompt].sort_values("position")["token_raw"].astype(str).tolist()
+        st.html(token_html(words, values, raw))
 
     def compare(self, left: Result, right: Result, key: str) -> None:
         runs = [left, right]
