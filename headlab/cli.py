@@ -557,3 +557,6 @@ def zoo_train(
     except HeadlabError as err:
         fail(str(err))
     console.print(f"checkpoint written to {folder}", highlight=False, soft_wrap=True)
+
+from .lofit_cli import lofit_app  # noqa: E402, I001 (last: lofit_cli uses the options above)
+headlab_app.add_typer(lofit_app, name="lofit")

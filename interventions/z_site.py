@@ -233,12 +233,15 @@ class HeadOffsets(ZEdit):
     ``A`` and ``v`` are ``nn.Parameter`` ``[n_selected_heads, d_head]``, one row per pair of
     ``pairs`` (explicit (layer, head) pairs, in that order), so an optimiser can train them while the
     model stays frozen. Build with ``HeadOffsets.create(arch, pairs, init="zeros" | "normal")``.
+    ``model_shape`` (layers, heads, d_head) of the model they were made for: offsets made for another
+    model are refused by ``validate`` (set by ``create``, kept by ``save``/``load``; None: not checked).
     """
 
     pairs: list[tuple[int, int]]
     A: nn.Parameter
     v: nn.Parameter
     positions: PositionSpec = "all"
+    model_shape: tuple[int, int, int] | None = None
     heads: HeadSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -260,12 +263,17 @@ class HeadOffsets(ZEdit):
             a, v = (torch.randn(shape, generator=generator) * std for _ in range(2))
         else:
             raise InputError(f"HeadOffsets init must be 'zeros' or 'normal', got {init!r}")
-        return cls(explicit, nn.Parameter(a), nn.Parameter(v), positions)
+        return cls(explicit, nn.Parameter(a), nn.Parameter(v), positions,
+                   (arch.n_layers, arch.n_heads, arch.head_dim))
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.A, self.v]
 
     def validate(self, arch) -> None:
+        mine = (arch.n_layers, arch.n_heads, arch.head_dim)
+        if self.model_shape is not None and tuple(self.model_shape) != mine:
+            raise InputError(f"HeadOffsets were made for a model with (layers, heads, d_head) = "
+                             f"{tuple(self.model_shape)}, this model has {mine}: load the offsets trained on it")
         super().validate(arch)
         if len(set(self.pairs)) != len(self.pairs):
             raise InputError("HeadOffsets: a (layer, head) pair appears twice")
@@ -284,17 +292,33 @@ class HeadOffsets(ZEdit):
         return self._where(z, new, call, heads)
 
     def save(self, path: str | Path) -> None:
-        """Write A, v and the head pairs to a safetensors file."""
+        """Write A, v, the head pairs (and the model shape when known) to a safetensors file."""
         from safetensors.torch import save_file
 
-        pairs = torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
-        save_file({"A": self.A.detach().cpu().contiguous(), "v": self.v.detach().cpu().contiguous(),
-                   "pairs": pairs}, str(path))
+        save_file(self.tensors(), str(path))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``A``, ``v`` ``[n, d_head]``, ``pairs`` ``[n, 2]`` (and ``model_shape`` ``[3]``): what ``load`` reads."""
+        out = {"A": self.A.detach().cpu().contiguous(), "v": self.v.detach().cpu().contiguous(),
+               "pairs": torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)}
+        if self.model_shape is not None:
+            out["model_shape"] = torch.tensor(self.model_shape, dtype=torch.long)
+        return out
 
     @classmethod
     def load(cls, path: str | Path, positions: PositionSpec = "all") -> HeadOffsets:
+        """From a file written by ``save``, or a run directory holding them (``tensors.safetensors``)."""
         from safetensors.torch import load_file
 
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tensors.safetensors"
+        if not path.is_file():
+            raise InputError(f"no HeadOffsets at {path}: give the safetensors file written by save, or a "
+                             "`headlab lofit train` run directory")
         data = load_file(str(path))
+        if not {"A", "v", "pairs"} <= set(data):
+            raise InputError(f"{path} holds no HeadOffsets (it needs tensors A, v and pairs)")
         pairs = [tuple(int(x) for x in p) for p in data["pairs"].tolist()]
-        return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), positions)
+        shape = tuple(int(x) for x in data["model_shape"].tolist()) if "model_shape" in data else None
+        return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), positions, shape)
