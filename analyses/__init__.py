@@ -1,6 +1,7 @@
 """The science: each analysis takes a loaded model and inputs and returns a ``Result``."""
 
 from .circuits import CircuitsConfig, analyze_circuits
+from .lofit import LofitConfig, select_heads, train_offsets
 from .position_bias import PositionBiasConfig, analyze_position_bias, fit_exponential_trend
 from .position_graphs import GraphSpec, TheoryConfig, analyze_position_graphs
 from .retrieval_task import RetrievalConfig, run_retrieval
@@ -10,6 +11,7 @@ __all__ = [
     "CircuitsConfig",
     "analyze_circuits",
     "GraphSpec",
+    "LofitConfig",
     "PositionBiasConfig",
     "RetrievalConfig",
     "SinksConfig",
@@ -19,4 +21,6 @@ __all__ = [
     "analyze_sinks",
     "fit_exponential_trend",
     "run_retrieval",
+    "select_heads",
+    "train_offsets",
 ]
