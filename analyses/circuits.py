@@ -196,6 +196,8 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
     batches = {}
     for spec in config.tasks:  # every task is built and tokenized before any compute
         task = make_task(spec, config.n, config.seed, tokenizer=tok)
+        if task.name in batches:
+            raise InputError(f"--tasks names the task {task.name!r} twice; give each task once")
         batches[task.name] = tokenize_task(loaded, task)
     clean_rows, score_rows, circuit_rows, ablation_rows, agreement_rows = [], [], [], [], []
     tensors, figures, circuits = {}, {}, {}

@@ -84,10 +84,12 @@ def _array(value):
 
 def test_circuits_command_refuses_bad_input_before_writing(tmp_path):
     out = tmp_path / "runs"
+    twice = _task(tmp_path, "same", 0)
     for args, message in ((["--method", "exact"], "--method must be one of"),
                           (["--top", "0"], "--top is a share"),
                           (["--tasks", "ioi"], "one-token names"),
-                          (["--tasks", "nope"], "unknown task")):
+                          (["--tasks", "nope"], "unknown task"),
+                          (["--tasks", f"{twice},{twice}"], "twice")):
         result = runner.invoke(analyze_app, ["circuits", "--model", "tiny-llama", "--n", "4", "--out", str(out),
                                              "--quiet", *args])
         assert result.exit_code == 2, result.output
