@@ -273,3 +273,28 @@ def test_attention_override_repairs_and_breaks(loaded):
     assert repaired["accuracy_before"] < 0.5 and repaired["accuracy_after"] == 1.0 and repaired["ld_after"] > 5
     assert broken["accuracy_after"] == 0.0 and broken["ld_after"] < repaired["ld_before"] - 1
     assert loaded.model.config._attn_implementation != "headlab"  # restored after the block
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_receiver_projections_match_trace(load_model, name):
+    """q/k/v receivers (GQA kv heads on tiny-llama, GPT-2's fused c_attn) read the same slices as
+    ``headlab.trace``'s hook_q/k/v at the final position; patching a run with its own values is a no-op."""
+    from headlab.analyses.path_patching import _projection_hooks
+
+    model = load_model(name)
+    ids = model.text_tokenizer(["the cat sat on the mat"], return_tensors="pt").input_ids
+    receivers = [(2, 3, "q"), (2, model.arch.n_kv_heads - 1, "k"), (3, 0, "v")]
+    names = ["blocks.2.attn.hook_q", "blocks.2.attn.hook_k", "blocks.3.attn.hook_v"]
+    with torch.no_grad(), headlab.trace(model, names=names, stats=False) as t, \
+            _projection_hooks(model, receivers, None) as recorded:
+        logits = model.model(input_ids=ids).logits
+    for (layer, head, part), hook in zip(receivers, names, strict=True):
+        torch.testing.assert_close(recorded[(layer, head, part)], t[hook][:, -1, head])
+    with torch.no_grad(), _projection_hooks(model, receivers, dict(recorded)):
+        same = model.model(input_ids=ids).logits
+    torch.testing.assert_close(same, logits)
+    other = {r: v + 1.0 for r, v in recorded.items()}
+    with torch.no_grad(), _projection_hooks(model, receivers, other):
+        moved = model.model(input_ids=ids).logits
+    torch.testing.assert_close(moved[:, :-1], logits[:, :-1])  # only the final position is patched
+    assert not torch.allclose(moved[:, -1], logits[:, -1])
