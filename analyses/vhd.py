@@ -1,0 +1,283 @@
+"""VHD (Vision-aware Head Divergence) and VHR (Vision-aware Head Reinforcement), He et al., ACL 2025.
+
+VHD[l, h] at a generation step = ‖z_{l,h}(y_t | y_<t, image, text) − z_{l,h}(y_t | y_<t, text)‖₂: the
+distance between a head's output (z, the input of o_proj, TransformerLens hook_z) with and without the
+image, on the same prefix, at the row that predicts y_t. Without the image means (``remove``):
+``"drop"`` (default) the image tokens are removed from the prompt and positions recomputed (the prompt
+is re-rendered with no image); ``"blank"`` they stay, fed a uniform grey image of the same size.
+
+T-VHD of a token aggregates its head VHDs: ``"topk_mean"`` the mean of the k largest over all heads,
+``"layer_topk_sum"`` the sum over layers of each layer's k largest (k = 8; both are in the literature).
+Outlier filtering drops heads whose VHD comes from a surge of ‖z(no image)‖ (VHD > mean + std and
+‖z(no image)‖ > mean + std within the layer; a reimplementation, no official code was readable).
+
+VHR scales z of the heads above their layer's median VHD by α = 2 (``HeadScale``), in layers [1] + the
+last 14 of a 32-layer LLaVA (scaled with depth: ``vhr_layers``). Selection runs layer by layer within
+one forward, so reinforcing earlier layers changes the VHDs later layers see; the no-image reference
+stream runs unreinforced beside the image stream with its own KV cache. ``per_step=True`` (default)
+selects at every generation step; ``False`` selects once at the first step and reuses the heads.
+Only the row that predicts the next token is edited (the last prompt row at prefill, then each new
+token), so the edit holds with a KV cache, and the model is bit-exact after the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from headlab.errors import InputError
+from headlab.interventions.positions import Positions
+from headlab.interventions.z_site import HeadScale, ZCall
+from headlab.lvlm import LvlmInputs, LvlmSample, build_inputs
+
+REMOVE_MODES = ("drop", "blank")
+AGGREGATIONS = ("topk_mean", "layer_topk_sum")
+
+
+def vhr_layers(n_layers: int, n_last: int | None = None) -> list[int]:
+    """[1] + the last ``n_last`` layers; default 14 of 32 (the official LLaVA harness), scaled with depth."""
+    if n_last is None:
+        n_last = max(1, round(14 * n_layers / 32))
+    if not 0 < n_last <= n_layers:
+        raise InputError(f"--vhr-last {n_last}: choose 1 … {n_layers} layers for a {n_layers}-layer model")
+    return sorted({1, *range(n_layers - n_last, n_layers)} & set(range(n_layers)))
+
+
+@contextlib.contextmanager
+def capture_z(loaded, layers: Sequence[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record z ``[batch, query, head, d_head]`` of ``layers`` on every call (a forward pre-hook on o_proj)."""
+    arch = loaded.arch
+    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        def hook(module, args, layer=layer):
+            x = args[0]
+            store[layer].append(x.detach().reshape(*x.shape[:-1], arch.n_heads, -1).float())
+        handles.append(arch.o_proj(layer).register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def without_image(samples: Sequence[LvlmSample], remove: str = "drop") -> list[LvlmSample]:
+    """The same samples with the image removed (``drop``) or replaced by a uniform grey image (``blank``)."""
+    from PIL import Image
+
+    from headlab.lvlm import load_image
+
+    if remove not in REMOVE_MODES:
+        raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
+    out = []
+    for s in samples:
+        if remove == "drop":
+            images = ()
+        else:
+            images = []
+            for im in s.images:
+                im = im if hasattr(im, "size") else load_image(im)
+                images.append(Image.new("RGB", im.size, (128, 128, 128)))
+        out.append(LvlmSample(s.prompt, images, s.system, s.answer))
+    return out
+
+
+def _append(inputs: LvlmInputs, continuation: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt tensors followed by ``continuation`` ``[batch, n]`` (pad_id = padding)."""
+    if inputs.padding_side != "left":
+        raise InputError("VHD needs left-padded prompts (the generated tokens are appended on the right)")
+    t = dict(inputs.tensors)
+    cont_mask = (continuation != pad_id).long()
+    t["input_ids"] = torch.cat([t["input_ids"], continuation], dim=1)
+    t["attention_mask"] = torch.cat([t["attention_mask"], cont_mask], dim=1)
+    if "mm_token_type_ids" in t:
+        t["mm_token_type_ids"] = torch.cat([t["mm_token_type_ids"], torch.zeros_like(continuation)], dim=1)
+    return t
+
+
+@dataclass
+class VhdTrace:
+    """Per generated token: ``vhd`` ``[batch, step, layer, head]``, ``z_norm_without`` (same shape) and
+    ``valid`` ``[batch, step]`` (False after the end of a sample's answer)."""
+
+    vhd: torch.Tensor
+    z_norm_without: torch.Tensor
+    valid: torch.Tensor
+    tokens: torch.Tensor
+    layers: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def vhd_of(loaded, samples: Sequence[LvlmSample], continuation: torch.Tensor, *, remove: str = "drop",
+           layers: Sequence[int] | None = None, pad_id: int | None = None) -> VhdTrace:
+    """VHD at every step of ``continuation`` ``[batch, n]`` (the answer tokens, e.g. generated greedily).
+
+    Two teacher-forced forwards (with and without the image) give the same z as stepping the generation:
+    attention is causal, so the row predicting y_t sees exactly y_<t."""
+    arch = loaded.arch
+    layers = list(range(arch.n_layers)) if layers is None else list(layers)
+    pad_id = pad_id if pad_id is not None else _pad_id(loaded)
+    with_img = build_inputs(loaded, samples, padding_side="left")
+    without = build_inputs(loaded, without_image(samples, remove), padding_side="left")
+    n = continuation.shape[1]
+    zs = []
+    for inputs in (with_img, without):
+        tensors = {k: v.to(loaded.device) for k, v in _append(inputs, continuation, pad_id).items()}
+        with capture_z(loaded, layers) as store:
+            loaded.model(**tensors, use_cache=False)
+        p = inputs.input_ids.shape[1]
+        # rows p-1 … p+n-2 predict y_1 … y_n
+        zs.append(torch.stack([store[layer][0][:, p - 1: p - 1 + n] for layer in layers], dim=2))  # [b, n, L, H, d]
+    vhd = (zs[0] - zs[1]).norm(dim=-1)
+    valid = torch.ones_like(continuation, dtype=torch.bool)
+    valid[:, 1:] = continuation[:, :-1] != pad_id  # the row predicting y_t exists when y_{t-1} was real
+    valid &= torch.cat([torch.ones_like(valid[:, :1]), (continuation != pad_id)[:, :-1].cumprod(1).bool()], dim=1)
+    return VhdTrace(vhd.cpu(), zs[1].norm(dim=-1).cpu(), valid.cpu(), continuation.cpu(), layers)
+
+
+def _pad_id(loaded) -> int:
+    tok = loaded.text_tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def outlier_mask(vhd: torch.Tensor, z_norm_without: torch.Tensor) -> torch.Tensor:
+    """``[..., layer, head]`` True for heads whose VHD is an activation surge of the no-image run:
+    VHD > mean + std and ‖z(no image)‖ > mean + std, both within the layer (over heads)."""
+    def above(x: torch.Tensor) -> torch.Tensor:
+        return x > x.mean(-1, keepdim=True) + x.std(-1, keepdim=True)
+
+    return above(vhd) & above(z_norm_without)
+
+
+def t_vhd(vhd: torch.Tensor, *, k: int = 8, aggregation: str = "layer_topk_sum",
+          z_norm_without: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-level VHD from ``vhd`` ``[..., layer, head]`` -> ``[...]``; outliers (given ``z_norm_without``)
+    count as 0. ``topk_mean``: mean of the k largest heads overall; ``layer_topk_sum``: Σ_layers Σ top-k."""
+    if aggregation not in AGGREGATIONS:
+        raise InputError(f"unknown T-VHD aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    if z_norm_without is not None:
+        vhd = vhd.masked_fill(outlier_mask(vhd, z_norm_without), 0.0)
+    if aggregation == "topk_mean":
+        flat = vhd.flatten(-2)
+        return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(-1)
+    return vhd.topk(min(k, vhd.shape[-1]), dim=-1).values.sum(-1).sum(-1)
+
+
+def above_median(vhd: torch.Tensor) -> torch.Tensor:
+    """``[..., head]`` True where a head's VHD is above its layer's median (the VHR selection)."""
+    return vhd > vhd.median(dim=-1, keepdim=True).values
+
+
+# ---------------------------------------------------------------------------------------------
+# VHR
+
+
+@dataclass(eq=False)
+class VhrScale(HeadScale):
+    """HeadScale whose heads are chosen per layer while the layer runs: those above the layer's median VHD,
+    VHD computed on the predicting row from this call's z and ``reference[layer]`` ``[batch, head, d_head]``
+    (z of the no-image stream at the same step). ``frozen``: selections kept from the first step (``once``).
+    ``chosen[layer]``: the last selection ``[batch, head]`` (for reports and tests)."""
+
+    reference: dict = field(default_factory=dict)
+    per_step: bool = True
+    enabled: bool = True
+    chosen: dict = field(default_factory=dict)
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        if not self.enabled or call.layer not in self._by_layer:
+            return z
+        rows = call.rows(Positions.of("last")).to(z.device)  # [batch, query]: the predicting row of each sample
+        if bool((rows.sum(1) != 1).any()):
+            return z  # a padding-only call (never in left-padded generation): nothing to predict
+        row_index = rows.int().argmax(1)
+        current = z[torch.arange(z.shape[0]), row_index].float()  # [batch, head, d_head]
+        if self.per_step or call.layer not in self.chosen:
+            ref = self.reference.get(call.layer)
+            if ref is None:
+                raise InputError(f"VHR: no no-image reference for layer {call.layer} at this step")
+            self.chosen[call.layer] = above_median((current - ref.to(current.device)).norm(dim=-1))
+        chosen = self.chosen[call.layer] & torch.isin(torch.arange(z.shape[2], device=z.device),
+                                                      torch.tensor(self.heads_of(call.layer), device=z.device))
+        scale = torch.where(chosen, torch.tensor(float(self.alpha)), torch.tensor(1.0)).to(z.dtype)  # [batch, head]
+        return torch.where(rows[:, :, None, None], z * scale[:, None, :, None], z)
+
+
+@torch.no_grad()
+def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32, vhr: bool = False,
+             alpha: float = 2.0, layers: Sequence[int] | None = None, per_step: bool = True,
+             remove: str = "drop", heads: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, dict]:
+    """Greedy generation ``[batch, n]`` (padded with pad id), optionally under VHR.
+
+    ``heads``: a fixed head list instead of the VHD selection (the random-heads control: plain HeadScale).
+    Returns the new tokens and ``{"chosen": [{layer: [batch, head] bool}] per step}`` under VHR."""
+    import headlab
+
+    model = loaded.model
+    inputs = build_inputs(loaded, samples, padding_side="left").to(loaded.device)
+    pad_id = _pad_id(loaded)
+    eos = loaded.text_tokenizer.convert_tokens_to_ids("<|im_end|>") if loaded.name == "llava-smol" else None
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    if eos is not None:
+        gen_kwargs["eos_token_id"] = eos
+    log: dict = {"chosen": []}
+    if heads is not None:
+        with headlab.intervene(loaded, HeadScale(heads, alpha=alpha, positions="last")):
+            out = model.generate(**inputs.tensors, **gen_kwargs)
+        return _new_tokens(out, inputs, pad_id), log
+    if not vhr:
+        out = model.generate(**inputs.tensors, **gen_kwargs)
+        return _new_tokens(out, inputs, pad_id), log
+
+    arch = loaded.arch
+    layers = vhr_layers(arch.n_layers) if layers is None else list(layers)
+    edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=alpha, per_step=per_step)
+    reference = build_inputs(loaded, without_image(samples, remove), padding_side="left").to(loaded.device)
+    state: dict = {"cache": None, "mask": reference.tensors["attention_mask"], "busy": False}
+
+    def step_reference(module, args, kwargs):
+        # Runs the unreinforced no-image stream one step ahead of each image-stream call, with its own cache.
+        if state["busy"]:
+            return None
+        state["busy"] = True
+        edit.enabled = False
+        try:
+            if state["cache"] is None:
+                feed = dict(reference.tensors)
+            else:
+                new = kwargs["input_ids"][:, -1:]
+                state["mask"] = torch.cat([state["mask"], torch.ones_like(new)], dim=1)
+                feed = {"input_ids": new, "attention_mask": state["mask"]}
+            with capture_z(loaded, layers) as store:
+                out = model(**feed, cache=state["cache"], use_cache=True)
+            state["cache"] = out.past_key_values
+            edit.reference = {layer: store[layer][0][:, -1] for layer in layers}
+        finally:
+            edit.enabled = True
+            state["busy"] = False
+        return None
+
+    def record(module, args, kwargs, output):
+        if not state["busy"]:
+            log["chosen"].append({k: v.cpu().clone() for k, v in edit.chosen.items()})
+
+    handles = [model.register_forward_pre_hook(step_reference, with_kwargs=True),
+               model.register_forward_hook(record, with_kwargs=True)]
+    try:
+        with headlab.intervene(loaded, edit):
+            out = model.generate(**inputs.tensors, **gen_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return _new_tokens(out, inputs, pad_id), log
+
+
+def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Tensor:
+    new = out[:, inputs.input_ids.shape[1]:].cpu()
+    # After a sample's end-of-turn everything is padding (generate pads finished rows with pad_id already).
+    return new if new.numel() else torch.full((out.shape[0], 0), pad_id)
