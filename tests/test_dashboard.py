@@ -380,3 +380,109 @@ def test_app_refuses_unsafe_or_unreadable_run_names_without_crashing(app_env, na
     assert ("refused" in message) if name != "corrupt" else ("no complete run named 'corrupt'" in message)
     # The page stays usable: a real run is preselected for the user to pick from.
     assert at.selectbox(key="pick-run").value in discover_runs(app_env).names()
+
+
+# ------------------------------------------------------------------------- one head, readable tokens
+
+def chart_titled(at: AppTest, part: str) -> dict:
+    found = [c for c in charts(at) if part in (c["layout"].get("title") or {}).get("text", "")]
+    assert found, f"no chart titled with {part!r}: {[c['layout'].get('title') for c in charts(at)]}"
+    return found[0]
+
+
+def test_head_view_shows_the_picked_heads_pattern_and_received_attention(app_env):
+    run = load_run(app_env, "sinks-qwen3-a")
+    saved = [tuple(x) for x in run.tensors["head_pattern_heads"].tolist()]  # top heads by alpha_first
+    top = run.tables["sink_heads"].iloc[0]
+    assert saved[0] == (top["layer"], top["head"]) and len(saved) == 8
+    at = open_app("run", run="sinks-qwen3-a")
+    key = "run-sinks-qwen3-a"
+    # Opens on the strongest sink head, prompt 0.
+    assert (at.selectbox(key=f"{key}-head-layer").value, at.selectbox(key=f"{key}-head-head").value) == saved[0]
+    n = len(run.tables["tokens"].query("prompt == 0"))
+    pattern = array(chart_titled(at, "attention pattern of prompt #0")["data"][0]["z"])
+    np.testing.assert_allclose(pattern, run.tensors["head_patterns"][0, 0, :n, :n].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(pattern.sum(-1), 1, atol=1e-5)
+    received = chart_titled(at, "attention received per token")["data"][0]
+    np.testing.assert_allclose(array(received["y"]), run.tensors["token_alpha"][0, saved[0][0], saved[0][1], :n])
+
+    layer, head = saved[3]
+    at.selectbox(key=f"{key}-head-layer").set_value(layer).run()
+    at.selectbox(key=f"{key}-head-head").set_value(head).run()
+    at.selectbox(key=f"{key}-head-prompt").set_value(2).run()
+    n2 = len(run.tables["tokens"].query("prompt == 2"))
+    chart = chart_titled(at, f"layer {layer}, head {head}, attention pattern of prompt #2")
+    np.testing.assert_allclose(array(chart["data"][0]["z"]), run.tensors["head_patterns"][2, 3, :n2, :n2].numpy(),
+                               rtol=1e-6)
+    keys = chart_titled(at, f"layer {layer}, head {head}, attention received by key position")
+    np.testing.assert_allclose(array(keys["data"][0]["y"]), run.tensors["alpha"][layer, head].numpy(), rtol=1e-6)
+    assert [m.label for m in at.metric][-4:] == ["alpha of the first token", "entropy (nats)",
+                                                "mass on the first token", "sink head (alpha > eps)"]
+
+    unsaved = next((la, h) for la in range(4) for h in range(4) if (la, h) not in saved)
+    at.selectbox(key=f"{key}-head-layer").set_value(unsaved[0]).run()
+    at.selectbox(key=f"{key}-head-head").set_value(unsaved[1]).run()
+    assert "kept full patterns for heads" in texts(at.info)
+    assert f"layer={unsaved[0]}, head={unsaved[1]}" in texts(at.code)
+    assert not at.exception
+
+
+def test_clicks_on_the_alpha_heatmap_land_on_a_cell():
+    from headlab.dashboard.plots import clicked_cell
+
+    fig = layer_head_heatmap(torch.rand(5, 3), "t", "alpha", clickable=True)
+    heat, cells = fig.data
+    assert heat.type == "heatmap" and cells.type == "scatter" and len(cells.x) == 15
+    assert (cells.x[7], cells.y[7]) == (1, 2)  # cell centres, head on x, layer on y
+    assert list(fig.layout.yaxis.range) == [-0.5, 4.5]  # the markers add no padding
+    assert clicked_cell([]) is None and clicked_cell(None) is None
+    assert clicked_cell([{"x": 1, "y": 2, "curve_number": 1}, {"x": 2.0, "y": 4.0}]) == (4, 2)
+
+
+def test_empty_figures_say_nothing_found_and_long_legends_become_a_dropdown():
+    from headlab.dashboard.plots import empty_figure, is_empty, limit_legend, model_title
+
+    assert is_empty(go.Figure(go.Scatter(x=[], y=[]))) and not is_empty(go.Figure(go.Bar(x=[0], y=[1])))
+    fig = empty_figure("m: profile")
+    assert fig.layout.annotations[0].text == "nothing found" and not fig.data
+    lines = go.Figure([go.Scatter(x=[0, 1], y=[i, i], name=f"line {i}") for i in range(20)])
+    limited = limit_legend(lines)
+    assert limited.layout.showlegend is False and lines.layout.showlegend is None  # a copy is changed
+    buttons = limited.layout.updatemenus[0].buttons
+    assert len(buttons) == 21 and buttons[3].args[0]["visible"] == [i == 2 for i in range(20)]
+    few = go.Figure([go.Scatter(x=[0], y=[i], name=f"l{i}") for i in range(12)])
+    assert limit_legend(few) is few
+    assert model_title("/home/me/checkpoints/llama-7b/") == "llama-7b"
+    assert model_title("Qwen/Qwen3-14B") == "Qwen/Qwen3-14B"
+
+
+def test_position_bias_distance_lines_of_many_heads_use_a_colour_scale():
+    from headlab.dashboard.views.head import distance_figure
+    from headlab.dashboard.views.position_bias import head_distance_figure
+
+    mean = torch.rand(2, 9, 2, 6)  # [layer, head, side, bin]
+    run = Result("position_bias", "/abs/path/to/my-model", {},
+                 tensors={"distance_mean": mean, "distance_count": torch.ones(2, 2, 6)})
+    fig = head_distance_figure(run, 1)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(lines) == 18 and not any(t.showlegend for t in lines)
+    assert fig.data[-1].marker.showscale and fig.data[-1].marker.colorbar.title.text == "head"
+    assert lines[0].line.color != lines[-1].line.color
+    assert fig.layout.title.text.startswith("my-model: layer 1") and "/abs" not in fig.layout.title.text
+    one = distance_figure(run, 1, 4)
+    np.testing.assert_allclose(one.data[0].y, mean[1, 4, 0].numpy(), rtol=1e-6)
+
+
+def test_sinks_tables_keep_readable_and_raw_tokens(runs_dir, load_model):
+    from headlab.batching import encode
+
+    run = load_run(runs_dir, "sinks-qwen3-a")
+    tokens = run.tables["tokens"]
+    assert {"token", "token_raw"} <= set(tokens.columns)
+    prompt = bundled_prompts()[0]
+    first = tokens.query("prompt == 0").sort_values("position")
+    tok = load_model("tiny-qwen3").text_tokenizer
+    assert "".join(first["token"]) == tok.decode(encode(load_model("tiny-qwen3"), prompt, 16))
+    assert first["token_raw"].tolist() == tok.convert_ids_to_tokens(encode(load_model("tiny-qwen3"), prompt, 16))
+    page = token_html(["", " old"], np.array([0.1, 0.2]), raw=["ä½", "Ġold"])
+    assert 'data-raw="Ġold"' in page and "&nbsp;old" in page and "·" in page

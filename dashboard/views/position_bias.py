@@ -39,7 +39,7 @@ def head_distance_figure(run: Result, layer: int) -> go.Figure:
     pairs = run.tensors["distance_count"][layer].float().numpy() > 0  # [side, bin]
     x = np.array(distance_bin_edges(mean.shape[-1])) + 1
     n_heads = mean.shape[0]
-    n_lines = n_heads * int(pairs[0].any() + pairs[1].any())
+    n_lines = n_heads * (int(pairs[0].any()) + int(pairs[1].any()))  # numpy bools would add as "or"
     # Many heads (e.g. 9 heads x 2 sides, 40 on a 14B model): colour by head on a scale, no legend.
     scale = n_lines > MAX_LEGEND_LINES
     colours = line_colours(n_heads) if scale else [None] * n_heads
