@@ -12,14 +12,18 @@ One attention call (batch 1, causal, GQA, random q/k/v, fixed seed), timed and m
 
 Shapes. CUDA: Qwen3-14B attention (40 query heads, 8 kv heads, head_dim 128) and Llama-style (32 / 8 /
 128), T in {1k, 4k, 16k, 32k}, bf16. CPU: the same head_dim with 8 query heads on 2 kv heads (fewer
-heads than the GPU shapes, so that eager fits and a run takes minutes), fp32, T in {1k, 2k, 4k}.
+heads than the GPU shapes, so that eager fits and a run takes minutes) and smollm2-135m's attention (9 / 3 /
+64), fp32, T in {1k, 2k, 4k}.
 
 Measurement. CUDA: one warm-up call (compilation), then the median of ``--repeats`` calls timed with CUDA
 events; peak memory = ``torch.cuda.max_memory_allocated`` during the timed calls minus the memory held
 before (the inputs), i.e. the extra memory a method needs. CPU: each (method, T) runs in a fresh
-process (this script with ``--_worker``): peak = growth of ``ru_maxrss`` over the first call after
-``gc.collect()`` / ``malloc_trim``, time = median wall time of the calls after it; a worker killed by the
-OOM killer is reported as ``OOM``. On CUDA the script also checks the compiled Triton kernels against
+process (this script with ``--_worker``, one torch thread by default): peak = growth of ``ru_maxrss`` over
+the first call after ``gc.collect()`` / ``malloc_trim``, time = the minimum **process CPU time**
+(``time.process_time``: this process only, so other work on a shared machine changes it far less than wall
+time) of the calls after it; a worker killed by the OOM killer is reported as ``OOM``. Memory is quoted in
+MiB and against eager (sdpa's own peak is allocator noise, 8-30 MiB, so no ratio to it).
+On CUDA the script also checks the compiled Triton kernels against
 eager at T = 1024 (max abs error of the output and each statistic, in the JSON under ``check``).
 
 Usage (repository root)::
@@ -34,6 +38,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import resource
 import signal
@@ -47,7 +52,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = {"qwen3-14b": (40, 8, 128), "llama": (32, 8, 128)}
-CPU_SHAPES = {"cpu-8h": (8, 2, 128)}
+CPU_SHAPES = {"cpu-8h": (8, 2, 128), "smollm2": (9, 3, 64)}
 GPU_LENGTHS = [1024, 4096, 16384, 32768]
 CPU_LENGTHS = [1024, 2048, 4096]
 
@@ -157,10 +162,11 @@ def worker(args) -> None:
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     times = []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"status": "ok", "time_s": statistics.median(times), "peak_mib": peak_kib / 1024}))
+        times.append(time.process_time() - start)
+    print(json.dumps({"status": "ok", "time_s": min(times), "times_s": times, "peak_mib": peak_kib / 1024,
+                      "loadavg": os.getloadavg()}))
 
 
 def run_cpu_case(args, shape: str, method: str, n: int) -> dict:
@@ -188,25 +194,28 @@ def run_cpu(args) -> dict:
                              **run_cpu_case(args, shape_name, method, n)})
                 print(rows[-1], flush=True)
     return {"device": f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)",
-            "dtype": "float32", "rows": rows}
+            "dtype": "float32", "time": "process CPU time, minimum of the repeats", "rows": rows}
 
 
 # --- report -----------------------------------------------------------------------------------------
 
 def table(result: dict) -> str:
-    shapes = {"qwen3-14b": "H=40 KV=8 d=128", "llama": "H=32 KV=8 d=128", "cpu-8h": "H=8 KV=2 d=128"}
+    shapes = {"qwen3-14b": "H=40 KV=8 d=128", "llama": "H=32 KV=8 d=128", "cpu-8h": "H=8 KV=2 d=128",
+              "smollm2": "H=9 KV=3 d=64"}
     lines = [f"device: {result['device']}, {result['dtype']}, batch 1, causal", "",
-             "| shape | T | method | time ms | peak extra MiB | time / sdpa | memory / sdpa |",
+             "| shape | T | method | time ms | peak extra MiB | time / sdpa | memory / eager |",
              "|---|---:|---|---:|---:|---:|---:|"]
-    base = {(r["shape"], r["T"]): r for r in result["rows"] if r["method"] == "sdpa" and r["status"] == "ok"}
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    base = {(r["shape"], r["T"]): r for r in ok if r["method"] == "sdpa"}
+    eager = {(r["shape"], r["T"]): r for r in ok if r["method"] == "eager"}
     for row in result["rows"]:
         label = f"| {shapes[row['shape']]} | {row['T']} | {row['method']} |"
         if row["status"] != "ok":
             lines.append(f"{label} {row['status']} | | | |")
             continue
-        ref = base.get((row["shape"], row["T"]))
+        ref, big = base.get((row["shape"], row["T"])), eager.get((row["shape"], row["T"]))
         time_ratio = f"{row['time_s'] / ref['time_s']:.2f}" if ref else ""
-        mem_ratio = f"{row['peak_mib'] / ref['peak_mib']:.2f}" if ref and ref["peak_mib"] > 0 else ""
+        mem_ratio = f"{row['peak_mib'] / big['peak_mib']:.3f}" if big and big["peak_mib"] > 0 else ""
         lines.append(f"{label} {row['time_s'] * 1000:.1f} | {row['peak_mib']:.1f} | {time_ratio} | {mem_ratio} |")
     return "\n".join(lines)
 
@@ -216,7 +225,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-eager-gib", type=float, default=24.0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--_worker", action="store_true")

@@ -136,11 +136,13 @@ def memory(case: str, n: int) -> float | None:
 
 def run(args) -> dict:
     import headlab
+    from headlab.kernels.torch_backend import pick_chunk_size
 
     loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
     result: dict = {"model": "smollm2-135m", "dtype": "float32", "batch": 1, "rounds": args.rounds,
                     "measure": "process CPU time (time.process_time), minimum over interleaved rounds",
-                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "chunk_rows": {n: pick_chunk_size(1, 9, n) for n in args.lengths},
+                    "machine": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "quiet": [], "busy": []}
     default_threads = torch.get_num_threads()  # torch's own default: one per physical core
     torch.set_num_threads(args.threads)
@@ -165,6 +167,8 @@ def run(args) -> dict:
             for n in args.busy_lengths or args.lengths:
                 times = interleaved(model_cases(loaded, prompt_ids(loaded, n)), args.rounds)
                 row = {"T": n, "threads": threads, **summarise(times, "sdpa")}
+                if n == args.attention_T:
+                    row.update(summarise(interleaved(attention_cases(n), args.rounds), "attn-sdpa"))
                 result["busy"].append(row)
                 print("busy", json.dumps({"T": n, "ratio": row["stats"]["ratio_to_sdpa"]}), flush=True)
             load.append(os.getloadavg())

@@ -13,7 +13,7 @@ from headlab.errors import InputError
 from headlab.interventions import AttentionOverride, KeyKnockout, Redistribute
 from headlab.interventions.attention_call import LayerPlan, PostPlan, _merged_request
 from headlab.kernels import MaskSpec, ScoreEdit, StatsRequest, eager_attention_with_stats, torch_attention_with_stats
-from headlab.kernels.torch_backend import DEFAULT_CHUNK_ROWS, pick_chunk_size
+from headlab.kernels.torch_backend import pick_chunk_size
 
 
 def all_true_rows(batch: int, n_k: int):
@@ -125,17 +125,18 @@ def test_output_groups_bad_input():
                 fn(q, k, v, MaskSpec(), 0.5, request=request)
 
 
-def test_chunk_rows_default_override_and_bad_env(monkeypatch):
+def test_chunk_rows_from_the_cache_override_and_bad_env(monkeypatch):
     monkeypatch.delenv("HEADLAB_CHUNK_ROWS", raising=False)
-    assert pick_chunk_size() == DEFAULT_CHUNK_ROWS
-    assert pick_chunk_size(5) == 5
+    # smollm2-135m (9 heads, batch 1): 64 rows at 1k keys, 32 from 4k on; tiny calls get the most rows.
+    assert [pick_chunk_size(1, 9, n) for n in (1024, 4096, 8192, 16)] == [64, 32, 32, 128]
+    assert pick_chunk_size(1, 9, 1024, 5) == 5
     monkeypatch.setenv("HEADLAB_CHUNK_ROWS", "24")
-    assert pick_chunk_size() == 24
+    assert pick_chunk_size(1, 9, 1024) == 24
     monkeypatch.setenv("HEADLAB_CHUNK_ROWS", "lots")
     with pytest.raises(InputError, match="HEADLAB_CHUNK_ROWS"):
-        pick_chunk_size()
+        pick_chunk_size(1, 9, 1024)
     with pytest.raises(InputError, match="at least 1"):
-        pick_chunk_size(0)
+        pick_chunk_size(1, 9, 1024, 0)
 
 
 def test_post_softmax_edits_ask_only_for_the_groups_they_read(load_model):
