@@ -79,6 +79,16 @@ def test_dashboard_in_a_real_browser(runs_dir, tmp_path):
                 page.wait_for_selector(HEATMAP, timeout=30_000)
                 after = json.loads(page.evaluate(READ_FIRST_PLOT))
                 assert after["z"] != before["z"]  # alpha of another key position, not only a new title
+
+                # Clicking the cell of layer 2, head 1 (of 4 x 4) opens that head below the heatmap.
+                plot = page.locator(".js-plotly-plot").first
+                plot.scroll_into_view_if_needed()
+                box = plot.locator(".nsewdrag").first.bounding_box()
+                page.mouse.click(box["x"] + box["width"] * 1.5 / 4, box["y"] + box["height"] * (1 - 2.5 / 4))
+                page.wait_for_function(
+                    "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some("
+                    "p => (p.layout.title.text || '').includes('layer 2, head 1, attention received by key'))",
+                    timeout=60_000)
                 shot = tmp_path / "sinks-run.png"
                 page.screenshot(path=str(shot))
                 assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
