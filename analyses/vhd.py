@@ -253,9 +253,19 @@ def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32,
                 new = kwargs["input_ids"][:, -1:]
                 state["mask"] = torch.cat([state["mask"], torch.ones_like(new)], dim=1)
                 feed = {"input_ids": new, "attention_mask": state["mask"]}
-            with capture_z(loaded, layers) as store:
-                out = model(**feed, cache=state["cache"], use_cache=True)
-            state["cache"] = out.past_key_values
+            # Qwen2-VL keeps the image stream's M-RoPE offsets on the model: the text-only stream uses its own.
+            inner = getattr(model, "model", None)
+            saved = getattr(inner, "rope_deltas", None)
+            if saved is not None or hasattr(inner, "rope_deltas"):
+                inner.rope_deltas = state.get("rope_deltas")
+            try:
+                with capture_z(loaded, layers) as store:
+                    out = model(**feed, cache=state["cache"], use_cache=True)
+            finally:
+                if hasattr(inner, "rope_deltas"):
+                    state["rope_deltas"] = inner.rope_deltas
+                    inner.rope_deltas = saved
+            state["cache"] = _cache_of(out)
             edit.reference = {layer: store[layer][0][:, -1] for layer in layers}
         finally:
             edit.enabled = True
@@ -275,6 +285,11 @@ def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32,
         for h in handles:
             h.remove()
     return _new_tokens(out, inputs, pad_id), log
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Tensor:
