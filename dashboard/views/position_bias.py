@@ -100,8 +100,10 @@ class PositionBiasView(View):
     def key_figures(self, manifest: dict) -> dict[str, object]:
         summary = manifest.get("summary") or {}
         accuracy = summary.get("retrieval_accuracy") or {}
-        figures = {"middle vs ends": summary.get("middle_vs_ends"), "trend k": summary.get("trend_k_mean"),
-                   "rollout first-token mass": summary.get("rollout_first_mass_final"),
+        # first/last vs middle separately: one "middle vs ends" ratio cannot tell U-shaped from monotone.
+        figures = {"first third / middle": summary.get("first_vs_middle"),
+                   "last third / middle": summary.get("last_vs_middle"),
+                   "shape": summary.get("position_shape"), "trend k": summary.get("trend_k_mean"),
                    "retrieval acc. (middle)": accuracy.get("middle")}
         return {name: value for name, value in figures.items() if value is not None}
 
