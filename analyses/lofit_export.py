@@ -36,15 +36,15 @@ def o_proj_deltas(loaded, offsets: HeadOffsets) -> dict[int, torch.Tensor]:
     deltas = {}
     with torch.no_grad():
         for layer in sorted({p[0] for p in offsets.pairs}):
-            proj = arch.o_proj(layer)
-            weight = next(proj.parameters())
-            z = torch.zeros(arch.n_heads, arch.head_dim, dtype=torch.float64)
+            # A float64 copy of o_proj (one layer's, small): the bias is rounded once, to the model's dtype.
+            proj = copy.deepcopy(arch.o_proj(layer)).double()
+            device = next(proj.parameters()).device
+            z = torch.zeros(arch.n_heads, arch.head_dim, dtype=torch.float64, device=device)
             for row, (lay, h) in enumerate(offsets.pairs):
                 if lay == layer:
-                    z[h] = offsets.v.detach()[row].double()
-            flat = z.reshape(1, -1).to(device=weight.device, dtype=weight.dtype)
-            zero = torch.zeros_like(flat)
-            deltas[layer] = (proj(flat) - proj(zero))[0]  # W_O v, the bias cancels
+                    z[h] = offsets.v.detach()[row].to(device=device, dtype=torch.float64)
+            flat = z.reshape(1, -1)
+            deltas[layer] = (proj(flat) - proj(torch.zeros_like(flat)))[0]  # W_O v, the bias cancels
     return deltas
 
 
