@@ -1,0 +1,171 @@
+"""Does llava-smol hallucinate from its language prior? CHAIR, POPE, the partner effect and VHR.
+
+``python -m headlab.llava_smol_eval --n 600 --out eval.json`` writes the synthetic evaluation sets in
+their public formats (COCO instances + captions, POPE JSONL) to a temporary folder, reads them back
+through analyses/hallucination_metrics.py, and measures on llava-smol:
+
+- the prior effect: in captions of images where an object is present and its partner absent, how often
+  the partner is named vs any other absent object (2×2 table, Fisher's exact test, odds ratio);
+- CHAIR_i / CHAIR_s on in-distribution, partner-missing and weak (small, low-contrast) images;
+- POPE random / popular / adversarial;
+- VHR's effect on CHAIR_i (paired bootstrap CI over images) and a random-heads control of the same size
+  (in each VHR layer as many random heads as the median rule picks, scaled by the same α).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import lvlm_data as D
+from .analyses.hallucination_metrics import (
+    ChairCounts,
+    chair,
+    load_coco_objects,
+    load_pope,
+    load_synonyms,
+    paired_bootstrap_chair_i,
+    pope_metrics,
+)
+from .analyses.vhd import generate, vhr_layers
+from .lvlm import LvlmSample, load_image
+
+
+def decode(loaded, tokens: torch.Tensor) -> list[str]:
+    tok = loaded.text_tokenizer
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in tokens]
+
+
+def caption(loaded, images: Sequence, *, batch: int = 16, max_new_tokens: int = 20, **kwargs) -> list[str]:
+    """Greedy captions of ``images`` (PIL) with the training prompt; ``kwargs`` go to ``vhd.generate``
+    (``vhr=True``; ``heads=callable(batch index) -> [(layer, head)]`` for a fixed-heads control)."""
+    out: list[str] = []
+    for start in range(0, len(images), batch):
+        chunk = [LvlmSample(D.CAPTION_PROMPT, [im]) for im in images[start:start + batch]]
+        extra = dict(kwargs)
+        if callable(extra.get("heads")):
+            extra["heads"] = extra["heads"](start // batch)
+        tokens, _ = generate(loaded, chunk, max_new_tokens=max_new_tokens, **extra)
+        out += decode(loaded, tokens)
+    return out
+
+
+def prior_effect(captions: Sequence[str], scenes: Sequence[D.Scene]) -> dict:
+    """Partner of a present object named though absent, vs any other absent object named (Fisher's exact test)."""
+    from scipy.stats import fisher_exact
+
+    synonyms = {o: o for o in D.OBJECTS}
+    from .analyses.hallucination_metrics import mentioned
+
+    table = {"partner": [0, 0], "other": [0, 0]}  # [named, not named]
+    for text, scene in zip(captions, scenes, strict=True):
+        named = set(mentioned(text, synonyms))
+        present = set(scene.objects)
+        for obj in D.OBJECTS:
+            if obj in present:
+                continue
+            kind = "partner" if D.PARTNER[obj] in present else "other"
+            table[kind][0 if obj in named else 1] += 1
+    odds, p = fisher_exact([table["partner"], table["other"]], alternative="greater")
+    rate = {k: v[0] / max(1, sum(v)) for k, v in table.items()}
+    return {"partner_named_rate": rate["partner"], "other_absent_named_rate": rate["other"], "odds_ratio": odds,
+            "p_value_fisher_one_sided": p, "table_named_notnamed": table}
+
+
+def pope(loaded, folder: Path, split: str, *, batch: int = 32) -> dict:
+    items = load_pope(folder / f"pope_{split}.jsonl")
+    answers: list[str] = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        samples = [LvlmSample(i["text"] + " Answer yes or no.", [load_image(folder / "images" / i["image"])])
+                   for i in chunk]
+        tokens, _ = generate(loaded, samples, max_new_tokens=3)
+        answers += decode(loaded, tokens)
+    return pope_metrics(answers, [i["label"] for i in items])
+
+
+def chair_of(loaded, folder: Path, **kwargs) -> tuple[ChairCounts, list[str]]:
+    truth = load_coco_objects(folder / "annotations.json")
+    synonyms = load_synonyms(folder / "synonyms.txt")
+    names = sorted(truth)
+    captions = caption(loaded, [load_image(folder / "images" / n) for n in names], **kwargs)
+    return chair(captions, [truth[n] for n in names], synonyms), captions
+
+
+def random_heads(loaded, seed: int):
+    """Per batch: in each VHR layer, as many random heads as the median rule picks (H // 2 heads lie strictly
+    above torch's median, the lower middle value for an even count)."""
+    arch = loaded.arch
+    layers = vhr_layers(arch.n_layers)
+    k = arch.n_heads // 2
+
+    def pick(batch_index: int) -> list[tuple[int, int]]:
+        rng = random.Random(f"{seed}-{batch_index}")
+        return [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads), k))]
+
+    return pick
+
+
+def evaluate(loaded, n: int = 600, *, n_pope: int = 100, vhr: bool = True, seed: int = 0,
+             log=print) -> dict:
+    results: dict = {"model": loaded.name, "n_images": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for kind in ("in-distribution", "partner-missing", "weak"):
+            t0 = time.time()
+            folder = root / kind
+            D.write_dataset(folder, D.eval_scenes(kind, n, seed=1234 + seed), seed=seed)
+            counts, captions = chair_of(loaded, folder)
+            entry = {**counts.summary(), "examples": captions[:5]}
+            if kind == "partner-missing":
+                entry["prior_effect"] = prior_effect(captions, D.eval_scenes(kind, n, seed=1234 + seed))
+            if kind == "in-distribution":
+                scenes = D.eval_scenes(kind, n, seed=1234 + seed)
+                exact = [c == D.caption_text(s.ordered()) for c, s in zip(captions, scenes, strict=True)]
+                entry["exact_caption_rate"] = sum(exact) / len(exact)
+            if vhr and kind == "partner-missing":
+                vhr_counts, vhr_caps = chair_of(loaded, folder, vhr=True)
+                ctrl_counts, _ = chair_of(loaded, folder, heads=random_heads(loaded, seed))
+                entry["vhr"] = {**vhr_counts.summary(),
+                                "paired_bootstrap": paired_bootstrap_chair_i(counts, vhr_counts),
+                                "prior_effect": prior_effect(vhr_caps, D.eval_scenes(kind, n, seed=1234 + seed))}
+                entry["random_heads_control"] = {**ctrl_counts.summary(),
+                                                 "paired_bootstrap": paired_bootstrap_chair_i(counts, ctrl_counts)}
+            entry["minutes"] = round((time.time() - t0) / 60, 2)
+            results[kind] = entry
+            log(json.dumps({kind: {k: v for k, v in entry.items() if k != "examples"}}, default=float))
+        folder = root / "pope"
+        D.write_dataset(folder, D.eval_scenes("in-distribution", n_pope, seed=4321 + seed), seed=seed)
+        results["pope"] = {split: pope(loaded, folder, split) for split in ("random", "popular", "adversarial")}
+        log(json.dumps({"pope": results["pope"]}))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import headlab
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=600, help="images per CHAIR set")
+    parser.add_argument("--n-pope", type=int, default=100, help="images of the POPE set (6 questions each)")
+    parser.add_argument("--no-vhr", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = headlab.load("llava-smol", dtype="float32", device="cpu")
+    results = evaluate(loaded, args.n, n_pope=args.n_pope, vhr=not args.no_vhr)
+    text = json.dumps(results, indent=1, default=float)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
