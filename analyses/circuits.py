@@ -24,6 +24,7 @@ from headlab.errors import InputError
 from headlab.interventions import HeadMeanAblate, intervene
 from headlab.result import Result
 
+from .circuit_roles import tag_roles
 from .circuit_tasks import TaskBatch, make_task, tokenize_task
 from .path_patching import (
     Head,
@@ -165,6 +166,7 @@ class CircuitsConfig:
     batch_size: int = 32
     senders_per_pass: int = 9
     draws: int = 20  # random head sets in the ablation test (0: no ablation test)
+    roles: bool = True  # role tags of the circuit's heads (and the most negative ones) from attention
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -199,7 +201,7 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
         if task.name in batches:
             raise InputError(f"--tasks names the task {task.name!r} twice; give each task once")
         batches[task.name] = tokenize_task(loaded, task)
-    clean_rows, score_rows, circuit_rows, ablation_rows, agreement_rows = [], [], [], [], []
+    clean_rows, score_rows, circuit_rows, ablation_rows, agreement_rows, role_tables = [], [], [], [], [], []
     tensors, figures, circuits = {}, {}, {}
     from .path_patching import clean_and_cf
 
@@ -235,6 +237,9 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
         for rank, (layer, h) in enumerate(circuit, start=1):
             circuit_rows.append({"task": name, "rank": rank, "layer": layer, "head": h,
                                  "score": float(scores[layer, h])})
+        if config.roles:  # the circuit and the 3 most negative heads (negative movers are found there)
+            negative = [h for h in top_heads(-scores, k=3) if h not in circuit]
+            role_tables.append(tag_roles(loaded, batch, circuit + negative, scores))
         if config.draws:
             ablation_rows.append({"task": name, **ablation_test(loaded, batch, circuit, config.draws, config.seed,
                                                                 config.batch_size)})
@@ -255,6 +260,8 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
         tables["ablation"] = pd.DataFrame(ablation_rows)
     if agreement_rows:
         tables["agreement"] = pd.DataFrame(agreement_rows)
+    if role_tables:
+        tables["roles"] = pd.concat(role_tables, ignore_index=True)
     summary = {"tasks": names, "method": config.method, "circuit_size": len(next(iter(circuits.values()))),
                "accuracy": {r["task"]: r["accuracy"] for r in clean_rows},
                "ld_clean": {r["task"]: r["ld_clean"] for r in clean_rows}}
@@ -279,6 +286,13 @@ def _report(tables: dict[str, pd.DataFrame], config: CircuitsConfig) -> str:
             lines.append(f"- {r.task}: LD {r.ld_clean:.2f} -> {r.ld_circuit_ablated:.2f} (drop {r.drop_circuit:.2f}); "
                          f"random: drop {r.drop_random_mean:.2f} ± {r.drop_random_std:.2f} over {r.draws} draws, "
                          f"{r.random_at_least_circuit} of them at least the circuit's")
+    if "roles" in tables:
+        lines += ["", "## Role tags from attention (to answer at the final position; previous / duplicate / "
+                  "induction on a repeated random sequence)", ""]
+        for task, group in tables["roles"].groupby("task", sort=False):
+            lines.append(f"- {task}: " + "; ".join(
+                f"{r.layer}.{r.head} {r.tag or '-'} (score {r.score:.1f}, answer {r.to_answer:.2f}, prev "
+                f"{r.previous:.2f}, dup {r.duplicate:.2f}, ind {r.induction:.2f})" for r in group.itertuples()))
     if "agreement" in tables:
         lines += ["", "## Attribution (linear) vs exact path patching", ""]
         for r in tables["agreement"].itertuples():

@@ -298,3 +298,18 @@ def test_receiver_projections_match_trace(load_model, name):
         moved = model.model(input_ids=ids).logits
     torch.testing.assert_close(moved[:, :-1], logits[:, :-1])  # only the final position is patched
     assert not torch.allclose(moved[:, -1], logits[:, -1])
+
+
+def test_role_tags_find_the_movers(loaded):
+    """The copying heads put > 0.9 of the final row on the name, the answer: movers; the random heads do
+    not (their reading stays below the 0.3 threshold), and a zero score makes an answer-attending head."""
+    from headlab.analyses.circuit_roles import tag_roles
+
+    batch = tokenize_task(loaded, copy_task(0))
+    scores = torch.tensor([[0.0, 14.3], [85.5, 0.1]])
+    roles = tag_roles(loaded, batch, [(0, 0), (0, 1), (1, 0), (1, 1)], scores).set_index(["layer", "head"])
+    assert roles.loc[(1, 0), "tag"] == "mover" and roles.loc[(0, 1), "tag"] == "mover"
+    assert roles.loc[(1, 0), "to_answer"] > 0.9 and roles.loc[(1, 1), "tag"] == ""
+    flipped = tag_roles(loaded, batch, [(1, 0)], -scores).iloc[0]
+    assert flipped.tag == "negative mover"
+    assert tag_roles(loaded, batch, [(1, 0)], scores * 0).iloc[0].tag == "answer-attending"

@@ -36,7 +36,7 @@ def test_circuits_command_writes_a_run_and_graphs(tmp_path, monkeypatch):
                                          "--name", "c1", "--quiet"])
     assert result.exit_code == 0, result.output
     run = Result.load(tmp_path / "runs" / "c1")
-    assert set(run.tables) >= {"clean", "scores", "circuits", "overlap", "ablation", "agreement"}
+    assert set(run.tables) >= {"clean", "scores", "circuits", "overlap", "ablation", "agreement", "roles"}
     n_heads = run.tensors["scores.first"].numel()
     assert len(run.tables["circuits"]) == 2 * -(-n_heads // 4)  # ceil(25% of heads) per task
     row = run.tables["overlap"].iloc[0]

@@ -1,5 +1,5 @@
 """The circuits page: the clean model per task, a layer x head score heatmap per task with its circuit
-marked, the overlap of the circuits, the ablation check and attribution's agreement with path patching."""
+marked, the overlap of the circuits, role tags, the ablation check and attribution's agreement with path patching."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ class CircuitsView(View):
             st.subheader("Overlap")
             show_table(run.tables["overlap"], key=f"{key}-overlap", name=f"{run_name(run)}-overlap")
             show_table(overlap_matrix(run), key=f"{key}-members", name=f"{run_name(run)}-members")
+        if "roles" in run.tables:
+            st.subheader("Role tags from attention")
+            show_table(run.tables["roles"], key=f"{key}-roles", name=f"{run_name(run)}-roles")
         if "ablation" in run.tables:
             st.subheader("Ablating the circuit vs random heads")
             show_table(run.tables["ablation"], key=f"{key}-ablation", name=f"{run_name(run)}-ablation")
