@@ -228,7 +228,10 @@ def select_heads(loaded, items: list[Item], config: LofitConfig | None = None, p
                "objective": config.objective, "n_items": len(items), "steps": len(curve),
                "final_task_loss": float(curve["task_loss"].iloc[-1]),
                "first_task_loss": float(curve["task_loss"].iloc[0]),
-               "top_heads": top, "top_head": f"{top[0][0]}.{top[0][1]}"}
+               "top_heads": top, "top_head": f"{top[0][0]}.{top[0][1]}",
+               # the whole ranking and curve also in manifest.json, for readers without parquet
+               "ranking": [[int(r.layer), int(r.head), float(r.a_norm)] for r in ranking.itertuples()],
+               "curve_task_loss": [float(x) for x in curve["task_loss"]]}
     figures = {"ranking": heatmap(norms, f"LoFiT head selection: ‖A‖₂ per head ({loaded.name})", "‖A‖₂"),
                "curve": curve_figure({"select (A on every head)": curve}, "LoFiT step 1: training curve")}
     report = (f"# LoFiT head selection on {loaded.name}\n\n{len(items)} {config.objective} items, {len(curve)} steps; "

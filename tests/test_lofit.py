@@ -87,6 +87,7 @@ def test_selection_ranks_the_only_head_that_carries_the_signal_first(one_head):
     # with the task gradient for all 12 steps. Measured: live 0.168, largest dead 0.0042.
     assert ranking.a_norm[0] > 10 * ranking.a_norm[1]
     assert len(ranking) == 16 and result.tensors["a_norm"].shape == (4, 4)
+    assert result.summary["ranking"][0][:2] == list(LIVE) and len(result.summary["curve_task_loss"]) == 12
     curve = result.tables["curve"]
     by_epoch = curve.groupby("epoch").task_loss.mean()
     assert len(curve) == 12 and by_epoch.iloc[-1] < by_epoch.iloc[0]
@@ -355,6 +356,12 @@ def test_cli_select_train_eval_apply_export(one_head, tmp_path, monkeypatch):
                                       "--out", str(tmp_path / "ev")])
     assert out.exit_code == 0, out.output
     assert set(Result.load(tmp_path / "ev").tables["accuracy"].condition) == {"clean", "offsets"}
+    (tmp_path / "tqa.csv").write_text(MC_CSV, encoding="utf-8")
+    out = runner.invoke(headlab_app, ["lofit", "eval", "--data", str(tmp_path / "tqa.csv"), "--offsets",
+                                      str(tmp_path / "off"), "--out", str(tmp_path / "mc")])
+    assert out.exit_code == 0 and "MC1" in out.output, out.output
+    mc = Result.load(tmp_path / "mc")
+    assert set(mc.tables) == {"mc_clean", "mc_offsets"} and mc.summary["n_clean"] == 2
     out = runner.invoke(headlab_app, ["lofit", "apply", "--offsets", str(tmp_path / "off"), "--prompt", "cat dog",
                                       "--max-new-tokens", "3"])
     assert out.exit_code == 0 and "with offsets" in out.output, out.output
@@ -380,4 +387,5 @@ def test_cli_select_train_eval_apply_export(one_head, tmp_path, monkeypatch):
         out = runner.invoke(headlab_app, args)
         assert out.exit_code == 2, (args, out.output)
         assert message in out.output and "Traceback" not in out.output, out.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "ev", "hf", "off", "sel", "train.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "ev", "hf", "mc", "off", "sel", "tqa.csv",
+                                                              "train.jsonl"]
