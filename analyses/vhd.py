@@ -296,3 +296,93 @@ def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Ten
     new = out[:, inputs.input_ids.shape[1]:].cpu()
     # After a sample's end-of-turn everything is padding (generate pads finished rows with pad_id already).
     return new if new.numel() else torch.full((out.shape[0], 0), pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis: VHD heatmaps and T-VHD of hallucinated vs correct object tokens
+
+
+@dataclass
+class VhdConfig:
+    max_new_tokens: int = 24
+    remove: str = "drop"
+    k: int = 8
+    batch_size: int = 8
+    filter_outliers: bool = True
+
+    def check(self) -> None:
+        if self.remove not in REMOVE_MODES:
+            raise InputError(f"--remove {self.remove!r}: use one of {', '.join(REMOVE_MODES)}")
+        if self.max_new_tokens < 1 or self.k < 1 or self.batch_size < 1:
+            raise InputError("--max-new-tokens, --k and --batch-size must be at least 1")
+
+
+def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None = None, *,
+                truth: Sequence[set[str]] | None = None, synonyms: dict[str, str] | None = None):
+    """Greedy answers, VHD per (layer, head) at every step, T-VHD per token (both aggregations); with ``truth``
+    (objects per sample) and ``synonyms``, object tokens are labelled hallucinated or correct."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from headlab.result import Result
+
+    config = config or VhdConfig()
+    config.check()
+    arch = loaded.arch
+    tok = loaded.text_tokenizer
+    rows, sums, counts = [], torch.zeros(arch.n_layers, arch.n_heads), 0
+    answers = []
+    for start in range(0, len(samples), config.batch_size):
+        chunk = list(samples[start:start + config.batch_size])
+        tokens, _ = generate(loaded, chunk, max_new_tokens=config.max_new_tokens)
+        trace = vhd_of(loaded, chunk, tokens, remove=config.remove)
+        z_norm = trace.z_norm_without if config.filter_outliers else None
+        agg = {a: t_vhd(trace.vhd, k=config.k, aggregation=a, z_norm_without=z_norm) for a in AGGREGATIONS}
+        sums += (trace.vhd * trace.valid[..., None, None]).sum((0, 1))
+        counts += int(trace.valid.sum())
+        for b in range(tokens.shape[0]):
+            index = start + b
+            answers.append(tok.decode(tokens[b][trace.valid[b]], skip_special_tokens=True).strip())
+            for t in range(tokens.shape[1]):
+                if not trace.valid[b, t]:
+                    continue
+                piece = tok.decode(tokens[b, t:t + 1]).strip().lower()
+                word = piece.rstrip(".,!?;:")
+                obj = None
+                if synonyms is not None:
+                    obj = synonyms.get(word) or (synonyms.get(word[:-1]) if word.endswith("s") else None)
+                status = None
+                if obj is not None and truth is not None:
+                    status = "correct" if obj in truth[index] else "hallucinated"
+                rows.append({"sample": index, "step": t, "token": piece, "object": obj, "status": status,
+                             **{f"t_vhd_{a}": float(agg[a][b, t]) for a in AGGREGATIONS}})
+    mean_vhd = sums / max(1, counts)
+    table = pd.DataFrame(rows)
+    by_status = {}
+    if len(table) and table["status"].notna().any():
+        for status, part in table.dropna(subset=["status"]).groupby("status"):
+            by_status[status] = {"tokens": len(part), **{f"mean_t_vhd_{a}": float(part[f"t_vhd_{a}"].mean())
+                                                         for a in AGGREGATIONS}}
+    heatmap = go.Figure(go.Heatmap(z=mean_vhd.numpy(), colorscale="Viridis", colorbar=dict(title="VHD")))
+    heatmap.update_layout(title=f"{loaded.name}: mean VHD per head (image {config.remove})",
+                          xaxis_title="head", yaxis_title="layer")
+    figures = {"vhd_heatmap": heatmap}
+    if by_status:
+        box = go.Figure()
+        for status in ("correct", "hallucinated"):
+            part = table[table["status"] == status]
+            box.add_trace(go.Box(y=part["t_vhd_layer_topk_sum"], name=f"{status} ({len(part)})"))
+        box.update_layout(title=f"{loaded.name}: T-VHD (layer top-{config.k} sum) of object tokens",
+                          yaxis_title="T-VHD")
+        figures["t_vhd_objects"] = box
+    heads = pd.DataFrame([{"layer": layer, "head": h, "vhd": float(mean_vhd[layer, h])}
+                          for layer in range(arch.n_layers) for h in range(arch.n_heads)])
+    summary = {"samples": len(samples), "tokens": counts, "remove": config.remove, "k": config.k,
+               "top_heads": heads.nlargest(5, "vhd")[["layer", "head", "vhd"]].to_dict("records"),
+               "object_tokens": by_status, "answers": answers[:5]}
+    report = [f"# VHD on {loaded.name}", "", f"- {len(samples)} samples, {counts} generated tokens, image "
+              f"removed by {config.remove}", f"- top heads by mean VHD: {summary['top_heads']}"]
+    for status, entry in by_status.items():
+        report.append(f"- {status} object tokens: {entry}")
+    return Result("vhd", loaded.name, {**config.__dict__}, tables={"heads": heads, "tokens": table},
+                  tensors={"mean_vhd": mean_vhd}, figures=figures, summary=summary, report="\n".join(report))

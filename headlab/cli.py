@@ -569,3 +569,6 @@ def zoo_train(
 
 from .lofit_cli import lofit_app  # noqa: E402, I001 (last: lofit_cli uses the options above)
 headlab_app.add_typer(lofit_app, name="lofit")
+
+from .lvlm_cli import vhd as _vhd  # noqa: E402, I001 (last: lvlm_cli uses the options above)
+analyze_app.command("vhd")(_vhd)
