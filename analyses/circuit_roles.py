@@ -10,8 +10,10 @@ Two readings, both from full patterns of short inputs (``hook_pattern``, eager p
 Tags (thresholds are the defaults of ``tag_roles``): the reading above ``threshold``, the largest one
 wins; a head at the final position with mass on the answer ``>= threshold`` is a "mover" when its score
 is at least ``min_score`` (×100 units), a "negative mover" when at most ``-min_score``, else
-"answer-attending". "inhibition" is not read from attention here: in Wang et
-al. it is a head whose output changes the movers' queries (path patching through q receivers).
+"answer-attending"; a head with mass ``>= threshold`` on the counterfactual answer's positions (IOI:
+the subject) and a positive score is a "wrong-answer suppressor". "inhibition" is not read from
+attention here: in Wang et al. it is a head whose output changes the movers' queries (path patching
+through q receivers).
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ def repeated_token_scores(loaded, layers: Sequence[int], length: int = 20, batch
 
 
 @torch.no_grad()
-def answer_attention(loaded, batch: TaskBatch, layers: Sequence[int]) -> torch.Tensor:
+def answer_attention(loaded, batch: TaskBatch, layers: Sequence[int], which: str = "answer") -> torch.Tensor:
     """``[layer, head]`` mean attention at the final position to the prompt positions holding the answer
-    token (NaN outside ``layers``, or when no prompt contains its answer token)."""
+    token (``which="cf"``: the counterfactual answer's, e.g. IOI's subject) (NaN outside ``layers``, or
+    when no prompt contains that token)."""
     arch = loaded.arch
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
-    holds = (batch.clean_ids == batch.answer_ids[:, None]) & batch.attention_mask.bool()  # [batch, key]
+    target = batch.answer_ids if which == "answer" else batch.cf_answer_ids
+    holds = (batch.clean_ids == target[:, None]) & batch.attention_mask.bool()  # [batch, key]
     holds[:, -1] = False
     out = torch.full((arch.n_layers, arch.n_heads), float("nan"))
     used = holds.any(dim=1)
@@ -78,19 +82,23 @@ def tag_roles(loaded, batch: TaskBatch, heads: Sequence[tuple[int, int]], scores
     if not layers:
         return pd.DataFrame()
     repeated = repeated_token_scores(loaded, layers)
-    answer = answer_attention(loaded, batch.slice(0, min(len(batch), 16)), layers)
+    part = batch.slice(0, min(len(batch), 16))
+    answer, wrong = answer_attention(loaded, part, layers), answer_attention(loaded, part, layers, "cf")
     rows = []
     for layer, h in heads:
         reading = {k: float(v[layer, h]) for k, v in repeated.items()}
-        to_answer = float(answer[layer, h])
+        to_answer, to_wrong = float(answer[layer, h]), float(wrong[layer, h])
         score = float(scores[layer, h])
         tag = ""
         if to_answer >= threshold:  # |score| < min_score: it attends to the answer without moving it
             tag = "mover" if score >= min_score else "negative mover" if score <= -min_score else "answer-attending"
+        elif to_wrong >= threshold and score >= min_score:
+            tag = "wrong-answer suppressor"
         else:
             best = max(reading, key=reading.get)
             if reading[best] >= threshold:
                 tag = {"previous": "previous-token", "duplicate": "duplicate-token", "induction": "induction"}[best]
         rows.append({"task": batch.name, "layer": layer, "head": h, "score": score, "to_answer": to_answer,
+                     "to_wrong": to_wrong,
                      **reading, "tag": tag})
     return pd.DataFrame(rows)

@@ -291,7 +291,8 @@ def _report(tables: dict[str, pd.DataFrame], config: CircuitsConfig) -> str:
                   "induction on a repeated random sequence)", ""]
         for task, group in tables["roles"].groupby("task", sort=False):
             lines.append(f"- {task}: " + "; ".join(
-                f"{r.layer}.{r.head} {r.tag or '-'} (score {r.score:.1f}, answer {r.to_answer:.2f}, prev "
+                f"{r.layer}.{r.head} {r.tag or '-'} (score {r.score:.1f}, answer {r.to_answer:.2f}, wrong "
+                f"{r.to_wrong:.2f}, prev "
                 f"{r.previous:.2f}, dup {r.duplicate:.2f}, ind {r.induction:.2f})" for r in group.itertuples()))
     if "agreement" in tables:
         lines += ["", "## Attribution (linear) vs exact path patching", ""]
