@@ -95,6 +95,9 @@ def assemble(language_model, vision_state: dict[str, torch.Tensor] | None = None
     # The language model is the caller's (already loaded) SmolLM2: no copy, no re-init.
     model.model.language_model = language_model.model
     model.lm_head = language_model.lm_head
+    # One config object for the language model: switching the attention implementation (headlab's probes)
+    # through the LLaVA config must reach the layers, which read their own module's config.
+    model.config.text_config = language_model.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.model.vision_tower = AutoModel.from_config(config.vision_config)

@@ -113,9 +113,33 @@ def random_heads(loaded, seed: int):
     return pick
 
 
+def sinks_report(loaded, n: int = 8, tau: float = 20.0) -> dict:
+    """Sink dims from the massive activations of text-only chat prompts, then φ on the image tokens."""
+    from .analyses.visual_sinks import find_sink_dims, visual_sinks
+    from .lvlm import build_inputs
+
+    text = build_inputs(loaded, [LvlmSample(D.CAPTION_PROMPT)])
+    dims, entries = find_sink_dims(loaded, text.tensors)
+    images = [D.render(s) for s in D.eval_scenes("in-distribution", n, seed=77)]
+    inputs = build_inputs(loaded, [LvlmSample(D.CAPTION_PROMPT, [im]) for im in images])
+    sinks = visual_sinks(loaded, inputs, dims, tau=tau)
+    image = inputs.image_mask
+    phi_image = sinks.phi[:, image]  # [layer, image tokens]
+    first = sinks.phi[:, torch.arange(len(images)), inputs.first_real]  # [layer, batch]
+    return {"sink_dims": dims, "massive_entries": len(entries),
+            "massive_positions": sorted({e["position"] for e in entries}),
+            "max_massive_value": max((abs(e["value"]) for e in entries), default=0.0), "tau": tau,
+            "phi_bound_sqrt_hidden": loaded.arch.hidden_size ** 0.5,
+            "max_phi_image_tokens": float(phi_image.max()), "median_phi_image_tokens": float(phi_image.median()),
+            "max_phi_first_token": float(first.max()), "visual_sinks": int(sinks.visual.sum()),
+            "image_tokens": int(image.sum())}
+
+
 def evaluate(loaded, n: int = 600, *, n_pope: int = 100, vhr: bool = True, seed: int = 0,
              log=print) -> dict:
     results: dict = {"model": loaded.name, "n_images": n}
+    results["visual_sinks"] = sinks_report(loaded)
+    log(json.dumps({"visual_sinks": results["visual_sinks"]}))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind in ("in-distribution", "partner-missing", "weak"):

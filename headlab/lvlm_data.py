@@ -315,3 +315,21 @@ def write_dataset(folder: Path, scenes: Sequence[Scene], *, seed: int = 0) -> di
     return {"images": folder / "images", "annotations": folder / "annotations.json",
             "captions": folder / "captions.json", "synonyms": folder / "synonyms.txt",
             **{f"pope_{s}": folder / f"pope_{s}.jsonl" for s in ("random", "popular", "adversarial")}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m headlab.lvlm_data OUT [--kind partner-missing] [--n 500]``: write a synthetic set."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write headlab's synthetic icon set (COCO-style + POPE JSONL).")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--kind", default="in-distribution", choices=["in-distribution", "partner-missing", "weak"])
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    files = write_dataset(args.out, eval_scenes(args.kind, args.n, args.seed))
+    print("\n".join(f"{k}: {v}" for k, v in files.items()))
+
+
+if __name__ == "__main__":
+    main()
