@@ -135,41 +135,72 @@ def sinks_report(loaded, n: int = 8, tau: float = 20.0) -> dict:
             "image_tokens": int(image.sum())}
 
 
-def evaluate(loaded, n: int = 600, *, n_pope: int = 100, vhr: bool = True, seed: int = 0,
-             log=print) -> dict:
+PARTS = ("sinks", "chair", "vhr", "vhd", "pope")
+
+
+def evaluate(loaded, n: int = 600, *, n_pope: int = 100, n_vhd: int = 60, parts: Sequence[str] = PARTS,
+             seed: int = 0, log=print) -> dict:
+    """The measurements of ``parts`` (sinks, chair, vhr, vhd, pope) on ``n`` images per CHAIR set."""
     results: dict = {"model": loaded.name, "n_images": n}
-    results["visual_sinks"] = sinks_report(loaded)
-    log(json.dumps({"visual_sinks": results["visual_sinks"]}))
+    if "sinks" in parts:
+        results["visual_sinks"] = sinks_report(loaded)
+        log(json.dumps({"visual_sinks": results["visual_sinks"]}))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind in ("in-distribution", "partner-missing", "weak"):
+            if "chair" not in parts and not ("vhr" in parts and kind == "partner-missing"):
+                continue
             t0 = time.time()
             folder = root / kind
-            D.write_dataset(folder, D.eval_scenes(kind, n, seed=1234 + seed), seed=seed)
+            scenes = D.eval_scenes(kind, n, seed=1234 + seed)
+            D.write_dataset(folder, scenes, seed=seed)
             counts, captions = chair_of(loaded, folder)
             entry = {**counts.summary(), "examples": captions[:5]}
             if kind == "partner-missing":
-                entry["prior_effect"] = prior_effect(captions, D.eval_scenes(kind, n, seed=1234 + seed))
+                entry["prior_effect"] = prior_effect(captions, scenes)
             if kind == "in-distribution":
-                scenes = D.eval_scenes(kind, n, seed=1234 + seed)
                 exact = [c == D.caption_text(s.ordered()) for c, s in zip(captions, scenes, strict=True)]
                 entry["exact_caption_rate"] = sum(exact) / len(exact)
-            if vhr and kind == "partner-missing":
+            if "vhr" in parts and kind == "partner-missing":
                 vhr_counts, vhr_caps = chair_of(loaded, folder, vhr=True)
                 ctrl_counts, _ = chair_of(loaded, folder, heads=random_heads(loaded, seed))
-                entry["vhr"] = {**vhr_counts.summary(),
+                entry["vhr"] = {**vhr_counts.summary(), "examples": vhr_caps[:5],
                                 "paired_bootstrap": paired_bootstrap_chair_i(counts, vhr_counts),
-                                "prior_effect": prior_effect(vhr_caps, D.eval_scenes(kind, n, seed=1234 + seed))}
+                                "prior_effect": prior_effect(vhr_caps, scenes)}
                 entry["random_heads_control"] = {**ctrl_counts.summary(),
                                                  "paired_bootstrap": paired_bootstrap_chair_i(counts, ctrl_counts)}
             entry["minutes"] = round((time.time() - t0) / 60, 2)
             results[kind] = entry
             log(json.dumps({kind: {k: v for k, v in entry.items() if k != "examples"}}, default=float))
-        folder = root / "pope"
-        D.write_dataset(folder, D.eval_scenes("in-distribution", n_pope, seed=4321 + seed), seed=seed)
-        results["pope"] = {split: pope(loaded, folder, split) for split in ("random", "popular", "adversarial")}
-        log(json.dumps({"pope": results["pope"]}))
+        if "vhd" in parts:
+            results["vhd"] = vhd_report(loaded, n_vhd, seed)
+            log(json.dumps({"vhd": results["vhd"]}, default=float))
+        if "pope" in parts:
+            folder = root / "pope"
+            D.write_dataset(folder, D.eval_scenes("in-distribution", n_pope, seed=4321 + seed), seed=seed)
+            results["pope"] = {split: pope(loaded, folder, split) for split in ("random", "popular", "adversarial")}
+            log(json.dumps({"pope": results["pope"]}))
     return results
+
+
+def vhd_report(loaded, n: int, seed: int = 0) -> dict:
+    """T-VHD of hallucinated vs correct object tokens in captions of partner-missing images (Mann-Whitney U)."""
+    from scipy.stats import mannwhitneyu
+
+    from .analyses.vhd import VhdConfig, analyze_vhd
+
+    scenes = D.eval_scenes("partner-missing", n, seed=999 + seed)
+    samples = [LvlmSample(D.CAPTION_PROMPT, [D.render(s)]) for s in scenes]
+    result = analyze_vhd(loaded, samples, VhdConfig(max_new_tokens=20, batch_size=16),
+                         truth=[set(s.objects) for s in scenes], synonyms={o: o for o in D.OBJECTS})
+    tokens = result.tables["tokens"]
+    out = {"summary": result.summary["object_tokens"], "top_heads": result.summary["top_heads"]}
+    for agg in ("topk_mean", "layer_topk_sum"):
+        h = tokens[tokens["status"] == "hallucinated"][f"t_vhd_{agg}"]
+        c = tokens[tokens["status"] == "correct"][f"t_vhd_{agg}"]
+        if len(h) and len(c):
+            out[f"mann_whitney_p_{agg}_hallucinated_lower"] = float(mannwhitneyu(h, c, alternative="less").pvalue)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -178,13 +209,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=600, help="images per CHAIR set")
     parser.add_argument("--n-pope", type=int, default=100, help="images of the POPE set (6 questions each)")
-    parser.add_argument("--no-vhr", action="store_true")
+    parser.add_argument("--n-vhd", type=int, default=60, help="images of the VHD analysis")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}: choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     loaded = headlab.load("llava-smol", dtype="float32", device="cpu")
-    results = evaluate(loaded, args.n, n_pope=args.n_pope, vhr=not args.no_vhr)
+    results = evaluate(loaded, args.n, n_pope=args.n_pope, n_vhd=args.n_vhd, parts=parts)
     text = json.dumps(results, indent=1, default=float)
     if args.out:
         args.out.write_text(text)
