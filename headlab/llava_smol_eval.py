@@ -138,17 +138,22 @@ def sinks_report(loaded, n: int = 8, tau: float = 20.0) -> dict:
 PARTS = ("sinks", "chair", "vhr", "vhd", "pope")
 
 
+KINDS = ("in-distribution", "partner-missing", "weak")
+
+
 def evaluate(loaded, n: int = 600, *, n_pope: int = 100, n_vhd: int = 60, parts: Sequence[str] = PARTS,
-             seed: int = 0, log=print) -> dict:
-    """The measurements of ``parts`` (sinks, chair, vhr, vhd, pope) on ``n`` images per CHAIR set."""
+             kinds: Sequence[str] = KINDS, seed: int = 0, log=print) -> dict:
+    """The measurements of ``parts`` (sinks, chair, vhr, vhd, pope) on ``n`` images per CHAIR set of ``kinds``
+    (VHR runs on partner-missing images, with their CHAIR baseline, whatever ``kinds`` says)."""
     results: dict = {"model": loaded.name, "n_images": n}
     if "sinks" in parts:
         results["visual_sinks"] = sinks_report(loaded)
         log(json.dumps({"visual_sinks": results["visual_sinks"]}))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for kind in ("in-distribution", "partner-missing", "weak"):
-            if "chair" not in parts and not ("vhr" in parts and kind == "partner-missing"):
+        for kind in KINDS:
+            wanted = "chair" in parts and kind in kinds
+            if not wanted and not ("vhr" in parts and kind == "partner-missing"):
                 continue
             t0 = time.time()
             folder = root / kind
@@ -211,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-pope", type=int, default=100, help="images of the POPE set (6 questions each)")
     parser.add_argument("--n-vhd", type=int, default=60, help="images of the VHD analysis")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="CHAIR sets (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -220,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown parts {unknown}: choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     loaded = headlab.load("llava-smol", dtype="float32", device="cpu")
-    results = evaluate(loaded, args.n, n_pope=args.n_pope, n_vhd=args.n_vhd, parts=parts)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if set(kinds) - set(KINDS):
+        parser.error(f"unknown kinds {sorted(set(kinds) - set(KINDS))}: choose from {', '.join(KINDS)}")
+    results = evaluate(loaded, args.n, n_pope=args.n_pope, n_vhd=args.n_vhd, parts=parts, kinds=kinds)
     text = json.dumps(results, indent=1, default=float)
     if args.out:
         args.out.write_text(text)
