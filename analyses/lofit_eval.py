@@ -119,10 +119,6 @@ def multiple_choice(loaded, items: list[MCItem], offsets: HeadOffsets | None = N
     return pd.DataFrame(rows)
 
 
-def completion_summary(correct: list[bool]) -> dict:
-    return binomial_summary(correct)
-
-
 def mc_summary(table: pd.DataFrame) -> dict:
     n = len(table)
     return {"mc1": float(table["mc1"].mean()), "mc2": float(table["mc2"].mean()), "n": n,
