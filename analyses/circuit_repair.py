@@ -56,6 +56,47 @@ def colored_wrong_keys(loaded, example: CircuitExample) -> list[int]:
     return positions
 
 
+def colored_right_keys(loaded, example: CircuitExample) -> list[int]:
+    """Token position of the asked object's colour in the final question (the answer, in lower case)."""
+    items, asked, start = colored_scene(example)
+    wrong = set(colored_wrong_keys(loaded, example))
+    question = example.prompt[start:]
+    tok = loaded.text_tokenizer
+    enc = tok(example.prompt, return_offsets_mapping=True, add_special_tokens=False)
+    shift = len(encode(loaded, example.prompt, 10**9)) - len(enc.input_ids)
+    for match in _ITEM.finditer(question.split("What color")[0]):
+        if match.group(2) == asked:
+            char = start + match.start(1)
+            hits = [i + shift for i, (a, b) in enumerate(enc.offset_mapping) if a <= char < b]
+            return [h for h in hits[:1] if h not in wrong]
+    return []
+
+
+@torch.no_grad()
+def final_attention(loaded, examples: Sequence[CircuitExample], heads: Sequence[tuple[int, int]],
+                    keys_of: Callable[[object, CircuitExample], list[int]], edits: Sequence = ()) -> dict:
+    """``{(layer, head): mean attention of the final row on keys_of(example)}``, under ``edits`` (e.g. an
+    override of other heads: how the downstream heads' attention changes)."""
+    from headlab.probes import trace
+
+    names = sorted({f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads})
+    totals = dict.fromkeys(heads, 0.0)
+    for example in examples:
+        ids = torch.tensor([encode(loaded, example.prompt, 10**9)], device=loaded.device)
+        keys = keys_of(loaded, example)
+        with intervene(loaded, *edits) if edits else _nothing(), trace(loaded, names=names, stats=False) as t:
+            loaded.model(input_ids=ids)
+        for layer, h in heads:
+            totals[(layer, h)] += float(t[f"blocks.{layer}.attn.hook_pattern"][0, h, -1, keys].sum())
+    return {head: total / len(examples) for head, total in totals.items()}
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def _colour_ids(loaded, example: CircuitExample) -> list[int]:
     items, _, _ = colored_scene(example)
     ids = []

@@ -313,3 +313,18 @@ def test_role_tags_find_the_movers(loaded):
     flipped = tag_roles(loaded, batch, [(1, 0)], -scores).iloc[0]
     assert flipped.tag == "negative mover"
     assert tag_roles(loaded, batch, [(1, 0)], scores * 0).iloc[0].tag == "answer-attending"
+
+
+def test_final_attention_reads_the_edited_pattern(loaded):
+    """``final_attention`` reads the final row under the edits: the copying head's mass on the name is
+    > 0.9 (measured ~1), and 1.0 on a filler once overridden there; the other layer-1 head is unchanged."""
+    from headlab.analyses.circuit_repair import final_attention
+    from headlab.interventions import AttentionOverride
+
+    examples = copy_task(0, n=4).examples  # the name sits at position 1, after BOS
+    name = final_attention(loaded, examples, [(1, 0), (1, 1)], lambda _l, _e: [1])
+    filler = AttentionOverride([(1, 0)], [3], rows="last")
+    moved = final_attention(loaded, examples, [(1, 0), (1, 1)], lambda _l, _e: [3], [filler])
+    plain = final_attention(loaded, examples, [(1, 1)], lambda _l, _e: [3])
+    assert name[(1, 0)] > 0.9 and moved[(1, 0)] == pytest.approx(1.0, abs=1e-5)
+    assert moved[(1, 1)] == pytest.approx(plain[(1, 1)], abs=1e-6)
