@@ -22,8 +22,9 @@ the worker: build the model, create the input, ``gc.collect()`` and ``malloc_tri
 and read ``ru_maxrss`` again: ``peak MiB`` = the difference (peak RSS growth of that forward). No
 warm-up runs before it, so no warm-up can inflate the baseline; the flip side is that one-time
 lazy initialisation (thread pool, kernel dispatch caches) is counted too, which matters only at
-small T. That first forward is also the warm-up for timing: ``time s`` is the median wall time
-(``time.perf_counter``) of the ``--repeats`` forward passes that follow it. The JSON also keeps the
+small T. That first forward is also the warm-up for timing: ``time s`` is the minimum **process CPU
+time** (``time.process_time``, this process only, so other work on a shared machine changes it far less
+than wall time) of the ``--repeats`` forward passes that follow it. The JSON also keeps the
 current RSS right before the measured forward (``rss_before_mib``) and the pre-forward ``ru_maxrss``
 (``maxrss_before_mib``): when the latter is larger, part of the forward's peak hid under an older
 peak and ``peak MiB`` is a lower bound; ``peak_over_rss_mib`` (peak minus the current RSS before)
@@ -55,7 +56,6 @@ import os
 import platform
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -72,7 +72,7 @@ MODEL_CONFIG: dict[str, Any] = dict(
     vocab_size=260, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=16384, tie_word_embeddings=True,
 )
-N_THREADS = 2
+N_THREADS = 1
 SEED = 0
 N_KEYS, EPS = 8, 0.3
 DEFAULT_JSON = Path("benchmarks/results/attention_stats_cpu.json")
@@ -234,9 +234,9 @@ def worker(method: str, length: int, repeats: int, threads: int) -> dict[str, An
         times = []
         busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = time.process_time()
             run(ids)
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
         busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
     except (RuntimeError, MemoryError) as err:
         if is_oom(err):
@@ -244,7 +244,7 @@ def worker(method: str, length: int, repeats: int, threads: int) -> dict[str, An
         raise
     return {
         "status": "ok",
-        "time_s": statistics.median(times) if times else first_s,
+        "time_s": min(times) if times else first_s,
         "times_s": times,
         "first_forward_s": first_s,
         "peak_mib": (after - before) / MIB,
@@ -319,12 +319,12 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| T | method | time s | peak MiB | time ratio vs sdpa | memory ratio vs sdpa |",
+    out = ["| T | method | time s | peak MiB | time / sdpa | memory / eager |",
            "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] == "ok":
             cells = [fmt(r["time_s"], ".3f"), fmt(r["peak_mib"], ".1f"),
-                     fmt(r.get("time_ratio"), ".2f"), fmt(r.get("memory_ratio"), ".2f")]
+                     fmt(r.get("time_ratio"), ".2f"), fmt(r.get("memory_vs_eager"), ".3f")]
         else:
             label = r["status"] if r["status"] != "skipped" else r["note"]
             cells = [label, "—", "—", "—"]
@@ -386,19 +386,25 @@ def main(argv: list[str] | None = None) -> None:
                 base = row
             if row["status"] == "ok":
                 row["time_ratio"] = ratio(row["time_s"], base.get("time_s"))
-                row["memory_ratio"] = ratio(row["peak_mib"], base.get("peak_mib"))
+                # sdpa's own peak is allocator noise (8-30 MiB): memory is quoted in MiB and against eager
+                row["memory_vs_eager"] = None
             rows.append(row)
             summary = (f"time {row['time_s']:.3f} s, peak {row['peak_mib']:.1f} MiB, "
                        f"other load {fmt(row.get('other_load_cores'), '.2f')} cores" if row["status"] == "ok"
                        else f"{row['status']}: {row.get('note', '')}")
             print(f"T={length} {method}: {summary} (worker {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
 
+    eager_peak = {r["T"]: r["peak_mib"] for r in rows if r["method"] == "eager-output_attentions"
+                  and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and eager_peak.get(r["T"]):
+            r["memory_vs_eager"] = r["peak_mib"] / eager_peak[r["T"]]
     table = markdown(rows)
     print(table)
     result = {
         "benchmark": "attention_stats",
         "description": "one forward pass, batch 1, fp32, CPU; peak = ru_maxrss growth over the first "
-                       "forward in a fresh process; time = median of the following repeats",
+                       "forward in a fresh process; time = minimum process CPU time of the following repeats",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(args.threads),
         "model": {"model_type": "qwen3", **MODEL_CONFIG, "dtype": "float32", "random_init_seed": SEED},

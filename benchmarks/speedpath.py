@@ -13,8 +13,9 @@ prompts:
 Measurement. Time is **process CPU time** (``time.process_time``, user + system of this process only), so
 other processes on the machine change it far less than wall time. Rounds interleave the cases (sdpa,
 stats, sdpa, stats, ...) so that drifts hit both alike; each number is the **minimum** over ``--rounds``
-rounds, after one warm-up call per case. Peak memory of a call (``--memory``): growth of ``ru_maxrss``
-over the first call of each case in a fresh process (this script with ``--_memory``), in MiB.
+rounds, after one warm-up call per case. Peak memory of a call (``--memory``): in a fresh process (this
+script with ``--_memory``), the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading)
+of the first forward minus the RSS before it, in MiB.
 
 Busy machine (``--busy``): the same interleaved rounds with the default torch thread count while a
 competing CPU-bound process runs: ``python -c "while True: pass"`` started by this script (``--busy-pin``
@@ -33,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -123,9 +123,17 @@ def memory_worker(case: str, n: int) -> None:
     loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
     fn = (model_cases(loaded, prompt_ids(loaded, n)) | attention_cases(n))[case]
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = status_kib("VmRSS")
+    # Reset the peak RSS (VmHWM) so that loading the model does not hide the forward's peak (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     fn()
-    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+    print(json.dumps({"peak_mib": (status_kib("VmHWM") - before) / 1024}))
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def memory(case: str, n: int) -> float | None:
