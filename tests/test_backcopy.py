@@ -113,7 +113,7 @@ def test_trained_model_has_a_first_token_sink(trained_result):
 
 def test_without_bos_the_first_token_does_not_sink():
     # Measured (64 prompts): Sink_1 = 0.0%, first-token alpha 0.075 / 0.080 / 0.077 / 0.076, no key
-    # position above 0.1% (README, "The trained model"); a BOS model trained the same way (constant lr,
+    # position above 0.1% (docs/models.md, "The trained model"); a BOS model trained the same way (constant lr,
     # one thread) had 29.9% at step 1,500.
     loaded = headlab.load("backcopy-nobos")
     assert not loaded.arch.adds_bos
