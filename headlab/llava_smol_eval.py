@@ -79,6 +79,43 @@ def prior_effect(captions: Sequence[str], scenes: Sequence[D.Scene]) -> dict:
             "p_value_fisher_one_sided": p, "table_named_notnamed": table}
 
 
+@torch.no_grad()
+def forced_prior(loaded, n: int = 160, *, with_image: bool = True, seed: int = 0) -> dict:
+    """The prior under a forced continuation: on one-object images, after "The image shows a {object} and a",
+    which absent object does the model name next? P(partner) vs the mean P of the 14 other absent objects
+    (restricted to object tokens); rank of the partner among them (chance 1/14) and a sign test."""
+    from scipy.stats import binomtest
+
+    from .lvlm import build_inputs
+
+    tok = loaded.text_tokenizer
+    ids = {o: tok(" " + o, add_special_tokens=False).input_ids[0] for o in D.OBJECTS}
+    rng = random.Random(f"forced-{seed}")
+    scenes = [D.random_scene(rng, n_objects=(1,), include=[D.OBJECTS[i % len(D.OBJECTS)]]) for i in range(n)]
+    wins, log_ratios, partner_p, other_p = 0, [], [], []
+    for start in range(0, n, 16):
+        chunk = scenes[start:start + 16]
+        samples = [LvlmSample(D.CAPTION_PROMPT, [D.render(s)] if with_image else [],
+                              answer=f"The image shows a {s.objects[0]} and a") for s in chunk]
+        inputs = build_inputs(loaded, samples, padding_side="left")
+        probs = loaded.model(**inputs.tensors).logits[:, -1].float().softmax(-1)
+        for b, scene in enumerate(chunk):
+            anchor = scene.objects[0]
+            partner = D.PARTNER[anchor]
+            others = [o for o in D.OBJECTS if o not in (anchor, partner)]
+            p_partner = float(probs[b, ids[partner]])
+            p_others = [float(probs[b, ids[o]]) for o in others]
+            wins += p_partner > max(p_others)
+            partner_p.append(p_partner)
+            other_p.append(sum(p_others) / len(p_others))
+            log_ratios.append(float(torch.tensor(p_partner / max(1e-12, other_p[-1])).log()))
+    above = sum(r > 0 for r in log_ratios)
+    return {"images": n, "with_image": with_image, "partner_top_among_absent_rate": wins / n,
+            "chance": 1 / 14, "mean_p_partner": sum(partner_p) / n, "mean_p_other_absent": sum(other_p) / n,
+            "median_log_ratio": float(torch.tensor(log_ratios).median()),
+            "sign_test_p_partner_above_mean_other": binomtest(above, n, 0.5, alternative="greater").pvalue}
+
+
 def pope(loaded, folder: Path, split: str, *, batch: int = 32) -> dict:
     items = load_pope(folder / f"pope_{split}.jsonl")
     answers: list[str] = []
@@ -135,7 +172,7 @@ def sinks_report(loaded, n: int = 8, tau: float = 20.0) -> dict:
             "image_tokens": int(image.sum())}
 
 
-PARTS = ("sinks", "chair", "vhr", "vhd", "pope")
+PARTS = ("sinks", "chair", "vhr", "vhd", "pope", "forced")
 
 
 KINDS = ("in-distribution", "partner-missing", "weak")
@@ -177,6 +214,10 @@ def evaluate(loaded, n: int = 600, *, n_pope: int = 100, n_vhd: int = 60, parts:
             entry["minutes"] = round((time.time() - t0) / 60, 2)
             results[kind] = entry
             log(json.dumps({kind: {k: v for k, v in entry.items() if k != "examples"}}, default=float))
+        if "forced" in parts:
+            results["forced_prior"] = {"image": forced_prior(loaded, seed=seed),
+                                       "text_only": forced_prior(loaded, with_image=False, seed=seed)}
+            log(json.dumps({"forced_prior": results["forced_prior"]}))
         if "vhd" in parts:
             results["vhd"] = vhd_report(loaded, n_vhd, seed)
             log(json.dumps({"vhd": results["vhd"]}, default=float))
