@@ -143,4 +143,5 @@ def test_cli_runs_on_the_trained_model(tmp_path):
     run = Result.load(tmp_path / "backcopy")
     assert run.model == "backcopy"
     assert run.config["n_prompts"] == 4 and "secondary_sinks" in run.tables
-    assert run.tables["tokens"]["token"].iloc[0] == "<bos>" and run.tables["tokens"]["token"].iloc[1].startswith("a")
+    raw = run.tables["tokens"]["token_raw"]
+    assert raw.iloc[0] == "<bos>" and raw.iloc[1].startswith("a")
