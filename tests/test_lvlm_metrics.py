@@ -79,3 +79,16 @@ def test_paired_bootstrap():
     assert out["ci_low"] <= -0.25 <= out["ci_high"] <= 0
     with pytest.raises(InputError, match="same images"):
         paired_bootstrap_chair_i(base, ChairCounts(np.array([1]), np.array([0]), np.array([1])))
+
+
+def test_prior_effect_counts_by_hand():
+    from headlab.llava_smol_eval import prior_effect
+
+    scenes = [D.Scene(["bat"], [0]), D.Scene(["cat", "pen"], [0, 1])]
+    captions = ["The image shows a bat and a ball.",  # partner of bat named
+                "The image shows a cat, a pen and a moon."]  # moon: absent, partner of nothing present
+    out = prior_effect(captions, scenes)
+    # absent objects: 15 in scene 0 (1 partner: ball), 14 in scene 1 (2 partners: dog, pencil)
+    assert out["table_named_notnamed"] == {"partner": [1, 2], "other": [1, 25]}
+    assert out["partner_named_rate"] == pytest.approx(1 / 3)
+    assert out["other_absent_named_rate"] == pytest.approx(1 / 26)
