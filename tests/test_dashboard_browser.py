@@ -69,6 +69,10 @@ def test_dashboard_in_a_real_browser(runs_dir, tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"http://127.0.0.1:{port}/?page=run&run=sinks-browser")
                 page.wait_for_selector(HEATMAP, timeout=90_000)
+                # Plots render one by one: the head view below may be drawn before the alpha heatmap above it.
+                page.wait_for_function(
+                    "() => (document.querySelector('.js-plotly-plot').layout.title.text || '')"
+                    ".includes('key position')", timeout=60_000)
                 before = json.loads(page.evaluate(READ_FIRST_PLOT))
                 assert "key position 0" in before["title"]
 
