@@ -26,7 +26,7 @@ from .cli import (
     use_threads,
 )
 from .errors import InputError
-from .runs import check_new_run, check_runs_dir, check_writable, default_run_name, default_runs_dir
+from .runs import run_target
 
 lofit_app = typer.Typer(help="LoFiT: select heads, train head offsets, apply, export and evaluate them.",
                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -39,19 +39,6 @@ SEED_OPTION = typer.Option(42, help="seed of the init and the data order")
 BETA_OPTION = typer.Option(0.5, help="DPO beta")
 MAX_TOKENS_OPTION = typer.Option(512, help="longest prompt + completion in tokens (longer items are refused)")
 MODEL_OPTION = typer.Option("smollm2-135m", help="alias, tiny-* zoo model, local folder or hub id")
-
-
-def run_target(out: Path | None, analysis: str, model: str) -> tuple[Path, str]:
-    """(runs folder, run name) for ``--out`` (the run directory itself; default: the runs folder + a
-    timestamped name), checked writable and not existing."""
-    if out is None:
-        runs_dir, name = default_runs_dir(), default_run_name(analysis, model)
-    else:
-        out = Path(out).expanduser()
-        runs_dir, name = out.parent, out.name
-    check_writable(check_runs_dir(runs_dir))
-    check_new_run(runs_dir, name)
-    return runs_dir, name
 
 
 def _load(model: str, dtype: str, device: str, offline: bool):

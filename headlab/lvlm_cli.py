@@ -62,8 +62,8 @@ def vhd(
     """VHD (He et al., 2025): how much each head's output changes without the image, per generated token."""
     from .analyses.hallucination_metrics import load_coco_objects, load_synonyms
     from .analyses.vhd import VhdConfig, analyze_vhd
-    from .lofit_cli import run_target
     from .lvlm import LvlmSample, image_files, load_image
+    from .runs import run_target
 
     started = time.perf_counter()
     quiet_hub_progress(quiet)

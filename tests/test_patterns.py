@@ -8,8 +8,6 @@ smollm2-135m (float32, CPU) they agree to < 1e-5 (measured: max |diff| 1.8e-6 ov
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -19,23 +17,15 @@ from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.errors import InputError
 from headlab.interventions import KeyKnockout
 from headlab.patterns import AttentionPattern
+from headlab.probes.position import eager_attention
 from headlab.prompts import bundled_prompts
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 
 
-@contextlib.contextmanager
-def eager(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
 
 def hf_attentions(loaded, ids: list[int]) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad(), eager(loaded.model):
+    with torch.no_grad(), eager_attention(loaded.model):
         out = loaded.model(input_ids=torch.tensor([ids]), output_attentions=True)
     return out.attentions  # per layer [batch, head, query, key]
 
