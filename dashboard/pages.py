@@ -1,4 +1,4 @@
-"""The app's three pages (Runs, Run, Compare) and the navigation between them.
+"""The app's pages (Runs, Run, Compare, Live) and the navigation between them.
 
 Nothing here knows an analysis: a run's page comes from ``registry.get_view(analysis)``.
 """
@@ -18,7 +18,7 @@ from .discovery import RunInfo, RunListing, comparison_warnings, discover_runs, 
 from .registry import GenericView, broken_views, get_view
 from .widgets import show_table
 
-PAGES = {"runs": "Runs", "run": "Run", "compare": "Compare"}
+PAGES = {"runs": "Runs", "run": "Run", "compare": "Compare", "live": "Live"}
 
 
 def main(runs_dir: Path) -> None:
@@ -29,6 +29,10 @@ def main(runs_dir: Path) -> None:
         runs_page(listing)
     elif page == "run":
         run_page(listing)
+    elif page == "live":
+        from .live import live_page  # imports the model stack only when the page is opened
+
+        live_page()
     else:
         compare_page(listing)
 
