@@ -186,11 +186,10 @@ class VhrScale(HeadScale):
 
     reference: dict = field(default_factory=dict)
     per_step: bool = True
-    enabled: bool = True
     chosen: dict = field(default_factory=dict)
 
     def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        if not self.enabled or call.layer not in self._by_layer:
+        if call.layer not in self._by_layer:
             return z
         rows = call.rows(Positions.of("last")).to(z.device)  # [batch, query]: the predicting row of each sample
         if bool((rows.sum(1) != 1).any()):
@@ -234,62 +233,28 @@ def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32,
         out = model.generate(**inputs.tensors, **gen_kwargs)
         return _new_tokens(out, inputs, pad_id), log
 
+    from .reference_stream import NoImageStream
+
     arch = loaded.arch
     layers = vhr_layers(arch.n_layers) if layers is None else list(layers)
     edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=alpha, per_step=per_step)
-    reference = build_inputs(loaded, without_image(samples, remove), padding_side="left").to(loaded.device)
-    state: dict = {"cache": None, "mask": reference.tensors["attention_mask"], "busy": False}
 
-    def step_reference(module, args, kwargs):
-        # Runs the unreinforced no-image stream one step ahead of each image-stream call, with its own cache.
-        if state["busy"]:
-            return None
-        state["busy"] = True
-        edit.enabled = False
-        try:
-            if state["cache"] is None:
-                feed = dict(reference.tensors)
-            else:
-                new = kwargs["input_ids"][:, -1:]
-                state["mask"] = torch.cat([state["mask"], torch.ones_like(new)], dim=1)
-                feed = {"input_ids": new, "attention_mask": state["mask"]}
-            # Qwen2-VL keeps the image stream's M-RoPE offsets on the model: the text-only stream uses its own.
-            inner = getattr(model, "model", None)
-            saved = getattr(inner, "rope_deltas", None)
-            if saved is not None or hasattr(inner, "rope_deltas"):
-                inner.rope_deltas = state.get("rope_deltas")
-            try:
-                with capture_z(loaded, layers) as store:
-                    out = model(**feed, cache=state["cache"], use_cache=True)
-            finally:
-                if hasattr(inner, "rope_deltas"):
-                    state["rope_deltas"] = inner.rope_deltas
-                    inner.rope_deltas = saved
-            state["cache"] = _cache_of(out)
-            edit.reference = {layer: store[layer][0][:, -1] for layer in layers}
-        finally:
-            edit.enabled = True
-            state["busy"] = False
-        return None
+    def on_step(stream: NoImageStream) -> None:
+        edit.reference = dict(stream.z)
+
+    stream = NoImageStream(loaded, samples, remove=remove, z_layers=layers, on_step=on_step)
 
     def record(module, args, kwargs, output):
-        if not state["busy"]:
+        if not stream.busy:
             log["chosen"].append({k: v.cpu().clone() for k, v in edit.chosen.items()})
 
-    handles = [model.register_forward_pre_hook(step_reference, with_kwargs=True),
-               model.register_forward_hook(record, with_kwargs=True)]
+    handle = model.register_forward_hook(record, with_kwargs=True)
     try:
-        with headlab.intervene(loaded, edit):
+        with headlab.intervene(loaded, edit), stream.running():
             out = model.generate(**inputs.tensors, **gen_kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     return _new_tokens(out, inputs, pad_id), log
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .attention_site import (
     ScoreScale,
 )
 from .base import INTERVENTIONS, Intervention, every_head, head_list, register_intervention, resolve_heads
-from .context import Intervened, intervene
+from .context import Intervened, intervene, paused
 from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 from .residual_site import RESIDUAL_POINTS, ResidualAdd
@@ -50,6 +50,7 @@ __all__ = [
     "every_head",
     "head_list",
     "intervene",
+    "paused",
     "recombine",
     "register_intervention",
     "resolve_heads",

@@ -170,7 +170,9 @@ class LayerPlan:
     def post_plan(self, call: AttentionCall) -> PostPlan | None:
         if not self.post:
             return None
-        labels = bit_labels([call.keys(spec) for _, _, spec in self.post_sets])
+        # Key sets are read from the edits at every call: an edit may set them while the forward runs (VAR finds
+        # each layer's sinks on that layer's input at prefill); how many sets there are stays fixed.
+        labels = bit_labels([call.keys(Positions.of(self.post[i].key_specs()[j])) for i, j, _ in self.post_sets])
         n_cells = 2 ** len(self.post_sets) - 1
         return PostPlan(torch.where(labels < 0, n_cells, labels), n_cells)
 

@@ -9,6 +9,7 @@ bit-exact after exit; the attention implementation in force before is restored.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
@@ -61,7 +62,8 @@ def check_conflicts(edits: list[Intervention]) -> None:
 
 
 def _check_score_edits(edits: list[Intervention]) -> None:
-    """Pre-softmax edits of one layer become one ScoreEdit: they must share rows, and overlap only sign-keeping."""
+    """Pre-softmax edits of one layer become one ScoreEdit: they must share rows, and on keys that may overlap
+    they must keep signs (then their order does not matter)."""
     by_layer: dict[int, list] = {}
     for edit in edits:
         if edit.site == "scores":
@@ -77,7 +79,8 @@ def _check_score_edits(edits: list[Intervention]) -> None:
         for i, a in enumerate(group):
             for b in group[i + 1:]:
                 shared = set(a.heads_of(layer)) & set(b.heads_of(layer))
-                if shared and not (a.keeps_sign() and b.keeps_sign()):
+                apart = Positions.of(a.keys).disjoint(Positions.of(b.keys))  # PAINT: local vs summary tokens
+                if shared and not apart and not (a.keeps_sign() and b.keeps_sign()):
                     raise InputError(f"{a.describe()} and {b.describe()} both edit scores of layer {layer} head "
                                      f"{min(shared)} and one of them can flip a score's sign (mult < |add_abs|), "
                                      "so their order would matter; use one edit there")
@@ -116,8 +119,32 @@ class Intervened:
         return [p for edit in self.edits if hasattr(edit, "parameters") for p in edit.parameters()]
 
 
+# True inside ``paused()``: every installed edit lets the forward through unchanged.
+_PAUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("headlab_interventions_paused", default=False)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Run forwards inside an ``intervene`` block as if no edit were installed (a reference stream that must
+    stay unedited: the no-image branch of PAI's guidance, VHR's no-image z). Hooks stay in place."""
+    token = _PAUSED.set(True)
+    edits_token = ACTIVE_EDITS.set(None)
+    try:
+        yield
+    finally:
+        ACTIVE_EDITS.reset(edits_token)
+        _PAUSED.reset(token)
+
+
+def is_paused() -> bool:
+    """True inside ``paused()`` (hooks of methods built on interventions check it too)."""
+    return _PAUSED.get()
+
+
 def _z_hook(layer: int, edits: list, arch, tracker: LayoutTracker):
     def hook(module, args):
+        if _PAUSED.get():
+            return None
         x = args[0]
         z = x.view(*x.shape[:-1], arch.n_heads, arch.head_dim)  # [batch, query, head, d_head]
         call = tracker.current
@@ -139,6 +166,8 @@ def _residual_hooks(edit, arch, tracker: LayoutTracker) -> list:
 
     if edit.point == "resid_pre":
         def pre(module, args, kwargs):
+            if _PAUSED.get():
+                return None
             if args:
                 return (edit.edit(args[0], rows(args[0])), *args[1:]), kwargs
             hidden = kwargs["hidden_states"]
@@ -149,6 +178,8 @@ def _residual_hooks(edit, arch, tracker: LayoutTracker) -> list:
     module = layer if edit.point == "resid_post" else arch.mlp(edit.layer)
 
     def post(module, args, output):
+        if _PAUSED.get():
+            return None
         if isinstance(output, tuple):
             return (edit.edit(output[0], rows(output[0])), *output[1:])
         return edit.edit(output, rows(output))

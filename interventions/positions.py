@@ -12,7 +12,9 @@ Spec forms (``Positions(spec)`` or any of them directly where an edit takes posi
 - ``"last"``: the last real token of each sequence (at prefill the final prompt row, while decoding
   the new token);
 - ``"from:N"``: real tokens at positions >= N (e.g. the text after an image of N tokens);
-- an int, a ``(start, stop)`` span (stop excluded), or a list mixing both.
+- an int, a ``(start, stop)`` span (stop excluded), or a list mixing both;
+- ``Positions.per_sample([spec_0, spec_1, …])``: one spec per sequence of the batch (an image's own
+  patches, the sinks found in each sample), for calls whose batch has exactly that many sequences.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ PositionSpec = str | int | tuple[int, int] | Sequence[int | tuple[int, int]]
 
 @dataclass(frozen=True)
 class Positions:
-    """A normalised position spec: ``kind`` is all / last / from / list; ``items`` holds (start, stop) spans."""
+    """A normalised position spec: ``kind`` is all / last / from / list / per_sample; ``items`` holds (start, stop)
+    spans; ``samples`` one ``Positions`` per sequence (kind per_sample)."""
 
     kind: str
     start: int = 0
     items: tuple[tuple[int, int], ...] = ()
+    samples: tuple[Positions, ...] = ()
+
+    @classmethod
+    def per_sample(cls, specs: Sequence[PositionSpec | Positions]) -> Positions:
+        """One spec per sequence of the batch, in batch order."""
+        samples = tuple(cls.of(spec) for spec in specs)
+        if any(s.kind == "per_sample" for s in samples):
+            raise InputError("Positions.per_sample takes one plain spec per sequence, not nested per-sample specs")
+        return cls("per_sample", samples=samples)
 
     @classmethod
     def of(cls, spec: PositionSpec | Positions) -> Positions:
@@ -56,6 +68,16 @@ class Positions:
             return cls("list", items=tuple(_span(item) for item in spec))
         raise InputError(f"positions must be 'all', 'last', 'from:N', an int, a span or a list, got {spec!r}")
 
+    def disjoint(self, other: Positions) -> bool:
+        """True when no position can be in both (explicit spans only; all / last / from may always overlap)."""
+        if self.kind == "per_sample" and other.kind == "per_sample":
+            return len(self.samples) == len(other.samples) and all(
+                a.disjoint(b) for a, b in zip(self.samples, other.samples, strict=True))
+        if self.kind != "list" or other.kind != "list":
+            return False
+        return all(stop_a <= start_b or stop_b <= start_a
+                   for start_a, stop_a in self.items for start_b, stop_b in other.items)
+
     def select(self, rel: torch.Tensor, real: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """``[batch, n]`` bool: which of the items at relative positions ``rel`` ``[batch, n]`` are chosen.
 
@@ -68,6 +90,12 @@ class Positions:
             return real & (rel == last[:, None])
         if self.kind == "from":
             return real & (rel >= self.start)
+        if self.kind == "per_sample":
+            if len(self.samples) != rel.shape[0]:
+                raise InputError(f"per-sample positions name {len(self.samples)} sequences but the call has "
+                                 f"{rel.shape[0]}; build them for this batch")
+            return torch.cat([s.select(rel[b:b + 1], real[b:b + 1], last[b:b + 1])
+                              for b, s in enumerate(self.samples)])
         chosen = torch.zeros_like(real)
         for start, stop in self.items:
             chosen |= (rel >= start) & (rel < stop)

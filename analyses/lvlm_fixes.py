@@ -1,0 +1,573 @@
+"""Training-free hallucination fixes for vision-language models, each a small dataclass over headlab's
+interventions, composable, generated batched with the KV cache through headlab's attention function.
+
+- ``Var`` (Kang et al., ICLR 2025): visual attention redistribution. At prefill each layer's sinks are
+  found on that layer's input, φ(x) = max_{d∈D_sink} |x_d / RMS(x)| > τ (D_sink from the backbone's massive
+  activations unless given); text sinks are the sinks outside the image, visual sinks those inside. In each
+  head and query row (the text after the image, then each new token) whose image mass is ≥ ``summ`` and whose
+  visual non-sink share Σ_non-sink A / (Σ_image A + 1e-6 · n_image) is ≥ ``rho``, sinks keep ``p`` of their
+  attention and the freed mass goes to the image's non-sink tokens in proportion to their attention
+  (``paper_semantics``: sinks keep 1 − p). Layers 2 … L−1, the last included. A recombination of group
+  partial outputs, no second attention pass.
+- ``Pai`` (Liu et al., ECCV 2024, "Paying more attention to image"): s += α|s| on the image keys of the last
+  query row, layers [2, L), α = 0.2. Optional guidance (``cfg``): log p = γ log p(y | image) − (γ − 1) log p(y |
+  no image) over the tokens whose image-conditioned probability is ≥ β · max (the plausibility cutoff); the
+  boost is not applied in the no-image branch. A second pass by definition.
+- ``Paint`` (Arif et al., 2025): local tokens = the top 25% of patches by CLS→patch attention in the vision
+  tower's first layer (summed over heads); summary tokens = the IQR outliers (> Q3 + 1.5 IQR) of CLS→patch
+  attention in its second-to-last layer, taken out of the local set. s += α|s| (0.7) on local and β|s| (0.3)
+  on summary keys, last query row, layers [2, L), every step; per image of a batch.
+- ``Vaf`` (ClearSight, Yin et al., CVPR 2025): in the middle layers (9–14 of LLaVA's 32, scaled with depth)
+  scores of image keys × 1.15 and of system-prompt keys × 0.95, before the softmax, for the text after the
+  image; spans from the processor.
+- ``Vhr`` (He et al., ACL 2025; analyses/vhd.py): z of the heads above their layer's median VHD × α.
+
+``control=True`` swaps each method's choice for a random one of the same size (the baseline a real effect
+must beat): random non-image keys (PAI, VAF), random patches (PAINT), random image tokens as visual sinks
+(VAR), random heads (VHR).
+
+``generate_fixed(loaded, samples, [Pai(), …])`` runs greedy generation with the methods together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from headlab.errors import InputError
+from headlab.interventions import Intervention, Positions, ProbEdit, ScoreBoost, ScoreScale, register_intervention
+from headlab.interventions.context import is_paused
+from headlab.lvlm import LvlmInputs, LvlmSample, build_inputs
+
+FIXES: dict[str, type[FixMethod]] = {}
+
+
+def register_fix(name: str):
+    def add(cls):
+        cls.name = name
+        FIXES[name] = cls
+        return cls
+    return add
+
+
+@dataclass
+class FixContext:
+    """One batch: the model, its samples and their inputs (left-padded, spans counted from the first real token)."""
+
+    loaded: object
+    samples: Sequence[LvlmSample]
+    inputs: LvlmInputs
+
+    @property
+    def n_layers(self) -> int:
+        return self.loaded.arch.n_layers
+
+    def rng(self, seed: int, salt: str) -> random.Random:
+        return random.Random(f"{seed}:{salt}")
+
+    def image_keys(self) -> Positions:
+        return Positions.per_sample([self.inputs.image_positions(b) for b in range(len(self.samples))])
+
+    def text_after_rows(self) -> Positions:
+        return Positions.per_sample([f"from:{self.inputs.text_after[b]}" for b in range(len(self.samples))])
+
+    def random_text_keys(self, seed: int, salt: str) -> Positions:
+        """Per sample, as many random non-image prompt keys as it has image keys (or all of them, if fewer)."""
+        rng = self.rng(seed, salt)
+        specs = []
+        for b in range(len(self.samples)):
+            n = int(self.inputs.real_mask[b].sum())
+            image = {p for s, e in self.inputs.image_spans[b] for p in range(s, e)}
+            others = [p for p in range(n) if p not in image]
+            specs.append(sorted(rng.sample(others, min(len(image), len(others)))))
+        return Positions.per_sample(specs)
+
+
+class FixMethod:
+    """A fix: the interventions it installs for a batch, and what else it needs while generating."""
+
+    name: ClassVar[str] = ""
+    needs_reference: ClassVar[bool] = False
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        return []
+
+    @contextlib.contextmanager
+    def active(self, ctx: FixContext, stream) -> Iterator[None]:
+        """Hooks that run while the batch generates (inside the ``intervene`` block)."""
+        yield
+
+    def logits_processor(self, ctx: FixContext, stream):
+        return None
+
+    def reference_layers(self, ctx: FixContext) -> list[int]:
+        return []
+
+    def describe(self) -> dict:
+        return {"method": self.name, **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
+
+
+def _layers(default: Sequence[int], given: Sequence[int] | None, n_layers: int, name: str) -> list[int]:
+    layers = list(default if given is None else given)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise InputError(f"{name}: layers {bad} do not exist in a {n_layers}-layer model")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# PAI
+
+
+@register_fix("pai")
+@dataclass
+class Pai(FixMethod):
+    """s += alpha · |s| on image keys, last query row, ``layers`` (default [2, L)); ``cfg``: image guidance."""
+
+    alpha: float = 0.2
+    layers: list[int] | None = None
+    cfg: bool = False
+    gamma: float = 1.1
+    plausibility: float = 0.1
+    control: bool = False
+    seed: int = 0
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.cfg
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "PAI")
+        keys = ctx.random_text_keys(self.seed, "pai") if self.control else ctx.image_keys()
+        return [ScoreBoost([(layer, None) for layer in layers], keys=keys, alpha=self.alpha, rows="last")]
+
+    def logits_processor(self, ctx: FixContext, stream):
+        return GuidanceProcessor(stream, self.gamma, self.plausibility) if self.cfg else None
+
+
+class GuidanceProcessor:
+    """PAI's guidance: γ · log p(y | image) − (γ − 1) · log p(y | no image) where p(y | image) ≥ β · max, else −inf."""
+
+    def __init__(self, stream, gamma: float, plausibility: float):
+        self.stream, self.gamma, self.plausibility = stream, gamma, plausibility
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        with_image = torch.log_softmax(scores.float(), dim=-1)
+        without = torch.log_softmax(self.stream.logits.to(scores.device), dim=-1)
+        guided = self.gamma * with_image - (self.gamma - 1.0) * without
+        cutoff = with_image.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(self.plausibility))
+        return torch.where(with_image >= cutoff, guided, torch.finfo(guided.dtype).min).to(scores.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# PAINT
+
+
+@register_fix("paint")
+@dataclass
+class Paint(FixMethod):
+    """Local (top ``local_fraction`` by CLS attention, vision layer 0) += alpha|s|, summary (IQR outliers at
+    vision layer −2) += beta|s|, on the last query row of ``layers`` (default [2, L))."""
+
+    alpha: float = 0.7
+    beta: float = 0.3
+    local_fraction: float = 0.25
+    layers: list[int] | None = None
+    control: bool = False
+    seed: int = 0
+    chosen: list = field(default_factory=list, repr=False)
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "PAINT")
+        first, second_last = cls_attention(ctx)
+        local_specs, summary_specs = [], []
+        rng = ctx.rng(self.seed, "paint")
+        self.chosen = []
+        for b in range(len(ctx.samples)):
+            spans = ctx.inputs.image_spans[b]
+            local_pos, summary_pos = [], []
+            for i, (start, stop) in enumerate(spans):
+                a0, a2 = first[b][i], second_last[b][i]
+                if len(a0) != stop - start:
+                    raise InputError(f"PAINT maps vision patches one to one onto image tokens: image {i} of sample "
+                                     f"{b} has {stop - start} tokens for {len(a0)} patches ({ctx.loaded.name})")
+                local, summary = paint_tokens(a0, a2, self.local_fraction)
+                if self.control:
+                    shuffled = rng.sample(range(len(a0)), len(a0))
+                    n_local = len(local)
+                    local, summary = sorted(shuffled[:n_local]), sorted(shuffled[n_local:n_local + len(summary)])
+                local_pos += [start + p for p in local]
+                summary_pos += [start + p for p in summary]
+            self.chosen.append({"local": local_pos, "summary": summary_pos})
+            local_specs.append(local_pos)
+            summary_specs.append(summary_pos)
+        heads = [(layer, None) for layer in layers]
+        return [ScoreBoost(heads, keys=Positions.per_sample(local_specs), alpha=self.alpha, rows="last"),
+                ScoreBoost(heads, keys=Positions.per_sample(summary_specs), alpha=self.beta, rows="last")]
+
+
+def paint_tokens(first_layer: torch.Tensor, second_last: torch.Tensor, local_fraction: float = 0.25
+                 ) -> tuple[list[int], list[int]]:
+    """PAINT's token sets of one image from CLS→patch attention ``[patch]`` at vision layer 0 and −2.
+
+    Local: the top ``ceil(fraction · P)`` patches of the first layer; summary: patches above Q3 + 1.5 IQR of the
+    second-to-last layer (linear-interpolated quartiles), removed from the local set."""
+    n = len(first_layer)
+    k = max(1, int(-(-local_fraction * n // 1)))
+    local = set(torch.topk(first_layer.float(), k).indices.tolist())
+    q1, q3 = torch.quantile(second_last.float(), torch.tensor([0.25, 0.75])).tolist()
+    summary = sorted((second_last.float() > q3 + 1.5 * (q3 - q1)).nonzero().flatten().tolist())
+    return sorted(local - set(summary)), summary
+
+
+@torch.no_grad()
+def cls_attention(ctx: FixContext) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """CLS→patch attention (summed over heads) at the vision tower's first and second-to-last layers, per
+    sample and image: two lists ``[sample][image] -> [patch]``. Computed from the layers' own q/k projections,
+    so it does not depend on the tower's attention implementation."""
+    tower = _vision_encoder(ctx.loaded)
+    pixel_values = ctx.inputs.tensors.get("pixel_values")
+    if pixel_values is None:
+        return [[] for _ in ctx.samples], [[] for _ in ctx.samples]
+    layers = tower.encoder.layers
+    picks = {0: None, len(layers) - 2: None}
+    handles = []
+    for index in picks:
+        attn = layers[index].self_attn
+
+        def grab(module, args, kwargs, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [image, token, dim], after layer_norm1
+            heads, dim = module.num_heads, module.head_dim
+            q = module.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, heads, dim)
+            k = module.k_proj(hidden).view(hidden.shape[0], -1, heads, dim)
+            scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * module.scale
+            picks[index] = scores.softmax(-1)[:, :, 0, 1:].sum(1).cpu()  # [image, patch]: CLS dropped
+        handles.append(attn.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        tower(pixel_values=pixel_values.to(next(tower.parameters()).dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    first, second_last = picks[0], picks[len(layers) - 2]
+    out0, out2, image = [], [], 0
+    for b in range(len(ctx.samples)):
+        n = len(ctx.inputs.image_spans[b])
+        out0.append([first[image + i] for i in range(n)])
+        out2.append([second_last[image + i] for i in range(n)])
+        image += n
+    return out0, out2
+
+
+def _vision_encoder(loaded):
+    """The CLIP-style vision transformer (``embeddings``, ``encoder.layers``) with a CLS token, or an error."""
+    model = loaded.model
+    tower = getattr(getattr(model, "model", model), "vision_tower", None) or getattr(model, "vision_tower", None)
+    inner = getattr(tower, "vision_model", tower)
+    layers = getattr(getattr(inner, "encoder", None), "layers", None)
+    embeddings = getattr(inner, "embeddings", None)
+    if layers is None or not hasattr(embeddings, "class_embedding") or len(layers) < 2:
+        raise InputError(f"PAINT reads CLS→patch attention in a CLIP-style vision tower with a CLS token; "
+                         f"{loaded.name} has none (use it on LLaVA-style models: llava-smol, tiny-llava, llava-1.5)")
+    return inner
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAF
+
+
+def vaf_layers(n_layers: int) -> list[int]:
+    """Layers 9–14 of a 32-layer LLaVA, scaled with depth."""
+    lo, hi = round(9 * n_layers / 32), round(14 * n_layers / 32)
+    return list(range(lo, max(lo, hi) + 1))
+
+
+@register_fix("vaf")
+@dataclass
+class Vaf(FixMethod):
+    """Scores × ``image_scale`` on image keys and × ``system_scale`` on system keys, for the text after the image,
+    in ``layers`` (default ``vaf_layers``)."""
+
+    image_scale: float = 1.15
+    system_scale: float = 0.95
+    layers: list[int] | None = None
+    control: bool = False
+    seed: int = 0
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        layers = _layers(vaf_layers(ctx.n_layers), self.layers, ctx.n_layers, "VAF")
+        heads = [(layer, None) for layer in layers]
+        rows = ctx.text_after_rows()
+        keys = ctx.random_text_keys(self.seed, "vaf") if self.control else ctx.image_keys()
+        system = Positions.per_sample([[span] if span is not None else [] for span in ctx.inputs.system_span])
+        return [ScoreScale(heads, gamma=self.image_scale, keys=keys, rows=rows),
+                ScoreScale(heads, gamma=self.system_scale, keys=system, rows=rows)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAR
+
+
+@register_intervention("visual_redistribute")
+@dataclass
+class VisualRedistribute(ProbEdit):
+    """VAR on one layer: key groups text sinks, visual sinks, image non-sinks (per sample, set at prefill by
+    ``Var``); rows are selected per head from their unedited masses (image ≥ summ, non-sink share ≥ rho)."""
+
+    layer: int
+    rows: Positions
+    p: float = 0.6
+    summ: float = 0.2
+    rho: float = 0.5
+    paper_semantics: bool = False
+    text_sinks: Positions = field(default_factory=lambda: Positions.of([]))
+    visual_sinks: Positions = field(default_factory=lambda: Positions.of([]))
+    image_rest: Positions = field(default_factory=lambda: Positions.of([]))
+    n_image: torch.Tensor | None = None  # [batch] image tokens per sample
+    has_visual_sink: torch.Tensor | None = None  # [batch] bool
+    selected: list = field(default_factory=list, repr=False)  # [batch, head, query] bool per call (when logging)
+    log_selection: bool = False
+
+    def __post_init__(self):
+        self.heads = [(self.layer, None)]
+
+    def key_specs(self):
+        return [self.text_sinks, self.visual_sinks, self.image_rest]
+
+    def group_weights(self):
+        return None
+
+    def dynamic_weights(self, masses, rest):
+        text_sink, visual_sink, image_rest = masses
+        image = visual_sink + image_rest
+        n_image = self.n_image.to(image.device)[:, None, None].to(image.dtype)
+        share = image_rest / (image + 1e-6 * n_image)
+        chosen = (image >= self.summ) & (share >= self.rho) & self.has_visual_sink.to(image.device)[:, None, None]
+        if self.log_selection:
+            self.selected.append(chosen.cpu())
+        keep = 1.0 - self.p if self.paper_semantics else self.p
+        budget = (1.0 - keep) * (text_sink + visual_sink)
+        boost = torch.where(image_rest > 0, 1.0 + budget / image_rest.clamp_min(1e-30), 1.0)
+        one = torch.ones_like(rest)
+        sink_weight = torch.where(chosen, keep, one)
+        return [sink_weight, sink_weight, torch.where(chosen, boost, one)], one
+
+
+@register_fix("var")
+@dataclass
+class Var(FixMethod):
+    """Visual attention redistribution (module docstring). ``dims``: sink dimensions (None: found from the
+    model's massive activations on the first batch). ``layers`` default 2 … L−1."""
+
+    tau: float = 20.0
+    summ: float = 0.2
+    rho: float = 0.5
+    p: float = 0.6
+    paper_semantics: bool = False
+    dims: list[int] | None = None
+    layers: list[int] | None = None
+    control: bool = False
+    seed: int = 0
+    sinks: dict = field(default_factory=dict, repr=False)  # layer -> [(text sinks, visual sinks)] per sample
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        from .visual_sinks import find_sink_dims
+
+        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "VAR")
+        if self.dims is None:
+            tensors = {k: v.to(ctx.loaded.device) for k, v in ctx.inputs.tensors.items()}
+            self.dims = find_sink_dims(ctx.loaded, tensors)[0]
+            if not self.dims:
+                raise InputError(f"VAR: {ctx.loaded.name} shows no massive activation on these inputs, so no sink "
+                                 "dimension was found; pass dims=[…] (the backbone's sink dimensions)")
+        rows = ctx.text_after_rows()
+        n_image = torch.tensor([sum(e - s for s, e in ctx.inputs.image_spans[b]) for b in range(len(ctx.samples))])
+        self._edits = {layer: VisualRedistribute(layer, rows, self.p, self.summ, self.rho, self.paper_semantics,
+                                                 n_image=n_image, has_visual_sink=torch.zeros(len(n_image), dtype=bool))
+                       for layer in layers}
+        self.sinks = {}
+        return list(self._edits.values())
+
+    @contextlib.contextmanager
+    def active(self, ctx: FixContext, stream) -> Iterator[None]:
+        arch = ctx.loaded.arch
+        handles = [arch.layers[layer].register_forward_pre_hook(self._finder(ctx, layer), with_kwargs=True)
+                   for layer in self._edits]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _finder(self, ctx: FixContext, layer: int):
+        from .visual_sinks import phi
+
+        edit = self._edits[layer]
+        real = ctx.inputs.real_mask.to(ctx.loaded.device)
+        first = ctx.inputs.first_real.tolist()
+        rng = ctx.rng(self.seed, f"var:{layer}")
+
+        def find(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, dim]
+            if is_paused() or layer in self.sinks or hidden.shape[1] != real.shape[1]:
+                return None  # decoding steps reuse the prefill's sinks; the reference stream is not VAR's
+            sink = (phi(hidden, self.dims) > self.tau) & real  # [batch, column]
+            text, visual, rest, found = [], [], [], []
+            for b in range(hidden.shape[0]):
+                image = [p for s, e in ctx.inputs.image_spans[b] for p in range(s, e)]
+                columns = (sink[b].nonzero().flatten() - first[b]).tolist()
+                vis = [p for p in columns if p in set(image)]
+                if self.control:
+                    vis = sorted(rng.sample(image, len(vis)))
+                text.append([p for p in columns if p not in set(image)])
+                visual.append(vis)
+                rest.append([p for p in image if p not in set(vis)])
+                found.append(bool(vis))
+            edit.text_sinks, edit.visual_sinks = Positions.per_sample(text), Positions.per_sample(visual)
+            edit.image_rest = Positions.per_sample(rest)
+            edit.has_visual_sink = torch.tensor(found)
+            self.sinks[layer] = list(zip(text, visual, strict=True))
+            return None
+
+        return find
+
+
+# ---------------------------------------------------------------------------------------------------
+# VHR
+
+
+@register_fix("vhr")
+@dataclass
+class Vhr(FixMethod):
+    """z of the heads above their layer's median VHD × ``alpha`` in ``layers`` (default ``vhr_layers``), chosen
+    at every step (``per_step``) against the no-image stream; ``control``: as many random heads per layer."""
+
+    alpha: float = 2.0
+    layers: list[int] | None = None
+    per_step: bool = True
+    control: bool = False
+    seed: int = 0
+
+    needs_reference: ClassVar[bool] = True
+
+    def _layers(self, ctx: FixContext) -> list[int]:
+        from .vhd import vhr_layers
+
+        return _layers(vhr_layers(ctx.n_layers), self.layers, ctx.n_layers, "VHR")
+
+    def reference_layers(self, ctx: FixContext) -> list[int]:
+        return [] if self.control else self._layers(ctx)
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        from headlab.interventions import HeadScale
+
+        from .vhd import VhrScale
+
+        arch = ctx.loaded.arch
+        layers = self._layers(ctx)
+        if self.control:
+            rng = ctx.rng(self.seed, "vhr")
+            heads = [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads), arch.n_heads // 2))]
+            return [HeadScale(heads, alpha=self.alpha, positions="last")]
+        self._edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=self.alpha,
+                              per_step=self.per_step)
+        return [self._edit]
+
+    def on_reference(self, stream) -> None:
+        if not self.control:
+            self._edit.reference = {layer: stream.z[layer] for layer in stream.z_layers}
+
+
+@register_fix("none")
+@dataclass
+class NoFix(FixMethod):
+    """Plain generation (the baseline)."""
+
+    def describe(self) -> dict:
+        return {"method": "none"}
+
+
+def make_fix(name: str, **options) -> FixMethod:
+    if name not in FIXES:
+        raise InputError(f"unknown fix {name!r}: use one of {', '.join(sorted(FIXES))}")
+    try:
+        return FIXES[name](**options)
+    except TypeError as err:
+        raise InputError(f"fix {name}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixMethod] = (), *,
+                   max_new_tokens: int = 32, backend: str | None = None, return_scores: bool = False):
+    """Greedy generation ``[batch, n]`` (new tokens, padded with the pad id) with ``methods`` together.
+
+    Without methods (or only ``NoFix``) this is plain ``model.generate`` on the model's own attention (sdpa).
+    ``return_scores``: also the scores each step chose from ``[batch, n, vocab]`` (after guidance)."""
+    import headlab
+
+    from .reference_stream import NoImageStream
+    from .vhd import _new_tokens, _pad_id
+
+    methods = [m for m in methods if not isinstance(m, NoFix)]
+    model = loaded.model
+    inputs = build_inputs(loaded, samples, padding_side="left").to(loaded.device)
+    ctx = FixContext(loaded, samples, inputs)
+    pad_id = _pad_id(loaded)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    eos = end_of_turn(loaded)
+    if eos is not None:
+        gen_kwargs["eos_token_id"] = eos
+    if return_scores:
+        gen_kwargs.update(output_scores=True, return_dict_in_generate=True)
+
+    def finish(out):
+        if not return_scores:
+            return _new_tokens(out, inputs, pad_id)
+        return _new_tokens(out.sequences, inputs, pad_id), torch.stack(out.scores, dim=1).float().cpu()
+
+    if not methods:
+        return finish(model.generate(**inputs.tensors, **gen_kwargs))
+
+    edits = [e for m in methods for e in m.edits(ctx)]
+    stream = None
+    if any(m.needs_reference for m in methods):
+        layers = sorted({layer for m in methods for layer in m.reference_layers(ctx)})
+
+        def on_step(s):
+            for m in methods:
+                if hasattr(m, "on_reference"):
+                    m.on_reference(s)
+        stream = NoImageStream(loaded, samples, z_layers=layers, on_step=on_step)
+    processors = [p for m in methods if (p := m.logits_processor(ctx, stream)) is not None]
+    if processors:
+        from transformers import LogitsProcessorList
+
+        gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(headlab.intervene(loaded, *edits, backend=backend))
+        if stream is not None:
+            stack.enter_context(stream.running())
+        for m in methods:
+            stack.enter_context(m.active(ctx, stream))
+        out = model.generate(**inputs.tensors, **gen_kwargs)
+    return finish(out)
+
+
+def end_of_turn(loaded) -> int | None:
+    """The chat template's end-of-turn id where generate would not stop on it by itself (llava-smol's)."""
+    if loaded.name != "llava-smol":
+        return None
+    return loaded.text_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def decode(loaded, tokens: torch.Tensor) -> list[str]:
+    tok = loaded.text_tokenizer
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in tokens]
