@@ -49,7 +49,21 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the execution device of the input embeddings under a device map (accelerate
+        moves each layer's inputs from there), else the device of the parameters (cpu for a meta model)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+        first = next(self.model.parameters()).device
+        return torch.device("cpu") if first.type == "meta" else first
+
+    @property
+    def placement(self) -> dict[str, str] | None:
+        """``{module: device}`` when the model is spread over devices by a device map, else None."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        return {name: str(where) for name, where in device_map.items()} if device_map else None
 
     @property
     def text_tokenizer(self):
@@ -63,9 +77,11 @@ class LoadedModel:
         dtype = str(first.dtype).removeprefix("torch.") if first is not None else "?"
         n_params = sum(p.numel() for p in self.model.parameters())
         kv = f" ({arch.n_kv_heads} kv)" if arch.n_kv_heads != arch.n_heads else ""
+        placement = self.placement
+        where = f"over {', '.join(sorted(set(placement.values())))}" if placement else f"on {self.device}"
         return (f"LoadedModel({self.name!r}: {type(self.model).__name__}, {arch.n_layers} layers x "
                 f"{arch.n_heads} heads{kv}, head_dim {arch.head_dim}, {n_params / 1e6:.1f}M params, "
-                f"{dtype} on {self.device}, bos={arch.bos})")
+                f"{dtype} {where}, bos={arch.bos})")
 
 
 def known_names() -> list[str]:
@@ -111,23 +127,168 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+# Device-map strategies accelerate knows; anything else is a device ("cpu", "cuda:1") or a {module: device} map.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB|KiB|GB|MB|KB|B)?\s*$", re.IGNORECASE)
+_UNITS = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1}
+
+
+def parse_max_memory(text: str | dict | None) -> dict[int | str, int] | None:
+    """``"0=20GiB,cpu=64GiB"`` -> ``{0: 21474836480, "cpu": 68719476736}`` (bytes), checked before anything loads.
+
+    Keys: a GPU index (``0``, ``cuda:1``), ``cpu``, ``mps`` or ``disk``; sizes: a number with GiB, MiB, KiB,
+    GB, MB, KB or B (bytes when no unit). A dict is checked the same way."""
+    if text is None:
+        return None
+    usage = ("--max-memory takes DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB (devices: a GPU "
+             "index, cpu, mps or disk; sizes in GiB, MiB, GB, MB or bytes)")
+    if isinstance(text, dict):
+        pairs = [(str(k), str(v)) for k, v in text.items()]
+    else:
+        items = [item.strip() for item in str(text).split(",") if item.strip()]
+        if not items or any(item.count("=") != 1 for item in items):
+            raise InputError(f"bad --max-memory {text!r}: {usage}")
+        pairs = [tuple(part.strip() for part in item.split("=")) for item in items]
+    budget: dict[int | str, int] = {}
+    for key, size in pairs:
+        key = key.lower()
+        index = key.removeprefix("cuda:")
+        if index.isdigit():
+            device: int | str = int(index)
+            if device >= torch.cuda.device_count():
+                raise InputError(f"--max-memory names GPU {device}, but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s); drop it or use cpu=SIZE")
+        elif key in ("cpu", "mps", "disk"):
+            device = key
+        else:
+            raise InputError(f"bad --max-memory device {key!r}: {usage}")
+        match = _SIZE.match(size)
+        if match is None:
+            raise InputError(f"bad --max-memory size {size!r} for {key}: {usage}")
+        if device in budget:
+            raise InputError(f"--max-memory names {key} twice: give each device once")
+        number, unit = match.groups()
+        budget[device] = int(float(number) * _UNITS[(unit or "b").lower()])
+        if budget[device] <= 0:
+            raise InputError(f"--max-memory for {key} must be positive, got {size!r}")
+    return budget
+
+
+def parse_device_map(value: str | dict | None) -> str | dict | None:
+    """``--device-map``: a strategy (auto, balanced, balanced_low_0, sequential), one device (cpu, cuda:1), or
+    a ``{module: device}`` map given as JSON or a ``.json`` file; checked before anything loads."""
+    if value is None or isinstance(value, dict):
+        return _check_map(value) if isinstance(value, dict) else None
+    text = str(value).strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if text.startswith("{") or text.endswith(".json"):
+        if text.startswith("{"):
+            raw = text
+        else:
+            try:
+                raw = Path(text).expanduser().read_text(encoding="utf-8")
+            except OSError as err:
+                raise InputError(f"--device-map {text}: cannot read the file ({err.strerror})") from err
+        try:
+            mapping = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--device-map is not valid JSON ({err.msg}): give a strategy (auto) or an object "
+                             'like {"model.embed_tokens": 0, "model.layers.0": "cpu"}') from err
+        if not isinstance(mapping, dict):
+            raise InputError("--device-map JSON must be an object {module: device}")
+        return _check_map(mapping)
+    try:
+        torch.device(text)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown --device-map {text!r}: use {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, "
+                         "cuda:1) or a JSON object {module: device}") from None
+    return resolve_device(text)
+
+
+def _check_map(mapping: dict) -> dict:
+    checked = {}
+    for module, where in mapping.items():
+        if isinstance(where, bool) or not isinstance(where, int | str):
+            raise InputError(f"--device-map: {module!r} -> {where!r} is not a device (a GPU index, cpu, disk …)")
+        if isinstance(where, int) or where in ("disk", "meta"):
+            checked[str(module)] = where
+        else:
+            try:
+                torch.device(where)
+            except (RuntimeError, TypeError):
+                raise InputError(f"--device-map: {module!r} -> {where!r} is not a device (a GPU index, cpu, disk "
+                                 "…)") from None
+            checked[str(module)] = where
+    if not checked:
+        raise InputError("--device-map JSON object is empty: name the modules and their devices")
+    return checked
+
+
+def check_placement(device_map: str | dict | None, max_memory: str | dict | None,
+                    offload_folder: str | Path | None) -> tuple[str | dict | None, dict | None, str | None]:
+    """Device map, memory budget and offload folder checked together, before anything loads."""
+    device_map = parse_device_map(device_map)
+    budget = parse_max_memory(max_memory)
+    if budget is not None and device_map is None:
+        raise InputError("--max-memory caps what a device map puts on each device: add --device-map auto")
+    if budget is not None and device_map not in DEVICE_MAP_STRATEGIES:
+        raise InputError("--max-memory applies to a device-map strategy (auto, balanced, sequential), not to an "
+                         "explicit map or a single device")
+    folder = None if offload_folder is None else str(Path(offload_folder).expanduser())
+    wants_disk = isinstance(device_map, dict) and "disk" in device_map.values() or \
+        budget is not None and "disk" in budget
+    if wants_disk and folder is None:
+        raise InputError("the device map offloads to disk: give --offload-folder DIR for the offloaded weights")
+    if folder is not None and device_map is None:
+        raise InputError("--offload-folder holds weights a device map offloads: add --device-map")
+    return device_map, budget, folder
+
+
+def dispatch(model: PreTrainedModel, device_map: str | dict, max_memory: dict | None, offload_folder: str | None,
+             dtype: torch.dtype) -> PreTrainedModel:
+    """Spread a model built in memory (the tiny zoo models) over devices as from_pretrained would, with
+    accelerate: a strategy is resolved by ``infer_auto_device_map`` within ``max_memory``."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model = model.to(dtype)
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        return model.to(device_map)  # one device
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=model._no_split_modules or [])
+    if set(device_map.values()) <= {"cpu", "disk"} and "disk" not in device_map.values():
+        return model.to("cpu")
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder, main_device=None)
+
+
 def load(
     name: str,
     *,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = "auto",
     device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     revision: str | None = None,
     local_files_only: bool = False,
     trust_remote_code: bool = False,
     bos: str = "auto",
+    weights: bool = True,
 ) -> LoadedModel:
     """Load ``name`` for analysis. ``bos`` is the BOS policy: ``auto``, ``add`` or ``none``.
 
     ``name``: an alias, a tiny zoo model, ``minilm``, ``smollm2-135m``, a local Hugging Face folder,
-    a ``.gguf`` file (converted once to safetensors in headlab's cache) or a hub id."""
+    a ``.gguf`` file (converted once to safetensors in headlab's cache) or a hub id.
+
+    Models that do not fit one device: ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, a device
+    or ``{module: device}`` with GPU indices, ``"cpu"`` and ``"disk"``), ``max_memory`` (``"0=20GiB,cpu=64GiB"``
+    or accelerate's dict) and ``offload_folder`` (for modules mapped to ``"disk"``) pass through to
+    transformers / accelerate. ``weights=False`` builds the architecture on the meta device without reading
+    any weights (the local side of a remote nnsight run: names, shapes and the tokenizer only)."""
     if bos not in ("auto", "add", "none"):
         raise ValueError(f"bos must be auto, add or none, not {bos!r}")
+    device_map, max_memory, offload_folder = check_placement(device_map, max_memory, offload_folder)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
 
@@ -140,7 +301,10 @@ def load(
 
     if name in TINY_MODELS:
         model, tokenizer = build_tiny(name)
-        model = model.to(device=device, dtype=torch_dtype)
+        if device_map is not None:
+            model = dispatch(model, device_map, max_memory, offload_folder, torch_dtype)
+        else:
+            model = model.to(device=device, dtype=torch_dtype)
         return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), "zoo")
 
     if name == "minilm":
@@ -196,11 +360,21 @@ def load(
         model_class = AutoModel
     else:
         model_class = AutoModelForCausalLM
+    placement = {} if device_map is None else {
+        "device_map": device_map,
+        **({"max_memory": max_memory} if max_memory is not None else {}),
+        **({"offload_folder": offload_folder} if offload_folder is not None else {}),
+    }
     try:
-        model = model_class.from_pretrained(
-            source, config=config, dtype=torch_dtype, device_map=device_map, use_safetensors=True,
-            attn_implementation="sdpa", **common,
-        )
+        if weights:
+            model = model_class.from_pretrained(
+                source, config=config, dtype=torch_dtype, use_safetensors=True, attn_implementation="sdpa",
+                **placement, **common,
+            )
+        else:
+            with torch.device("meta"):
+                model = model_class.from_config(config, dtype=torch_dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code)
         loader = AutoProcessor if hasattr(config, "vision_config") else AutoTokenizer
         tokenizer = loader.from_pretrained(source, **common)
     except (OSError, SafetensorError) as err:
@@ -218,7 +392,7 @@ def load(
             f"out of memory loading {source!r} on {device}: try --dtype bfloat16, --device-map auto, "
             "or a smaller model"
         ) from err
-    if device_map is None:
+    if device_map is None and weights:
         model = model.to(device)
     model.eval()
     # A converted GGUF is reported by the file it came from (the cache folder is an implementation detail).
