@@ -78,12 +78,14 @@ _OES = {"potatoes", "tomatoes", "heroes", "mangoes", "volcanoes", "echoes", "tor
         "buffaloes", "avocadoes", "tornadoes", "vetoes"}
 _IE_SINGULAR = {"cookie", "movie", "goalie", "brownie", "selfie", "hoodie", "beanie", "veggie", "smoothie", "zombie",
                 "collie", "rookie", "calorie", "prairie", "birdie", "pixie", "hippie", "genie", "auntie", "sweetie",
-                "boogie", "lingerie", "newbie", "freebie", "bootie", "doggie", "budgie", "magpie", "yuppie"}
+                "boogie", "lingerie", "newbie", "freebie", "bootie", "doggie", "budgie", "magpie", "yuppie", "necktie",
+                "bowtie", "hoagie"}
 _SES_ES = {"buses", "gases", "lenses", "atlases", "canvases", "irises", "bonuses", "viruses", "walruses",
-           "octopuses", "circuses", "cactuses", "campuses", "geniuses", "choruses", "platypuses", "census",
+           "octopuses", "circuses", "cactuses", "campuses", "geniuses", "choruses", "platypuses", "censuses",
            "hippopotamuses", "citruses", "asparaguses", "busses"}
 _IS_PLURALS = {"taxis": "taxi", "skis": "ski", "kiwis": "kiwi", "bikinis": "bikini", "martinis": "martini",
-               "safaris": "safari", "salamis": "salami", "zucchinis": "zucchini", "wiis": "wii"}
+               "safaris": "safari", "salamis": "salami", "zucchinis": "zucchini", "wiis": "wii", "corgis": "corgi",
+               "paninis": "panini", "broccolis": "broccoli", "tvs": "tv"}
 _US_PLURALS = {"menus": "menu", "emus": "emu", "gnus": "gnu", "tutus": "tutu", "gurus": "guru"}
 _MEN_WORDS = {"omen", "amen", "specimen", "abdomen", "stamen", "semen", "regimen", "hymen", "yemen"}
 
@@ -96,12 +98,14 @@ def singularize(word: str) -> str:
     "es" (glasses → glass, benches → bench, boxes → box), other -ses drop "s" (horses → horse, vases → vase;
     buses → bus listed), irregulars (men, women, people, children, mice, teeth, feet, geese, oxen), words that
     are their own plural (sheep, deer, fish, scissors…), -us/-ss/-is kept (bus, glass, tennis; skis → ski and
-    taxis → taxi listed). Words of three letters or fewer are kept."""
+    taxis → taxi listed). Other words of three letters or fewer are kept."""
     w = word
-    if len(w) <= 3 or w in _SAME:
-        return w
     if w in _IRREGULAR:
         return _IRREGULAR[w]
+    if w in _IS_PLURALS:
+        return _IS_PLURALS[w]
+    if len(w) <= 3 or w in _SAME:
+        return w
     for plural, singular in (("women", "woman"), ("children", "child"), ("people", "person")):
         if w.endswith(plural):
             return w[: -len(plural)] + singular
@@ -109,8 +113,6 @@ def singularize(word: str) -> str:
         return w[:-3] + "man"  # firemen, policemen, snowmen
     if w in _F_PLURALS:
         return _F_PLURALS[w]
-    if w in _IS_PLURALS:
-        return _IS_PLURALS[w]
     if w in _US_PLURALS:
         return _US_PLURALS[w]
     if w.endswith("ies"):
