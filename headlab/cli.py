@@ -70,6 +70,7 @@ class Backend(str, Enum):
     torch = "torch"
     eager = "eager"
     triton = "triton"
+    nnsight = "nnsight"
 
 
 # Options every analysis command takes: one definition, so their flags and help read the same everywhere.
@@ -78,9 +79,16 @@ N_PROMPTS_OPTION = typer.Option(None, help="use only the first N prompts")
 BATCH_SIZE_OPTION = typer.Option(8, help="prompts per forward pass")
 DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16")
 DEVICE_OPTION = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …")
-DEVICE_MAP_OPTION = typer.Option(None, help="e.g. auto: shard a large model over devices (accelerate)")
+DEVICE_MAP_OPTION = typer.Option(None, help="shard a model that does not fit one device (accelerate): auto, balanced, "
+                                            "sequential, or a JSON {module: device} map (inline or a .json file)")
+MAX_MEMORY_OPTION = typer.Option(None, help="with --device-map auto: the most each device may hold, e.g. "
+                                            "0=20GiB,cpu=64GiB")
+OFFLOAD_FOLDER_OPTION = typer.Option(None, help="folder for the weights a device map puts on disk")
+REMOTE_OPTION = typer.Option(False, help="with --backend nnsight: run on NDIF (a hub id it hosts; key from "
+                                         "$NDIF_API_KEY)")
 BOS_OPTION = typer.Option(Bos.auto, help="auto: as the tokenizer does; add: prepend BOS; none: strip it")
-BACKEND_OPTION = typer.Option(Backend.auto, help="attention statistics backend")
+BACKEND_OPTION = typer.Option(Backend.auto, help="attention statistics backend (nnsight: read the model's own "
+                                                "attention call through nnsight traces, locally or with --remote)")
 OUT_OPTION = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)")
 REVISION_OPTION = typer.Option(None, help="model revision (branch, tag or commit)")
 OFFLINE_OPTION = typer.Option(False, help="never contact the hub: local folders and the HF cache only")
@@ -140,10 +148,34 @@ def warn(message: str) -> None:
     err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def check_scale_options(model: str, backend: Backend, remote: bool, device_map: str | None, max_memory: str | None,
+                        offload_folder: Path | None) -> dict:
+    """Device map, memory budget, offload folder and the nnsight / NDIF flags, checked before the model loads.
+
+    Returns the ``placement`` keywords for ``prompts_and_model``."""
+    from .loading import check_placement
+
+    device_map, max_memory, folder = check_placement(device_map, max_memory, offload_folder)
+    if remote:
+        from .probes.nnsight_backend import check_remote
+
+        if backend != Backend.nnsight:
+            raise InputError("--remote runs through nnsight: add --backend nnsight")
+        if device_map is not None:
+            raise InputError("--remote runs the model on NDIF's machines, which place it themselves: drop --device-map")
+        check_remote(model, True)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder,
+            "backend": backend, "remote": remote}
+
+
 def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *, dtype: str, device: str,
                       device_map: str | None, revision: str | None, offline: bool, trust_remote_code: bool,
-                      bos: Bos):
-    """The prompts (the model's bundled set unless given), where they came from, and the loaded model."""
+                      bos: Bos, max_memory: dict | None = None, offload_folder: str | None = None,
+                      backend: Backend = Backend.auto, remote: bool = False):
+    """The prompts (the model's bundled set unless given), where they came from, and the loaded model.
+
+    ``--backend nnsight`` wraps the model so that the analyses read statistics through nnsight traces; with
+    ``--remote`` only the architecture is built here (no weights) and every forward runs on NDIF."""
     from .catalog import default_prompt_file
     from .loading import load
     from .prompts import read_prompts
@@ -152,8 +184,13 @@ def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *,
     default = default_prompt_file(model)
     texts = read_prompts(prompts if prompts is not None else default)[:n_prompts]
     source = describe_source(prompts, default)
-    loaded = load(model, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                  local_files_only=offline, trust_remote_code=trust_remote_code, bos=bos.value)
+    loaded = load(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                  offload_folder=offload_folder, revision=revision, local_files_only=offline,
+                  trust_remote_code=trust_remote_code, bos=bos.value, weights=not remote)
+    if backend == Backend.nnsight:
+        from .probes.nnsight_backend import with_nnsight
+
+        loaded = with_nnsight(loaded, remote=remote)
     return texts, source, loaded
 
 
@@ -170,14 +207,19 @@ def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
 
 
 def record_provenance(result, loaded, texts: list[str], source: dict, *, dtype: str, device: str,
-                      backend: Backend, threads: int) -> None:
+                      backend: Backend, threads: int, placement: dict | None = None) -> None:
     """The prompts, where they came from and how the model ran, into the run's manifest."""
     from .provenance import model_settings
 
     result.prompts = texts
-    result.provenance = {"prompt_source": source,
-                         "settings": model_settings(loaded, dtype=dtype, device=device, threads=threads,
-                                                    backend=None if backend == Backend.auto else backend.value)}
+    settings = model_settings(loaded, dtype=dtype, device=device, threads=threads,
+                              backend=None if backend == Backend.auto else backend.value)
+    if placement is not None and placement["device_map"] is not None:
+        settings.update(device_map=placement["device_map"], max_memory=placement["max_memory"],
+                        placement=loaded.placement)
+    if placement is not None and placement["remote"]:
+        settings["remote"] = "ndif"
+    result.provenance = {"prompt_source": source, "settings": settings}
 
 
 @contextmanager
@@ -208,9 +250,12 @@ def sinks(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
+    offload_folder: Path = OFFLOAD_FOLDER_OPTION,
     eps: float = typer.Option(0.3, help="sink threshold on alpha (Gu et al.)"),
     bos: Bos = BOS_OPTION,
     backend: Backend = BACKEND_OPTION,
+    remote: bool = REMOTE_OPTION,
     out: Path = OUT_OPTION,
     name: str = typer.Option(None, help="run name (default: sinks-<model>-<time>)"),
     revision: str = REVISION_OPTION,
@@ -248,14 +293,18 @@ def sinks(
         if generate and generate >= max_tokens:
             raise InputError(f"--generate {generate} leaves no room for the prompt in --max-tokens {max_tokens} "
                              "(which caps prompt and continuation together): raise --max-tokens or lower --generate")
+        placement = check_scale_options(model, backend, remote, device_map, max_memory, offload_folder)
+        if remote and generate:
+            raise InputError("--generate decodes locally with the model's weights, which --remote does not load: "
+                             "drop --generate, or --remote")
         bounds = None if lifetime_low is None else (lifetime_low, lifetime_high)
         secondary_config = SecondarySinksConfig(enabled=secondary, levels=levels, formation=formation,
                                                 cos_threshold=cos_threshold, bos_position=bos_position,
                                                 lifetime_bounds=bounds)
         secondary_config.check()
         texts, source, loaded = prompts_and_model(model, prompts, n_prompts, dtype=dtype, device=device,
-                                                  device_map=device_map, revision=revision, offline=offline,
-                                                  trust_remote_code=trust_remote_code, bos=bos)
+                                                  revision=revision, offline=offline,
+                                                  trust_remote_code=trust_remote_code, bos=bos, **placement)
         if generate:
             from .analyses.retrieval_task import is_language_model
 
@@ -265,13 +314,15 @@ def sinks(
             max_tokens = fit_generation(loaded, texts, max_tokens, generate, chat_template)
         check_prompt_lengths(loaded, texts, max_tokens)
         used_threads = use_threads(threads)
+        # Head patterns come from headlab's attention function, which a remote run does not have.
+        patterns = {"pattern_prompts": 0} if remote else {}
         config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size,
-                             backend=None if backend == Backend.auto else backend.value,
-                             chat_template=chat_template, generate=generate, secondary=secondary_config)
+                             backend=None if backend in (Backend.auto, Backend.nnsight) else backend.value,
+                             chat_template=chat_template, generate=generate, secondary=secondary_config, **patterns)
         token_ids = prompt_token_ids(loaded, texts, config, progress=not quiet) if generate or chat_template else None
         result = analyze_sinks(loaded, texts, config, progress=not quiet, token_ids=token_ids)
         record_provenance(result, loaded, texts, source, dtype=dtype, device=device, backend=backend,
-                          threads=used_threads)
+                          threads=used_threads, placement=placement)
         path = result.save(runs_dir, run_name)
     print_sinks_summary(result.summary, path, max_tokens)
     print_written(path, used_threads, time.perf_counter() - started)
@@ -336,6 +387,8 @@ def position_bias(
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
+    offload_folder: Path = OFFLOAD_FOLDER_OPTION,
     n_relative: int = typer.Option(10, help="relative-position bins of the lost-in-the-middle curve"),
     rollout_tokens: int = typer.Option(128, help="rollout P^(t) on each prompt's first N tokens (T x T; 0: off)"),
     rollout_prompts: int = typer.Option(8, help="prompts in the rollout"),
@@ -344,6 +397,7 @@ def position_bias(
     seed: int = typer.Option(0, help="seed of the retrieval task"),
     bos: Bos = BOS_OPTION,
     backend: Backend = BACKEND_OPTION,
+    remote: bool = REMOTE_OPTION,
     out: Path = OUT_OPTION,
     name: str = typer.Option(None, help="run name (default: position_bias-<model>-<time>)"),
     revision: str = REVISION_OPTION,
@@ -364,17 +418,22 @@ def position_bias(
         config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,
                                     rollout_tokens=rollout_tokens, rollout_prompts=rollout_prompts,
                                     retrieval_trials=retrieval_trials, retrieval_pairs=retrieval_pairs, seed=seed,
-                                    backend=None if backend == Backend.auto else backend.value)
+                                    backend=None if backend in (Backend.auto, Backend.nnsight) else backend.value)
         config.check()
+        placement = check_scale_options(model, backend, remote, device_map, max_memory, offload_folder)
+        if remote and (rollout_tokens or retrieval_trials):
+            raise InputError("--remote runs the statistics path only: the rollout reads the model's eager T x T "
+                             "attentions and the retrieval task a local KV cache; add --rollout-tokens 0 "
+                             "--retrieval-trials 0")
         texts, source, loaded = prompts_and_model(model, prompts, n_prompts, dtype=dtype, device=device,
-                                                  device_map=device_map, revision=revision, offline=offline,
-                                                  trust_remote_code=trust_remote_code, bos=bos)
+                                                  revision=revision, offline=offline,
+                                                  trust_remote_code=trust_remote_code, bos=bos, **placement)
         check_prompt_lengths(loaded, texts, max_tokens)
         used_threads = use_threads(threads)
         result = analyze_position_bias(loaded, texts, config, progress=not quiet,
                                        log=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
         record_provenance(result, loaded, texts, source, dtype=dtype, device=device, backend=backend,
-                          threads=used_threads)
+                          threads=used_threads, placement=placement)
         path = result.save(runs_dir, run_name)
     print_position_summary(result.summary, path)
     print_written(path, used_threads, time.perf_counter() - started)
@@ -422,6 +481,9 @@ def circuits(
     graph_dir: Path = typer.Option(None, help="also write each circuit as EAP-IG / MIB graph JSON into this folder"),
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
+    device_map: str = DEVICE_MAP_OPTION,
+    max_memory: str = MAX_MEMORY_OPTION,
+    offload_folder: Path = OFFLOAD_FOLDER_OPTION,
     out: Path = OUT_OPTION,
     name: str = typer.Option(None, help="run name (default: circuits-<model>-<time>)"),
     revision: str = REVISION_OPTION,
@@ -442,7 +504,10 @@ def circuits(
         config.check()
         runs_dir, run_name = check_run_options("circuits", model, MIN_USEFUL_TOKENS, None, out, name,
                                                dtype=dtype, device=device, threads=threads)
-        loaded = load(model, dtype=dtype, device=device, revision=revision, local_files_only=offline)
+        placement = check_scale_options(model, Backend.auto, False, device_map, max_memory, offload_folder)
+        loaded = load(model, dtype=dtype, device=device, revision=revision, local_files_only=offline,
+                      device_map=placement["device_map"], max_memory=placement["max_memory"],
+                      offload_folder=placement["offload_folder"])
         used_threads = use_threads(threads)
         result = analyze_circuits(loaded, config, progress=not quiet)
         path = result.save(runs_dir, run_name)

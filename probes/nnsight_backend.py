@@ -53,8 +53,8 @@ def ndif_key() -> str:
     """The NDIF API key from ``$NDIF_API_KEY``; ``InputError`` before any compute when it is missing."""
     key = os.environ.get(NDIF_KEY_ENV, "").strip()
     if not key:
-        raise InputError(f"--remote runs on NDIF and needs an API key: set ${NDIF_KEY_ENV} (get one at "
-                         "https://login.ndif.us), or drop --remote to run locally")
+        raise InputError(f"--remote runs on NDIF and needs an API key: set ${NDIF_KEY_ENV} to your NDIF key, or "
+                         "drop --remote to run locally")
     return key
 
 
@@ -134,7 +134,7 @@ def compile_z_edits(loaded, edits: Sequence, input_ids: torch.Tensor,
         if not isinstance(edit, Intervention):
             raise InputError(f"the nnsight backend takes interventions (HeadScale, …), got {type(edit).__name__}")
         if edit.site != "z":
-            raise InputError(f"{edit.describe()} edits the {edit.site} site; the nnsight backend runs z-site edits "
+            raise InputError(f"{type(edit).__name__} edits the {edit.site} site; the nnsight backend runs z-site edits "
                              "only (HeadScale, HeadMeanAblate, HeadOffsets, HeadPatch): attention-site edits need "
                              "headlab's attention function, which NDIF does not run. Use headlab.intervene locally")
         edit.validate(arch)

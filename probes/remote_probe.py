@@ -2,11 +2,11 @@
 
 A remote server executes only code whose imports it trusts (torch, numpy, math, collections, typing,
 einops, pandas, enum …): not headlab, and not dataclasses, functools or abc. So this module imports
-torch and math only, defines functions only (no classes), returns plain dicts of tensors, and is
-shipped to the server by value (``nnsight.register``). ``tests/test_nnsight_backend.py`` executes its
-source under an import hook that refuses every other module.
+torch and math only (not even ``__future__``), defines functions only (no classes), returns plain dicts of
+tensors, and is shipped to the server by value (``nnsight.register``). ``tests/test_nnsight_backend.py``
+executes its source under an import hook that refuses every other module.
 
-- ``attention_statistics``: given one attention call's q, k, v (after RoPE, as the model hands them
+- ``attention_statistics``: given one attention call's q and k (after RoPE, as the model hands them
   to its attention function) and its mask, the O(H·T) statistics of ``headlab.kernels.AttentionStats``
   (log-sum-exp, entropy, key mass with its causal normaliser, first-key mass, distance profile),
   computed in chunks of query rows: peak memory is one ``[batch, head, chunk, key]`` tile, and only
@@ -14,8 +14,6 @@ source under an import hook that refuses every other module.
 - ``edit_z``: one z-site edit (``[batch, query, head, d_head]``, the input of o_proj) in the form every
   z edit of headlab compiles to: z <- scale · z + shift on chosen (row, head) pairs.
 """
-
-from __future__ import annotations
 
 import math
 
