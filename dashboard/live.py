@@ -139,7 +139,8 @@ def prompt_section(live: LiveModel) -> LiveInput | None:
                                  key="live-image")
     elif getattr(loaded.text_tokenizer, "chat_template", None):
         chat = st.checkbox("wrap the prompt in the chat template (one user turn)", key="live-chat")
-    st.caption(f"At most {prompt_limit(loaded)} tokens (image tokens included): patterns are T x T per head.")
+    image_note = " (the image's tokens included)" if loaded.arch.is_multimodal else ""
+    st.caption(f"At most {prompt_limit(loaded)} tokens{image_note}: one head's pattern is T x T.")
     if st.button("Run", key="live-run", type="primary"):
         data = image.getvalue() if image is not None else None
         st.session_state["live-request"] = {"prompt": st.session_state["live-prompt"], "chat": chat,
@@ -149,6 +150,8 @@ def prompt_section(live: LiveModel) -> LiveInput | None:
     if request is None:
         st.info("Type a prompt and press **Run**.")
         return None
+    if request["prompt"] != st.session_state["live-prompt"]:
+        st.warning("The prompt has changed since the last Run: the figures below are for the previous one.")
     digest = hashlib.sha256(request["image"]).hexdigest()[:16] if request["image"] is not None else None
     key = ("input", live.name, request["prompt"], request["chat"], digest)
 
@@ -164,7 +167,8 @@ def prompt_section(live: LiveModel) -> LiveInput | None:
 def statistics_section(live: LiveModel, inp: LiveInput, table) -> tuple[int, int]:
     st.subheader("Layer x head statistics of the prompt")
     columns = [c for c in STATISTICS if c in table.columns]
-    metric = st.radio("statistic", columns, format_func=STATISTICS.get, horizontal=True, key="live-metric")
+    metric = st.radio("statistic", columns, format_func=SHORT_LABELS.get, horizontal=True, key="live-metric",
+                      help="; ".join(f"{SHORT_LABELS[c]}: {STATISTICS[c]}" for c in columns))
     grid = statistic_grid(table, metric)
     bounds = (0.0, None) if metric == "entropy" else (0.0, 1.0)
     title = f"{model_title(live.name)}: {STATISTICS[metric]} ({inp.n_tokens} tokens)"
@@ -250,23 +254,37 @@ def generation_section(live: LiveModel, inp: LiveInput, head: tuple[int, int]) -
             st.error(f"generation failed: {err}")
             return
         st.session_state["live-generation"] = {"signature": signature, "without": without, "with": edited,
-                                               "edits": [e.describe() for e in edits]}
+                                               "edits": [describe_edit(e) for e in edits]}
     shown = st.session_state.get("live-generation")
     if shown is None or shown["signature"] != signature:
         return
     left, right = st.columns(2)
     with left:
         st.markdown("**without edits**")
-        st.code(decode(loaded, shown["without"])[0], language=None, wrap_lines=True)
+        st.code(decode(loaded, inp, shown["without"])[0], language=None, wrap_lines=True)
     with right:
         st.markdown("**with edits**" + (f" ({'; '.join(shown['edits'])})" if shown["edits"] else ""))
         if shown["with"] is None:
             st.info("No edit was chosen: pick one above and generate again.")
             return
-        st.code(decode(loaded, shown["with"])[0], language=None, wrap_lines=True)
+        st.code(decode(loaded, inp, shown["with"])[0], language=None, wrap_lines=True)
     where = first_difference(shown["without"], shown["with"])
     st.caption("The two continuations are identical." if where is None
                else f"The continuations part at new token {where}.")
+
+
+def describe_edit(edit) -> str:
+    """``"HeadScale on layers 0-3, 7"``: the class and its layers, consecutive layers as a range."""
+    layers = sorted(set(edit.layers()))
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    spans = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+    where = f" on layer{'s' if len(layers) > 1 else ''} {spans}" if layers else ""
+    return f"{type(edit).__name__}{where}"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -40,8 +40,11 @@ STATISTICS = {
 
 
 def live_model_names() -> list[str]:
-    """Catalog names the page offers, the ones that run offline first (real, bundled, tiny), aliases last."""
-    return [*EMBEDDED, *BUNDLED_MODELS, *TINY_DESCRIPTIONS, *ALIASES]
+    """Catalog names the page offers: the real decoders first (smollm2-135m, llava-smol), the bundled models, the
+    encoder, the tiny random test models, and last the aliases (loaded only if already in the local cache)."""
+    decoders = [name for name in EMBEDDED if name != "minilm"]
+    encoders = [name for name in EMBEDDED if name == "minilm"]
+    return [*decoders, *BUNDLED_MODELS, *encoders, *TINY_DESCRIPTIONS, *ALIASES]
 
 
 def check_model_source(text: str) -> str:
@@ -282,11 +285,13 @@ def greedy(loaded, inp: LiveInput, max_new_tokens: int, edits: Sequence = ()) ->
     return out[0, inp.n_tokens:].tolist()
 
 
-def decode(loaded, ids: Sequence[int]) -> tuple[str, list[str]]:
-    """The text of new token ids and their readable tokens (``"".join(tokens) == text``)."""
+def decode(loaded, inp: LiveInput, new_ids: Sequence[int]) -> tuple[str, list[str]]:
+    """The text that new token ids add after the prompt, and their readable tokens (``"".join(tokens) == text``).
+
+    Read in context: alone, a word-initial token of a SentencePiece vocabulary would lose its space."""
     from headlab.tokens import display_tokens
 
-    tokens = display_tokens(loaded.text_tokenizer, ids)
+    tokens = display_tokens(loaded.text_tokenizer, [*inp.ids, *new_ids])[inp.n_tokens:]
     return "".join(tokens), tokens
 
 

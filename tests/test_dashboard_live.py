@@ -1,0 +1,454 @@
+"""Issue 17: the dashboard's Live page, driven through ``streamlit.testing.v1.AppTest`` and in a real browser.
+
+Oracles: the statistics table against headlab's probe run here (``AttentionProbe`` + ``RowMeans``) and against
+the eager pattern (``headlab.attention``); generations against ``model.generate`` under ``headlab.intervene``
+on a fresh load; the model's parameters hashed before and after the edited generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html as html_module
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import headlab
+from headlab.dashboard import launch, live, live_forms, live_model
+from headlab.errors import InputError
+from headlab.interventions import AttentionOverride, HeadMeanAblate, HeadScale, KeyKnockout, every_head
+from headlab.probes import AttentionProbe, RowMeans
+from headlab.tokens import display_tokens
+
+APP = str(launch.APP_FILE)
+COPY_PROMPT = "a24 t2 a24 a6 a17 a9 t1"  # backcopy: the trigger t1 makes the model copy the token before it (a9)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def open_live(model: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["page"] = "live"
+    if model is not None:
+        at.query_params["model"] = model
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def load_and_run(model: str, prompt: str | None = None, image: tuple | None = None) -> AppTest:
+    at = open_live(model)
+    at.button(key="live-load").click().run()
+    if prompt is not None:
+        at.text_area(key="live-prompt").input(prompt)
+    if image is not None:
+        at.file_uploader(key="live-image").set_value(image)
+    at.button(key="live-run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+
+
+def array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly's typed-array encoding {dtype, bdata, shape}."""
+    if isinstance(value, dict):
+        shape = [int(n) for n in str(value.get("shape", "-1")).split(",")]
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
+    return np.asarray(value, dtype=float)
+
+
+def texts(elements) -> str:
+    return " ".join(str(element.value) for element in elements)
+
+
+def probe_stats(loaded, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[layer, head]`` mean row entropy and first-token mass, from the probe and its accumulator directly."""
+    means = RowMeans(loaded.arch.n_layers, loaded.arch.n_heads)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad(), AttentionProbe(loaded, on_stats=means.add):
+        loaded.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    return means.entropy(), means.first_mass()
+
+
+def eager_stats(loaded, ids: list[int]) -> dict[str, np.ndarray]:
+    """The same statistics from full eager patterns ``[head, query, key]``, one layer at a time."""
+    out = {"entropy": [], "first_token_mass": [], "previous_token_mass": []}
+    for layer in range(loaded.arch.n_layers):
+        pattern = headlab.attention(loaded, ids, layer=layer)
+        p = pattern.numpy()
+        out["entropy"].append(pattern.entropy().mean(-1))
+        out["first_token_mass"].append(p[:, :, 0].mean(-1))
+        n = p.shape[-1]
+        out["previous_token_mass"].append(p[:, np.arange(1, n), np.arange(n - 1)].mean(-1))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def generate(loaded, ids: list[int], n: int, *edits) -> str:
+    input_ids = torch.tensor([ids])
+    kwargs = dict(max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(input_ids),
+                  pad_token_id=loaded.text_tokenizer.pad_token_id)
+    with torch.no_grad(), headlab.intervene(loaded, *edits):
+        out = loaded.model.generate(input_ids, **kwargs)[0].tolist()
+    # The text the new tokens add to the decoded prompt (decoded alone, a first word would lose its space).
+    full, prompt = loaded.text_tokenizer.decode(out), loaded.text_tokenizer.decode(ids)
+    assert full.startswith(prompt)
+    return full[len(prompt):]
+
+
+def digest(model: torch.nn.Module) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+@pytest.fixture()
+def page_models(monkeypatch):
+    """The LiveModel objects the page loads (the cache is emptied first so that the page loads its own)."""
+    seen = []
+    original = live.load_live_model
+
+    def recording(source):
+        model = original(source)
+        seen.append(model)
+        return model
+
+    live.cached_model.clear()
+    monkeypatch.setattr(live, "load_live_model", recording)
+    yield seen
+    live.cached_model.clear()
+
+
+# ----------------------------------------------------------------------------------------------- the page
+
+def test_live_page_opens_with_instructions_and_is_in_the_sidebar():
+    at = open_live()
+    assert at.radio(key="page").value == "live" and "Live" in at.radio(key="page").options
+    assert "Load model" in texts(at.info)
+    assert at.selectbox(key="live-model").value == "smollm2-135m"  # the first catalog name; nothing loads yet
+    assert not charts(at)
+
+
+def test_statistics_table_equals_the_probe_and_the_eager_pattern(load_model):
+    at = load_and_run("backcopy")
+    loaded = load_model("backcopy")
+    prompt = live.default_prompt(loaded)
+    assert at.text_area(key="live-prompt").value == prompt
+    ids = live_model.build_input(loaded, prompt).ids
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["layer", "head", "entropy", "first_token_mass", "previous_token_mass"]
+    assert len(table) == 16 and (table["layer"].to_numpy() == np.repeat(range(4), 4)).all()
+
+    entropy, first = probe_stats(loaded, ids)
+    np.testing.assert_allclose(table["entropy"], entropy.flatten().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(table["first_token_mass"], first.flatten().numpy(), rtol=1e-5)
+    eager = eager_stats(loaded, ids)
+    for column, values in eager.items():
+        np.testing.assert_allclose(table[column], values.flatten(), atol=1e-4, err_msg=column)
+    assert table["first_token_mass"].iloc[4:].min() > 0.5  # backcopy's first-token sink, beyond layer 0
+
+    heatmap = charts(at)[0]
+    np.testing.assert_allclose(array(heatmap["data"][0]["z"]), entropy.numpy(), rtol=1e-5)
+    assert heatmap["layout"]["yaxis"]["title"]["text"] == "layer" and "entropy" in heatmap["layout"]["title"]["text"]
+    at.radio(key="live-metric").set_value("first_token_mass").run()
+    np.testing.assert_allclose(array(charts(at)[0]["data"][0]["z"]), first.numpy(), rtol=1e-5)
+
+
+def test_one_heads_pattern_and_readable_tokens_follow_the_picked_head(load_model):
+    at = load_and_run("backcopy", COPY_PROMPT)
+    loaded = load_model("backcopy")
+    ids = live_model.build_input(loaded, COPY_PROMPT).ids
+    at.selectbox(key="live-layer").set_value(2).run()
+    at.selectbox(key="live-head").set_value(3).run()
+    expected = headlab.attention(loaded, ids, layer=2, head=3)
+    pattern = next(c for c in charts(at) if "layer 2, head 3" in c["layout"]["title"]["text"])
+    np.testing.assert_allclose(array(pattern["data"][0]["z"]), expected.head(3), atol=1e-6)
+    html = at.get("html")[0].proto.body
+    spans = re.findall(r'display: inline-block">([^<]*)</span>', html)
+    shown = [html_module.unescape(t.replace("&nbsp;", " ")) for t in spans]
+    assert shown == display_tokens(loaded.text_tokenizer, ids) == ["<bos>", " a24", " t2", " a24", " a6", " a17",
+                                                                    " a9", " t1"]
+    values = [float(v) for v in re.findall(r'title="([^"]+)"', html)]
+    np.testing.assert_allclose(values, expected.received()[0], rtol=1e-5)
+    assert [m.label for m in at.metric] == ["entropy", "first-token mass", "previous-token mass"]
+    at.text_area(key="live-prompt").input("a1 a2").run()
+    assert "changed since the last Run" in texts(at.warning)
+
+
+def test_head_ablation_changes_the_generation_and_the_model_is_bit_exact_after(page_models):
+    at = load_and_run("backcopy", COPY_PROMPT)
+    [page] = page_models
+    before, attn_before = digest(page.loaded.model), page.loaded.model.config._attn_implementation
+    at.number_input(key="live-new-tokens").set_value(8)
+    at.multiselect(key="live-edits").select("head_ablation").run()
+    at.multiselect(key="live-form-head_ablation-heads").set_value([]).run()
+    at.multiselect(key="live-form-head_ablation-layers").select(2).run()
+    assert not at.error
+    at.button(key="live-generate").click().run()
+    assert not at.exception and not at.error
+    without, edited = (c.value for c in at.code)
+
+    fresh = headlab.load("backcopy", dtype="float32", device="cpu")
+    ids = live_model.build_input(fresh, COPY_PROMPT).ids
+    assert without == generate(fresh, ids, 8) == " a9 a62 a44 a53 a21 a13 a45 a10"  # copies a9 after t1
+    assert edited == generate(fresh, ids, 8, HeadScale(every_head([2]), alpha=0.0))
+    assert edited.split()[0] != "a9"  # without layer 2 the copy fails
+    assert "part at new token 0" in texts(at.caption)
+    assert digest(page.loaded.model) == before == digest(fresh.model)
+    assert page.loaded.model.config._attn_implementation == attn_before
+
+    # Mean ablation of the same heads: the mean z over the prompt's tokens.
+    at.radio(key="live-form-head_ablation-how").set_value("mean").run()
+    at.button(key="live-generate").click().run()
+    names = ["blocks.2.attn.hook_z"]
+    with torch.no_grad(), headlab.trace(fresh, names, stats=False) as t:
+        fresh.model(input_ids=torch.tensor([ids]))
+    assert at.code[1].value == generate(fresh, ids, 8, HeadMeanAblate(every_head([2]), source=t))
+    assert digest(page.loaded.model) == before
+
+
+def test_attention_override_points_the_copy_at_another_token(load_model):
+    at = load_and_run("backcopy", COPY_PROMPT)
+    at.number_input(key="live-new-tokens").set_value(4)
+    at.multiselect(key="live-edits").select("attention_override").run()
+    key = "live-form-attention_override"
+    at.multiselect(key=f"{key}-heads").set_value([]).run()
+    at.multiselect(key=f"{key}-layers").select(1).run()
+    at.multiselect(key=f"{key}-keys").set_value([4]).run()  # " a6"
+    at.radio(key=f"{key}-rows").set_value("last").run()
+    at.button(key="live-generate").click().run()
+    assert not at.exception and not at.error
+    loaded = load_model("backcopy")
+    ids = live_model.build_input(loaded, COPY_PROMPT).ids
+    edited = at.code[1].value
+    assert edited == generate(loaded, ids, 4, AttentionOverride(every_head([1]), keys=[4], rows="last"))
+    assert edited.split()[0] == "a6"  # layer 1 reads the token to copy: pointed at a6, it copies a6
+
+
+@pytest.mark.parametrize("path, message", [
+    ("no/such/model", "unknown model 'no/such/model'"),
+    ("Qwen/Qwen3-0.6B", "never downloads a hub id"),
+])
+def test_a_bad_model_is_an_error_on_the_page_not_a_traceback(path, message):
+    at = open_live()
+    at.selectbox(key="live-model").set_value(live.LOCAL).run()
+    at.text_input(key="live-path").input(path)
+    at.button(key="live-load").click().run()
+    assert not at.exception
+    assert message in texts(at.error)
+    # The page stays usable: the error stays up until another model loads.
+    at.run()
+    assert message in texts(at.error)
+    at.selectbox(key="live-model").set_value("tiny-llama").run()
+    at.button(key="live-load").click().run()
+    assert not at.error and "tiny-llama" in texts(at.caption)
+
+
+def test_a_folder_that_is_not_a_model_is_an_error_on_the_page(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    at = open_live()
+    at.selectbox(key="live-model").set_value(live.LOCAL).run()
+    at.text_input(key="live-path").input(str(tmp_path))
+    at.button(key="live-load").click().run()
+    assert not at.exception
+    assert f"cannot load '{tmp_path}'" in texts(at.error) and "config" in texts(at.error)
+
+
+def test_prompt_and_generation_limits_are_messages(load_model):
+    at = load_and_run("tiny-llama", "x" * 600)  # the byte tokenizer: one token per character, plus BOS
+    assert "has 601 tokens; the live page takes at most 512" in texts(at.error)
+    assert not charts(at)
+
+    at = load_and_run("backcopy", COPY_PROMPT)  # 8 tokens of a 64-position context
+    assert at.number_input(key="live-new-tokens").proto.max == live_model.MAX_NEW_TOKENS
+    at.number_input(key="live-new-tokens").set_value(60)
+    at.button(key="live-generate").click().run()
+    assert "backcopy has 64 positions: a 8-token prompt leaves room for 56 new tokens, not 60" in texts(at.error)
+    with pytest.raises(InputError, match="between 1 and 64"):
+        live_model.check_new_tokens(load_model("backcopy"), live_model.build_input(load_model("backcopy"), "a1"), 65)
+
+
+def test_lvlm_takes_an_uploaded_image_and_reports_image_mass(load_model):
+    from PIL import Image
+
+    from headlab.lvlm import LvlmSample, build_inputs
+
+    picture = Image.new("RGB", (40, 40), (30, 160, 220))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    at = load_and_run("tiny-llava", image=("square.png", buffer.getvalue(), "image/png"))
+    assert not at.error
+    table = at.dataframe[0].value
+    assert "image_mass" in table.columns
+
+    loaded = load_model("tiny-llava")
+    inputs = build_inputs(loaded, [LvlmSample(live.IMAGE_PROMPT, [picture])])
+    [(start, stop)] = inputs.image_spans[0]
+    image = []
+    for layer in range(loaded.arch.n_layers):
+        name = f"blocks.{layer}.attn.hook_pattern"
+        with torch.no_grad(), headlab.trace(loaded, [name], stats=False) as t:
+            loaded.model(**inputs.tensors)
+        p = t[name][0]  # [head, query, key]
+        image.append(p[:, inputs.text_after[0]:, start:stop].sum(-1).mean(-1).numpy())
+    np.testing.assert_allclose(table["image_mass"], np.stack(image).flatten(), atol=1e-4)
+    # The attention override form offers the image tokens as one key choice.
+    at.multiselect(key="live-edits").select("attention_override").run()
+    assert live_forms.IMAGE_KEYS in at.multiselect(key="live-form-attention_override-keys").options
+
+    at.file_uploader(key="live-image").set_value(("notes.png", b"not an image", "image/png"))
+    at.button(key="live-run").click().run()
+    assert not at.exception and "notes.png is not an image PIL can read" in texts(at.error)
+
+
+def test_a_registered_live_intervention_joins_the_page(monkeypatch, load_model):
+    monkeypatch.setattr(live_forms, "LIVE_INTERVENTIONS", dict(live_forms.LIVE_INTERVENTIONS))
+
+    @live_forms.register_live_intervention("double_all", "Double every head", "z <- 2 z in every layer")
+    def double_all(ctx, key):
+        return [HeadScale(every_head(range(ctx.n_layers)), alpha=2.0)]
+
+    at = load_and_run("backcopy", COPY_PROMPT)
+    at.number_input(key="live-new-tokens").set_value(4)
+    at.multiselect(key="live-edits").select("double_all").run()
+    assert "Double every head" in texts(at.markdown)
+    at.button(key="live-generate").click().run()
+    loaded = load_model("backcopy")
+    ids = live_model.build_input(loaded, COPY_PROMPT).ids
+    assert at.code[1].value == generate(loaded, ids, 4, HeadScale(every_head(range(4)), alpha=2.0))
+
+    with pytest.raises(headlab.HeadlabError, match="already the form"):
+        live_forms.register_live_intervention("double_all", "x")(lambda ctx, key: [])
+
+
+def test_a_broken_live_forms_module_is_reported_not_fatal(tmp_path, monkeypatch):
+    package = tmp_path / "fake_dashboard"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "live_forms_bad.py").write_text("raise ImportError('needs the LVLM fixes')\n")
+    (package / "live_forms_good.py").write_text(
+        "from headlab.dashboard.live_forms import register_live_intervention\n"
+        "@register_live_intervention('noop', 'No-op')\ndef noop(ctx, key):\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(live_forms, "LIVE_INTERVENTIONS", dict(live_forms.LIVE_INTERVENTIONS))
+    monkeypatch.setattr(live_forms, "_BROKEN_FORMS", {})
+    broken = live_forms.load_forms("fake_dashboard")
+    assert broken == {"fake_dashboard.live_forms_bad": "ImportError: needs the LVLM fixes"}
+    assert "noop" in live_forms.LIVE_INTERVENTIONS
+
+
+def test_an_encoder_shows_statistics_but_does_not_generate(load_model):
+    at = load_and_run("minilm", "Attention sinks appear early.")
+    table = at.dataframe[0].value
+    assert len(table) == 6 * 12 and not at.error
+    assert "minilm is an encoder: it does not generate text." in texts(at.info)
+    loaded = load_model("minilm")
+    ids = live_model.build_input(loaded, "Attention sinks appear early.").ids
+    eager = eager_stats(loaded, ids)  # bidirectional: rows see every key, the first is [CLS]
+    np.testing.assert_allclose(table["first_token_mass"], eager["first_token_mass"].flatten(), atol=1e-4)
+
+
+def test_model_names_are_the_catalog_or_local_paths(tmp_path):
+    assert {"backcopy", "tiny-llama", "smollm2-135m", "llava-smol", "tiny-llava", "qwen3-14b"} <= \
+        set(live_model.live_model_names())
+    assert live_model.check_model_source(" tiny-llama ") == "tiny-llama"
+    assert live_model.check_model_source(str(tmp_path)) == str(tmp_path.resolve())
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a .gguf file"):
+        live_model.check_model_source(str(tmp_path / "weights.bin"))
+    with pytest.raises(InputError, match="no model given"):
+        live_model.check_model_source("  ")
+
+
+@pytest.mark.slow
+def test_smollm2_statistics_and_a_knockout_on_real_weights(load_model):
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    at = load_and_run("smollm2-135m", prompt)
+    loaded = load_model("smollm2-135m")
+    ids = live_model.build_input(loaded, prompt).ids
+    table = at.dataframe[0].value
+    entropy, first = probe_stats(loaded, ids)
+    np.testing.assert_allclose(table["entropy"], entropy.flatten().numpy(), rtol=1e-4)
+    np.testing.assert_allclose(table["first_token_mass"], first.flatten().numpy(), rtol=1e-4)
+    assert table.query("layer >= 12")["first_token_mass"].median() > 0.3  # smollm2's first-token sink
+
+    # No row can read " Mary" (position 1) in any head: the indirect object is gone, the answer changes.
+    at.number_input(key="live-new-tokens").set_value(2)
+    at.multiselect(key="live-edits").select("key_knockout").run()
+    key = "live-form-key_knockout"
+    at.multiselect(key=f"{key}-heads").set_value([]).run()
+    at.multiselect(key=f"{key}-layers").set_value(list(range(30))).run()
+    at.multiselect(key=f"{key}-keys").set_value([1]).run()
+    assert at.radio(key=f"{key}-rows").value == "all"
+    at.button(key="live-generate").click().run()
+    without, edited = (c.value for c in at.code)
+    assert without == generate(loaded, ids, 2) == " Mary,"
+    assert edited == generate(loaded, ids, 2, KeyKnockout(every_head(range(30)), keys=[1])) == " John's"
+    assert "KeyKnockout on layers 0-29" in texts(at.markdown)
+
+
+# ----------------------------------------------------------------------------------------------- browser
+
+def test_live_page_in_a_real_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+    from test_dashboard_browser import CHROMIUM, HEADLAB, free_port, wait_for_port
+
+    assert os.access(CHROMIUM, os.X_OK), "the browser test needs Debian's chromium: apt-get install chromium"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    port = free_port()
+    server = subprocess.Popen([str(HEADLAB), "dashboard", "--runs", str(runs), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        wait_for_port(port, server)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-background-networking"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{port}/?page=live&model=backcopy")
+                # exact: "Run" must not match the sidebar's "Reload runs" while the page is still loading the model.
+                page.get_by_role("button", name="Load model", exact=True).click(timeout=90_000)
+                page.get_by_role("button", name="Run", exact=True).click(timeout=90_000)
+                page.wait_for_function(
+                    "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some("
+                    "p => (p.layout.title.text || '').includes('backcopy: entropy'))", timeout=90_000)
+                page.wait_for_selector(".js-plotly-plot .hm", timeout=30_000)
+                z = page.evaluate("() => document.querySelector('.js-plotly-plot').data[0].z")
+                assert np.asarray(array(z) if isinstance(z, dict) else z, dtype=float).shape == (4, 4)
+
+                # Clicking the cell of layer 2, head 1 (of 4 x 4) opens that head's pattern.
+                plot = page.locator(".js-plotly-plot").first
+                plot.scroll_into_view_if_needed()
+                box = plot.locator(".nsewdrag").first.bounding_box()
+                page.mouse.click(box["x"] + box["width"] * 1.5 / 4, box["y"] + box["height"] * (1 - 2.5 / 4))
+                page.wait_for_function(
+                    "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some("
+                    "p => (p.layout.title.text || '').includes('layer 2, head 1 attention pattern'))",
+                    timeout=60_000)
+                shot = tmp_path / "live.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            finally:
+                browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
