@@ -84,7 +84,7 @@ class FixContext:
             n = int(self.inputs.real_mask[b].sum())
             image = {p for s, e in self.inputs.image_spans[b] for p in range(s, e)}
             others = [p for p in range(n) if p not in image]
-            specs.append(sorted(rng.sample(others, min(len(image), len(others)))))
+            specs.append(_spans(sorted(rng.sample(others, min(len(image), len(others))))))
         return Positions.per_sample(specs)
 
 
@@ -204,8 +204,8 @@ class Paint(FixMethod):
                 local_pos += [start + p for p in local]
                 summary_pos += [start + p for p in summary]
             self.chosen.append({"local": local_pos, "summary": summary_pos})
-            local_specs.append(local_pos)
-            summary_specs.append(summary_pos)
+            local_specs.append(_spans(sorted(local_pos)))
+            summary_specs.append(_spans(sorted(summary_pos)))
         heads = [(layer, None) for layer in layers]
         return [ScoreBoost(heads, keys=Positions.per_sample(local_specs), alpha=self.alpha, rows="last"),
                 ScoreBoost(heads, keys=Positions.per_sample(summary_specs), alpha=self.beta, rows="last")]
@@ -410,6 +410,7 @@ class Var(FixMethod):
         real = ctx.inputs.real_mask.to(ctx.loaded.device)
         first = ctx.inputs.first_real.tolist()
         rng = ctx.rng(self.seed, f"var:{layer}")
+        images = [{p for s, e in ctx.inputs.image_spans[b] for p in range(s, e)} for b in range(len(ctx.samples))]
 
         def find(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, dim]
@@ -418,14 +419,15 @@ class Var(FixMethod):
             sink = (phi(hidden, self.dims) > self.tau) & real  # [batch, column]
             text, visual, rest, found = [], [], [], []
             for b in range(hidden.shape[0]):
-                image = [p for s, e in ctx.inputs.image_spans[b] for p in range(s, e)]
+                image = images[b]
                 columns = (sink[b].nonzero().flatten() - first[b]).tolist()
-                vis = [p for p in columns if p in set(image)]
+                vis = [p for p in columns if p in image]
                 if self.control:
-                    vis = sorted(rng.sample(image, len(vis)))
-                text.append([p for p in columns if p not in set(image)])
-                visual.append(vis)
-                rest.append([p for p in image if p not in set(vis)])
+                    vis = sorted(rng.sample(sorted(image), len(vis)))
+                chosen = set(vis)
+                text.append([p for p in columns if p not in image])
+                visual.append(_spans(vis))
+                rest.append(_spans([p for p in sorted(image) if p not in chosen]))
                 found.append(bool(vis))
             edit.text_sinks, edit.visual_sinks = Positions.per_sample(text), Positions.per_sample(visual)
             edit.image_rest = Positions.per_sample(rest)
@@ -434,6 +436,17 @@ class Var(FixMethod):
             return None
 
         return find
+
+
+def _spans(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions as (start, stop) runs: 576 image tokens become a few spans to test, not 576."""
+    out: list[tuple[int, int]] = []
+    for p in positions:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
