@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,6 +333,43 @@ def test_a_registered_live_intervention_joins_the_page(monkeypatch, load_model):
 
     with pytest.raises(headlab.HeadlabError, match="already the form"):
         live_forms.register_live_intervention("double_all", "x")(lambda ctx, key: [])
+
+
+def test_the_docs_example_form_works_on_an_lvlm_with_an_image(monkeypatch, load_model):
+    from PIL import Image
+
+    from headlab.interventions import Redistribute
+    from headlab.lvlm import LvlmSample, build_inputs
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "dashboard.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", docs, re.S)
+    [example] = [block for block in blocks if "register_live_intervention" in block]
+    monkeypatch.setattr(live_forms, "LIVE_INTERVENTIONS", dict(live_forms.LIVE_INTERVENTIONS))
+    exec(example.replace("from .live_forms import", "from headlab.dashboard.live_forms import"), {})
+    assert live_forms.LIVE_INTERVENTIONS["var"].needs_image
+
+    at = load_and_run("tiny-llava")  # no image: the image-only form is not offered
+    assert "var" not in at.multiselect(key="live-edits").options
+    picture = Image.new("RGB", (32, 32), (200, 40, 40))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    at.file_uploader(key="live-image").set_value(("red.png", buffer.getvalue(), "image/png"))
+    at.button(key="live-run").click().run()
+    at.number_input(key="live-new-tokens").set_value(4)
+    at.multiselect(key="live-edits").select("var").run()
+    at.multiselect(key="live-form-var-layers").select(1).run()
+    at.button(key="live-generate").click().run()
+    assert not at.exception and not at.error
+
+    loaded = load_model("tiny-llava")
+    inputs = build_inputs(loaded, [LvlmSample(live.IMAGE_PROMPT, [picture])])
+    edit = Redistribute([(0, 0), (1, None)], sources=0, targets=inputs.image_spans[0], p=0.6)
+    with torch.no_grad(), headlab.intervene(loaded, edit):
+        out = loaded.model.generate(**inputs.tensors, max_new_tokens=4, do_sample=False,
+                                    pad_token_id=loaded.text_tokenizer.pad_token_id)[0].tolist()
+    n = inputs.input_ids.shape[1]
+    full, prompt = loaded.text_tokenizer.decode(out), loaded.text_tokenizer.decode(out[:n])
+    assert at.code[1].value == full[len(prompt):]
 
 
 def test_a_broken_live_forms_module_is_reported_not_fatal(tmp_path, monkeypatch):
