@@ -797,7 +797,7 @@ class PopeScores:
         return {**metrics, "n": len(self.answers), "tp": int((yes & gold).sum()), "fp": int((yes & ~gold).sum()),
                 "tn": int((no & ~gold).sum()), "fn": int((~yes & gold).sum()), "other": other,
                 "other_ratio": other / max(1, len(self.answers)), "parser": self.parser,
-                "images": len(dict.fromkeys(self.images))}
+                "images": len({i for i in self.images if i})}
 
 
 def pope_eval(answers: Sequence[str], questions: Sequence[dict] | Sequence[str], *,
