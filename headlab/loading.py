@@ -182,8 +182,8 @@ def parse_device_map(value: str | dict | None) -> str | dict | None:
     text = str(value).strip()
     if text in DEVICE_MAP_STRATEGIES:
         return text
-    if text.startswith("{") or text.endswith(".json"):
-        if text.startswith("{"):
+    if text.startswith(("{", "[")) or text.endswith(".json"):
+        if text.startswith(("{", "[")):
             raw = text
         else:
             try:
