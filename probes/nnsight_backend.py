@@ -250,6 +250,8 @@ def run_trace(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     nnsight = _nnsight()
     if remote is True:
         nnsight.CONFIG.API.APIKEY = ndif_key()
+    if remote:
+        nnsight.register(remote_probe)  # its source travels with the request: the server has no headlab
     distance = _check_request(request)
     arch = loaded.arch
     stat_layers = sorted(set(layers))

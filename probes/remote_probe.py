@@ -41,10 +41,15 @@ def visibility(mask, batch: int, start: int, stop: int, n_k: int, q_offset: int,
     """``[batch, 1, rows, key]`` bool for query rows [start, stop): True = the row may attend to the key.
 
     ``mask``: what the model passed to its attention function: None (sdpa's causal shortcut), a bool
-    mask (True = attend) or an additive float mask, ``[batch or 1, 1, query, key]``. ``key_padding``
+    mask (True = attend) or an additive float mask ``[batch or 1, 1, query, key]``, or a ``[batch, key]``
+    padding mask (flash attention; the causal rule then applies). ``key_padding``
     ``[batch, key]`` (True = real token) is AND-ed in, so padding keys never count.
     """
     rows = stop - start
+    if mask is not None and mask.dim() == 2:  # flash-attention style: a [batch, key] padding mask, causal rule
+        padding = mask[:, :n_k].to(device=device, dtype=torch.bool)
+        key_padding = padding if key_padding is None else key_padding.to(device=device, dtype=torch.bool) & padding
+        mask = None
     if mask is None:
         query = torch.arange(start, stop, device=device)[:, None] + q_offset
         keys = torch.arange(n_k, device=device)[None, :]

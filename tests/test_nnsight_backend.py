@@ -326,3 +326,15 @@ def test_smollm2_statistics_and_z_edits_through_nnsight(load_model):
     with torch.no_grad(), headlab.intervene(loaded, *edits):
         expected = loaded.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(nb.z_edited_logits(loaded, *edits, input_ids=ids, attention_mask=mask), expected)
+
+
+def test_a_padding_mask_as_flash_attention_passes_it():
+    """A [batch, key] mask (flash attention's form) means padding under the causal rule."""
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    padding = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    as_2d = remote_probe.attention_statistics(q, k, padding.long(), None, padding)
+    dense = padding[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    as_4d = remote_probe.attention_statistics(q, k, dense, None, padding)
+    for name, value in as_4d.items():
+        assert torch.equal(as_2d[name], value), name
