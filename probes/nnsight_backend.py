@@ -30,7 +30,6 @@ import copy
 import functools
 import os
 import re
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -45,8 +44,9 @@ from .attention import _ACTIVE_PROBE, _PATTERN_READER
 
 NDIF_KEY_ENV = "NDIF_API_KEY"
 _OP = re.compile(r"^attention_interface_(\d+)$")
-# One envoy tree per model and mode: building one instruments modules (once) and is not free.
-_ENVOYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# One envoy tree per model and mode, kept on the model (an envoy holds its model, so a cache keyed by the
+# model elsewhere would keep it alive): building one instruments modules (once) and is not free.
+_ENVOYS = "_headlab_nnsight_envoys"
 
 
 def ndif_key() -> str:
@@ -79,9 +79,9 @@ def envoy_of(loaded, remote: bool | str = False):
     """The nnsight wrapper of ``loaded``: ``NNsight`` of the model itself locally; ``TransformersModel``
     for the remote path (of the hub id with ``remote=True``; of the loaded model for ``"local"``)."""
     key = (bool(remote), remote == "local")
-    cached = _ENVOYS.get(loaded.model, {}).get(key)
-    if cached is not None:
-        return cached
+    cache = loaded.model.__dict__.setdefault(_ENVOYS, {})
+    if key in cache:
+        return cache[key]
     nnsight = _nnsight()
     if not remote:
         envoy = nnsight.NNsight(loaded.model)
@@ -89,11 +89,11 @@ def envoy_of(loaded, remote: bool | str = False):
         from nnsight import TransformersModel
 
         # TransformersModel sets padding side and pad token on its tokenizer: give it a copy.
-        tokenizer = copy.deepcopy(loaded.text_tokenizer)
-        target = loaded.model if remote == "local" else loaded.source
-        envoy = TransformersModel(target, tokenizer=tokenizer, revision=loaded.revision) if remote is True and \
-            loaded.revision else TransformersModel(target, tokenizer=tokenizer)
-    _ENVOYS.setdefault(loaded.model, {})[key] = envoy
+        options = {"tokenizer": copy.deepcopy(loaded.text_tokenizer)}
+        if remote is True and loaded.revision:
+            options["revision"] = loaded.revision
+        envoy = TransformersModel(loaded.model if remote == "local" else loaded.source, **options)
+    cache[key] = envoy
     return envoy
 
 
@@ -384,7 +384,10 @@ class NnsightModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["inner"], name)
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None:  # half-built (copy, unpickling): nothing to delegate to
+                raise
+            return getattr(inner, name)
 
     def set_attn_implementation(self, implementation) -> None:
         self.inner.set_attn_implementation(implementation)
