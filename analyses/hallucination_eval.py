@@ -49,6 +49,7 @@ class HallucinationConfig:
     synonyms: str | None = None
     resamples: int = 2000
     seed: int = 0
+    t_vhd: bool = False  # CHAIR: T-VHD (layer top-8 sum, plain model, image dropped) of every caption token
 
     def check(self) -> None:
         from .hallucination_metrics import POPE_PARSERS
@@ -155,8 +156,9 @@ def pope_questions(data: Path, splits: Sequence[str], n: int) -> dict[str, list[
 
 
 def generate_all(loaded, prompts: Sequence[tuple[Path, str]], method, *, batch_size: int, max_new_tokens: int,
-                 progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy text for each (image, prompt) under ``method``, in batches."""
+                 progress: Callable[[int], None] | None = None, token_rows: list | None = None) -> list[str]:
+    """Greedy text for each (image, prompt) under ``method``, in batches. ``token_rows``: a list that receives
+    one row per generated token with its T-VHD (the plain model's, teacher-forced on the generated text)."""
     from headlab.lvlm import LvlmSample, load_image
 
     from .lvlm_fixes import decode, generate_fixed
@@ -167,9 +169,21 @@ def generate_all(loaded, prompts: Sequence[tuple[Path, str]], method, *, batch_s
         samples = [LvlmSample(prompt, [load_image(image)]) for image, prompt in chunk]
         tokens = generate_fixed(loaded, samples, [method], max_new_tokens=max_new_tokens)
         texts += decode(loaded, tokens)
+        if token_rows is not None and tokens.shape[1]:
+            token_rows += _t_vhd_rows(loaded, samples, tokens, [image.name for image, _ in chunk])
         if progress is not None:
             progress(len(chunk))
     return texts
+
+
+def _t_vhd_rows(loaded, samples, tokens, images: Sequence[str]) -> list[dict]:
+    from .vhd import t_vhd, vhd_of
+
+    trace = vhd_of(loaded, samples, tokens)
+    values = t_vhd(trace.vhd, aggregation="layer_topk_sum", z_norm_without=trace.z_norm_without)  # [batch, step]
+    tok = loaded.text_tokenizer
+    return [{"image": images[b], "step": t, "token": tok.decode(tokens[b, t:t + 1]), "t_vhd": float(values[b, t])}
+            for b in range(tokens.shape[0]) for t in range(tokens.shape[1]) if trace.valid[b, t]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,15 +207,21 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
     bar = tqdm(total=len(jobs) * len(runs), desc="generating", unit="sample", disable=not progress)
     outputs: dict[str, list[str]] = {}
     described: dict[str, dict] = {}
+    token_rows: list[dict] = []
     for label, name, control in runs:
         method = config.make(name, control)
         bar.set_postfix_str(label)
+        rows = [] if config.t_vhd and config.bench == "chair" else None
         outputs[label] = generate_all(loaded, jobs, method, batch_size=config.batch_size,
-                                      max_new_tokens=config.new_tokens, progress=bar.update)
+                                      max_new_tokens=config.new_tokens, progress=bar.update, token_rows=rows)
+        token_rows += [{"method": label, **row} for row in rows or []]
         described[label] = method.describe()
     bar.close()
     if config.bench == "chair":
-        return _chair_result(loaded, data, config, images, outputs, described)
+        result = _chair_result(loaded, data, config, images, outputs, described)
+        if token_rows:
+            result.tables["t_vhd"] = pd.DataFrame(token_rows)
+        return result
     return _pope_result(loaded, config, questions, outputs, described)
 
 
@@ -246,8 +266,10 @@ def _chair_result(loaded, data, config, images, outputs, described):
     table = pd.DataFrame(rows)
     first = next(iter(scored.values()))
     meta = {"lemmatizer": first.lemmatizer, "synonyms": first.synonyms, "count": first.count}
+    # The list travels with the run, so the dashboard can mark a user's synonyms without reading outside its folder.
+    words = pd.DataFrame(sorted(synonyms.entries.items()), columns=["word", "object"])
     return _result(loaded, config, described, {"metrics": table, "captions": pd.DataFrame(captions),
-                                               "images": pd.DataFrame({"image": names})},
+                                               "images": pd.DataFrame({"image": names}), "synonyms": words},
                    summary, meta, _figure(table, CHAIR_METRICS[:5], f"{loaded.name}: CHAIR per method"))
 
 

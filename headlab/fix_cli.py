@@ -124,6 +124,8 @@ def hallucination(
                                              "folder's synonyms.txt, else headlab's own COCO list)"),
     resamples: int = typer.Option(2000, help="bootstrap resamples"),
     seed: int = typer.Option(0, help="seed of the image draw, the controls and the bootstrap"),
+    t_vhd: bool = typer.Option(False, "--t-vhd", help="chair: also the T-VHD of every caption token (two "
+                                                       "teacher-forced passes per batch and method)"),
     dtype: str = DTYPE_OPTION,
     device: str = DEVICE_OPTION,
     out: Path = typer.Option(None, help="run directory (default: the runs folder + hallucination-<model>-<time>)"),
@@ -144,7 +146,7 @@ def hallucination(
                                      prompt=prompt, pope_suffix=pope_suffix,
                                      splits=[s.strip() for s in splits.split(",") if s.strip()], parser=parser,
                                      synonyms=str(synonyms) if synonyms is not None else None, resamples=resamples,
-                                     seed=seed)
+                                     seed=seed, t_vhd=t_vhd)
         config.check()
         if synonyms is not None and not synonyms.is_file():
             raise InputError(f"--synonyms {synonyms}: no such file")

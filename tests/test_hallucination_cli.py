@@ -55,6 +55,31 @@ def test_chair_run_scores_its_own_captions(synth, tmp_path):
         assert table["mean_length_words"] == pytest.approx(again.mean_length_words)
     row = metrics[(metrics["method"] == "pai") & (metrics["metric"] == "chair_i")].iloc[0]
     assert row["ci_low"] <= row["value"] <= row["ci_high"]
+    words = r.tables["synonyms"]
+    assert dict(zip(words["word"], words["object"], strict=True)) == synonyms.entries
+    assert "t_vhd" not in r.tables
+
+
+def test_t_vhd_of_every_caption_token(synth, tmp_path):
+    from headlab.analyses.vhd import t_vhd, vhd_of
+    from headlab.lvlm import LvlmSample
+
+    out = tmp_path / "tvhd"
+    result = run(["--bench", "chair", "--data", str(synth), "--methods", "none", "--n", "2",
+                  "--max-new-tokens", "3", "--t-vhd", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = Result.load(out).tables["t_vhd"]
+    assert set(table["method"]) == {"none"} and len(table) == 2 * 3
+    import headlab
+    from headlab.analyses.lvlm_fixes import generate_fixed
+
+    lvlm = headlab.load("tiny-llava")
+    first = table[table["image"] == table["image"].iloc[0]]
+    sample = [LvlmSample("Describe the image.", [synth / "images" / first["image"].iloc[0]])]
+    tokens = generate_fixed(lvlm, sample, max_new_tokens=3)
+    trace = vhd_of(lvlm, sample, tokens)
+    expected = t_vhd(trace.vhd, aggregation="layer_topk_sum", z_norm_without=trace.z_norm_without)[0]
+    assert list(first["t_vhd"]) == pytest.approx(expected.tolist(), rel=1e-5)
 
 
 def test_pope_run_scores_its_own_answers(synth, tmp_path):
