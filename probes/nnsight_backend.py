@@ -30,6 +30,7 @@ import copy
 import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -83,6 +84,15 @@ def envoy_of(loaded, remote: bool | str = False):
     if key in cache:
         return cache[key]
     nnsight = _nnsight()
+    with warnings.catch_warnings():
+        # BERT's submodule "output" is renamed E_output on its envoy; envoy_at handles it, the user need not.
+        warnings.filterwarnings("ignore", message=".*which nnsight already serves.*")
+        envoy = _build_envoy(loaded, remote, nnsight)
+    cache[key] = envoy
+    return envoy
+
+
+def _build_envoy(loaded, remote: bool | str, nnsight):
     if not remote:
         envoy = nnsight.NNsight(loaded.model)
     else:
@@ -92,14 +102,26 @@ def envoy_of(loaded, remote: bool | str = False):
         options = {"tokenizer": copy.deepcopy(loaded.text_tokenizer)}
         if remote is True and loaded.revision:
             options["revision"] = loaded.revision
+        if remote == "local" and not loaded.model.can_generate() and not type(loaded.model).__name__.endswith(
+                ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForImageClassification")):
+            options["task"] = "feature-extraction"  # a bare encoder (minilm): nnsight cannot infer a task for it
         envoy = TransformersModel(loaded.model if remote == "local" else loaded.source, **options)
-    cache[key] = envoy
     return envoy
+
+
+def envoy_at(envoy, path: str):
+    """The envoy of the module at ``path``. A submodule named like a value nnsight serves on every module
+    (BERT's ``attention.output``) is ``E_output`` on its envoy; ``Envoy.get`` would read the value instead."""
+    node = envoy
+    for part in path.split(".") if path else []:
+        renamed = f"E_{part}"
+        node = getattr(node, renamed) if hasattr(node, renamed) else getattr(node, part)
+    return node
 
 
 def attention_op(envoy, path: str) -> str:
     """The name of the ``attention_interface(...)`` call inside the attention module at ``path``."""
-    names = [name for name in envoy.get(path).source.names if _OP.match(name)]
+    names = [name for name in envoy_at(envoy, path).source.names if _OP.match(name)]
     if not names:
         raise InputError(f"the attention module {path} calls no attention_interface(...) in its forward, so the "
                          "nnsight backend cannot read its q, k, v; use the native backend (--backend torch)")
@@ -261,14 +283,14 @@ def run_trace(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     plans = compile_z_edits(loaded, edits, input_ids, attention_mask) if edits else {}
     envoy = envoy_of(loaded, remote)
     names = {id(module): name for name, module in loaded.model.named_modules()}
-    attn = {layer: envoy.get(names[id(arch.attention(layer))]) for layer in stat_layers}
+    attn = {layer: envoy_at(envoy, names[id(arch.attention(layer))]) for layer in stat_layers}
     ops = {layer: attention_op(envoy, names[id(arch.attention(layer))]) for layer in stat_layers}
-    o_proj = {layer: envoy.get(names[id(arch.o_proj(layer))]) for layer in plans}
+    o_proj = {layer: envoy_at(envoy, names[id(arch.o_proj(layer))]) for layer in plans}
     z_plans = {layer: [plan.as_tuple() for plan in group] for layer, group in plans.items()}
     events = trace_events(loaded.model, {layer: arch.attention(layer) for layer in stat_layers},
                           {layer: arch.o_proj(layer) for layer in plans}, set(capture_inputs), set(capture_outputs))
     captured = [(kind, path) for kind, path in events if kind in ("input", "output")]
-    nodes = {path: envoy if path == "" else envoy.get(path) for _, path in captured}
+    nodes = {path: envoy_at(envoy, path) for _, path in captured}
     padding = attention_mask.bool().cpu() if attention_mask is not None else None
     n_heads = arch.n_heads
 

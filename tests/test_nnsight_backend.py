@@ -37,8 +37,8 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _native(loaded, ids, mask, request=None):
     with torch.no_grad(), AttentionProbe(loaded, backend="torch", request=request) as probe:
-        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-    return probe.last, logits
+        out = loaded.model(input_ids=ids, attention_mask=mask)
+    return probe.last, out.logits if hasattr(out, "logits") else out[0]
 
 
 def _assert_same_stats(native, got, layers, atol=2e-6):
@@ -338,3 +338,21 @@ def test_a_padding_mask_as_flash_attention_passes_it():
     as_4d = remote_probe.attention_statistics(q, k, dense, None, padding)
     for name, value in as_4d.items():
         assert torch.equal(as_2d[name], value), name
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_an_encoder_through_nnsight(load_model, remote):
+    """minilm (real BERT weights): bidirectional attention, and an o_proj at attention.output.dense, a path that
+    collides with nnsight's own ``.output``."""
+    loaded = load_model("minilm")
+    enc = loaded.tokenizer(["The quick brown fox jumps over the lazy dog.", "Attention sinks."], return_tensors="pt",
+                           padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    native, _ = _native(loaded, ids, mask)
+    run = nb.run_trace(loaded, ids, mask, layers=range(6), remote=remote)
+    _assert_same_stats(native, run.stats, range(6), atol=1e-5)
+    edits = [HeadScale([(1, 2), (4, None)], alpha=0.0), HeadScale([(2, 1)], alpha=3.0, positions="last")]
+    with torch.no_grad(), headlab.intervene(loaded, *edits):
+        expected = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(nb.z_edited_logits(loaded, *edits, input_ids=ids, attention_mask=mask, remote=remote),
+                       expected)

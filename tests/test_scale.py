@@ -231,3 +231,11 @@ def test_cli_nnsight_backend_run_equals_native(tmp_path):
     torch.testing.assert_close(b.tensors["alpha"], a.tensors["alpha"], rtol=0, atol=1e-6, equal_nan=True)
     settings = json.loads((tmp_path / "nnsight" / "manifest.json").read_text())["provenance"]["settings"]
     assert settings["backend"] == "nnsight"
+
+
+def test_circuits_takes_the_placement_options(tmp_path, monkeypatch):
+    monkeypatch.setattr("headlab.loading.load", _no_load)
+    result = runner.invoke(analyze_app, ["circuits", "--model", "tiny-llama", "--out", str(tmp_path),
+                                         "--max-memory", "cpu=lots", "--device-map", "auto"])
+    assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+    assert "bad --max-memory size 'lots'" in " ".join(result.output.split())
