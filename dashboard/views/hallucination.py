@@ -249,8 +249,11 @@ def highlight_caption(caption: str, hallucinated: Sequence[str], synonyms: Mappi
 
 
 def run_synonyms(run: Result) -> dict[str, str] | None:
-    """The run's synonym list when it is headlab's own (shipped with headlab); None for a user's list, which
-    the dashboard does not read (it reads nothing outside the runs folder)."""
+    """The run's synonym list: its ``synonyms`` table (runs store the list they used), else headlab's own list
+    when the run used it; None otherwise (the dashboard reads nothing outside the runs folder)."""
+    table = run.tables.get("synonyms")
+    if table is not None and {"word", "object"} <= set(table.columns):
+        return dict(zip(table["word"], table["object"], strict=True))
     described = run.summary.get("synonyms") or run.config.get("synonyms") or {}
     if isinstance(described, dict) and described.get("headlab_default"):
         from headlab.analyses.hallucination_metrics import load_synonym_list
