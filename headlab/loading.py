@@ -51,7 +51,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Where inputs go: the execution device of the input embeddings under a device map (accelerate
         moves each layer's inputs from there), else the device of the parameters (cpu for a meta model)."""
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        try:
+            embeddings = self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embeddings = None
         hook = getattr(embeddings, "_hf_hook", None)
         execution = getattr(hook, "execution_device", None)
         if execution is not None:
