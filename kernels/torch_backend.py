@@ -33,6 +33,7 @@ from .stats import (
     distance_shape,
     group_onehot,
 )
+from .threads import CHOOSER
 
 # Query rows per chunk, tied to the cache: the largest power of two (32 .. 128) whose score tile
 # (batch · head · rows · key fp32) fits in about one core's L2 (4 MiB here). Measured on smollm2-135m shapes
@@ -200,10 +201,11 @@ def torch_attention_with_stats(
     if request is not None:
         request.check(batch, n_q, n_k, mask.q_offset)
     chunk = pick_chunk_size(batch, n_heads, n_k, chunk_size)
-    body = _ChunkBody(q, k, v, mask, scale, sinks, request, score_edit, chunk)
-    for start in range(0, n_q, chunk):
-        body.run(start, min(start + chunk, n_q))
-    return body.result()
+    with CHOOSER.loop(batch * n_heads * n_q * n_k):  # one thread or torch's count, whichever is faster now
+        body = _ChunkBody(q, k, v, mask, scale, sinks, request, score_edit, chunk)
+        for start in range(0, n_q, chunk):
+            body.run(start, min(start + chunk, n_q))
+        return body.result()
 
 
 class _ChunkBody:
