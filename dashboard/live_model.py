@@ -101,6 +101,7 @@ class LiveInput:
     text_after: int = 0  # first position after the last image token (0 without an image)
     eos_token_id: int | None = None
     pixels_digest: str | None = None  # sha256 of pixel_values (None without an image)
+    sample: object | None = None  # LVLMs: the headlab.lvlm.LvlmSample the tensors came from (the LVLM fixes use it)
 
     @property
     def n_tokens(self) -> int:
@@ -151,11 +152,12 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
     tok = loaded.text_tokenizer
     spans: list[tuple[int, int]] = []
     text_after = 0
-    eos = None
+    eos = sample = None
     if loaded.arch.is_multimodal:
         from headlab.lvlm import LvlmSample, build_inputs
 
-        inputs = build_inputs(loaded, [LvlmSample(prompt, [image] if image is not None else [])])
+        sample = LvlmSample(prompt, [image] if image is not None else [])
+        inputs = build_inputs(loaded, [sample])
         tensors = {k: v.to(device) for k, v in inputs.tensors.items()}
         ids = inputs.input_ids[0].tolist()
         spans, text_after = list(inputs.image_spans[0]), inputs.text_after[0]
@@ -182,7 +184,8 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
                          "it, or use `analyze` for long inputs (statistics without T x T patterns)")
     pixels = tensors.get("pixel_values")
     digest = None if pixels is None else hashlib.sha256(pixels.float().cpu().numpy().tobytes()).hexdigest()
-    return LiveInput(tensors, ids, display_tokens(tok, ids), raw_tokens(tok, ids), spans, text_after, eos, digest)
+    return LiveInput(tensors, ids, display_tokens(tok, ids), raw_tokens(tok, ids), spans, text_after, eos, digest,
+                     sample)
 
 
 def _end_of_turn(tok) -> int | None:
@@ -267,6 +270,8 @@ def check_new_tokens(loaded, inp: LiveInput, max_new_tokens: int) -> None:
 
 def greedy(loaded, inp: LiveInput, max_new_tokens: int, edits: Sequence = ()) -> list[int]:
     """The new token ids of a greedy continuation of the prompt, under ``edits`` (``headlab.intervene``) if any.
+    Edits that hold an LVLM fix (``live_fixes.LiveFix``) generate through ``generate_fixed`` instead
+    (``live_fixes.greedy_fixed``: the prompt's image required, the other edits in the same block).
 
     The model is left bit-exact: ``intervene`` removes every edit on exit, on error too."""
     import headlab
@@ -274,6 +279,11 @@ def greedy(loaded, inp: LiveInput, max_new_tokens: int, edits: Sequence = ()) ->
     if not loaded.arch.causal:
         raise InputError(f"{loaded.name} is an encoder: it does not generate text (statistics and patterns only)")
     check_new_tokens(loaded, inp, max_new_tokens)
+    if edits:
+        from .live_fixes import fix_of, greedy_fixed  # the fixes' module loads only when edits are asked for
+
+        if any(fix_of(edit) is not None for edit in edits):
+            return greedy_fixed(loaded, inp, max_new_tokens, edits)
     tok = loaded.text_tokenizer
     pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
