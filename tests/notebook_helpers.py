@@ -138,7 +138,9 @@ def execute(nb: nbformat.NotebookNode, workdir: Path, kernel_root: Path, timeout
     specs, env = setup_kernel(kernel_root)
     nb = copy.deepcopy(nb)
     nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL, id="headlab-network-check"))
-    km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+    # The connection file goes to the temporary folder too: nothing is written under the user's home.
+    km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs,
+                            connection_file=str(kernel_root / "connection.json"))
     client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL_NAME, allow_errors=False,
                             resources={"metadata": {"path": str(workdir)}})
     # The kernel inherits this process's environment (thread counts, HEADLAB_HOME) plus the spec's env;

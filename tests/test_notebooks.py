@@ -116,3 +116,28 @@ def test_strip_script_removes_outputs(tmp_path):
     assert stripped.cells[0].outputs == [] and stripped.cells[0].execution_count is None
     assert stripped.cells[0].metadata == {} and stripped.cells[0].source == "1 + 1"
     assert module.main(["--check", str(path)]) == 0
+
+
+def test_offline_renderer_embeds_plotly_once_and_loads_nothing():
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from headlab.notebook import PLOTLY_MIMETYPE, RENDERER, offline_plots
+
+    before = pio.renderers.default
+    try:
+        offline_plots()
+        assert pio.renderers.default == RENDERER
+        fig = go.Figure(go.Heatmap(z=[[0.0, 1.0], [1.0, 0.0]]))
+        # as a notebook shows a figure (plotly renders with a copy of the registered renderer)
+        first, second = (fig._repr_mimebundle_() for _ in range(2))
+        stock = pio.renderers["notebook"].to_mimebundle(fig.to_dict())["text/html"]
+    finally:
+        pio.renderers.default = before
+    assert REMOTE_SCRIPT.search(stock), "plotly's own notebook renderer loads MathJax from a CDN: the check sees it"
+    for bundle in (first, second):
+        assert bundle[PLOTLY_MIMETYPE]["data"][0]["type"] == "heatmap"
+        assert not REMOTE_SCRIPT.search(bundle["text/html"])
+    # plotly.js itself (megabytes) in the first figure only; the second calls the library the first defined
+    assert len(first["text/html"]) > 1_000_000 > len(second["text/html"])
+    assert "Plotly.newPlot" in second["text/html"]
