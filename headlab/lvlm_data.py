@@ -279,10 +279,39 @@ def pope_questions(scenes: Sequence[Scene], split: str, rng: random.Random, per_
     return items
 
 
+# The icons whose real name is a COCO compound that CHAIR's two-word rules keep whole ("baseball bat" is not
+# read as "bat" unless the list says so).
+COCO_NAMES = {"bat": "baseball bat", "ball": "sports ball", "glass": "wine glass"}
+
+
+def synonym_lines() -> list[str]:
+    """The synthetic set's CHAIR list: one line per icon (with its COCO category's words where there is one),
+    then headlab's COCO list for every other category. The icons are the whole truth of an image, so any other
+    object a caption names is a hallucination: a caption saying "a chair" or "a person" for a faint image counts
+    as one, which a list of the 16 icons alone would miss."""
+    from importlib import resources
+
+    from .analyses.hallucination_metrics import HEADLAB_SYNONYMS
+
+    coco: dict[str, list[str]] = {}
+    text = resources.files("headlab").joinpath("data", HEADLAB_SYNONYMS).read_text(encoding="utf-8")
+    for line in text.splitlines():
+        words = [w.strip() for w in line.split(",") if w.strip()]
+        if words and not line.lstrip().startswith("#"):
+            coco[words[0]] = words
+    own: list[list[str]] = []
+    for obj in OBJECTS:
+        category = COCO_NAMES.get(obj, obj)
+        own.append(list(dict.fromkeys([obj, *coco.pop(category, [])])))
+    taken = {w for words in own for w in words}
+    rest = [[w for w in words if w not in taken] for words in coco.values()]
+    return ["# headlab's synthetic icons (their own lines first), then headlab's COCO list for everything else"] + \
+        [", ".join(words) for words in own + rest if words]
+
+
 def write_dataset(folder: Path, scenes: Sequence[Scene], *, seed: int = 0) -> dict[str, Path]:
     """Write ``images/*.png``, ``annotations.json`` (COCO instances), ``captions.json`` (COCO captions),
-    ``pope_{random,popular,adversarial}.jsonl`` and ``synonyms.txt`` (one object per line, three with their COCO
-    compound as a synonym) into ``folder``,
+    ``pope_{random,popular,adversarial}.jsonl`` and ``synonyms.txt`` (:func:`synonym_lines`) into ``folder``,
     atomically (a temporary folder renamed when complete)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -309,11 +338,7 @@ def write_dataset(folder: Path, scenes: Sequence[Scene], *, seed: int = 0) -> di
     for split in ("random", "popular", "adversarial"):
         lines = [json.dumps(item) for item in pope_questions(scenes, split, rng)]
         (tmp / f"pope_{split}.jsonl").write_text("\n".join(lines) + "\n")
-    # One object a line; the three whose icon is the COCO compound that CHAIR's two-word rules keep whole
-    # ("baseball bat" is not read as "bat" unless the list says so) name it as a synonym.
-    compounds = {"bat": "baseball bat", "ball": "sports ball", "glass": "wine glass"}
-    (tmp / "synonyms.txt").write_text("".join(f"{o}, {compounds[o]}\n" if o in compounds else f"{o}\n"
-                                              for o in OBJECTS))
+    (tmp / "synonyms.txt").write_text("".join(line + "\n" for line in synonym_lines()))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
