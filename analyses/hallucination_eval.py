@@ -349,6 +349,6 @@ def _result(loaded, config, described, tables, summary, meta, figure):
     lines.append("|" + "---|" * (len(keys) + 1))
     for label, entry in summary.items():
         lines.append(f"| {label} | " + " | ".join(f"{entry[k]:.4g}" for k in keys) + " |")
-    settings = {**{k: v for k, v in config.__dict__.items()}, "methods_run": described, **meta}
+    settings = {**config.__dict__, "methods_run": described, "scoring": meta}  # meta never shadows an option
     return Result("hallucination", loaded.name, settings, tables=tables, figures={"metrics": figure},
                   summary={"bench": config.bench, "methods": summary, **meta}, report="\n".join(lines))
