@@ -226,14 +226,25 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
 
 
 def _rows_with_ci(label: str, metric: str, value: float, ci: Sequence[float], delta: dict | None,
-                  split: str | None = None) -> dict:
+                  split: str | None = None, control: dict | None = None) -> dict:
+    """One table row: the value and its CI; ``delta`` from ``none`` and ``vs_control`` (method − its random
+    control), each a paired difference on the same images or questions with its CI."""
     row = {"method": label, "metric": metric, "value": value, "ci_low": ci[0], "ci_high": ci[1],
-           "delta": None, "delta_ci_low": None, "delta_ci_high": None}
+           "delta": None, "delta_ci_low": None, "delta_ci_high": None,
+           "vs_control": None, "vs_control_ci_low": None, "vs_control_ci_high": None}
     if split is not None:
         row = {"split": split, **row}
     if delta is not None:
         row.update(delta=delta["delta"], delta_ci_low=delta["ci_low"], delta_ci_high=delta["ci_high"])
+    if control is not None:
+        row.update(vs_control=control["delta"], vs_control_ci_low=control["ci_low"],
+                   vs_control_ci_high=control["ci_high"])
     return row
+
+
+def _control_of(label: str, scored: dict):
+    """The run of ``label``'s random control, if there is one (never for a control itself)."""
+    return None if label.endswith("-control") else scored.get(f"{label}-control")
 
 
 def _chair_result(loaded, data, config, images, outputs, described):
@@ -254,9 +265,13 @@ def _chair_result(loaded, data, config, images, outputs, described):
         absolute = bootstrap_chair(result, n=config.resamples, seed=config.seed)["metrics"]
         paired = (paired_bootstrap_chair(base, result, n=config.resamples, seed=config.seed)["metrics"]
                   if base is not None and label != "none" else {})
+        control = _control_of(label, scored)
+        versus = (paired_bootstrap_chair(control, result, n=config.resamples, seed=config.seed)["metrics"]
+                  if control is not None else {})
         for metric in CHAIR_METRICS:
             entry = absolute[metric]
-            rows.append(_rows_with_ci(label, metric, entry["value"], entry["ci"], paired.get(metric)))
+            rows.append(_rows_with_ci(label, metric, entry["value"], entry["ci"], paired.get(metric),
+                                      control=versus.get(metric)))
         summary[label] = {m: absolute[m]["value"] for m in CHAIR_METRICS} | {
             "mentions": int(result.mentions.sum()),
             **({f"delta_{m}": [paired[m]["delta"], paired[m]["ci_low"], paired[m]["ci_high"]]
@@ -303,15 +318,22 @@ def _pope_result(loaded, config, questions, outputs, described):
         own = paired_bootstrap_pope(splits, splits, n=config.resamples, seed=config.seed)  # CIs of the values
         paired = (paired_bootstrap_pope(base, splits, n=config.resamples, seed=config.seed)
                   if base is not None and label != "none" else None)
+        control = _control_of(label, scored)
+        versus = (paired_bootstrap_pope(control, splits, n=config.resamples, seed=config.seed)
+                  if control is not None else None)
         for split in config.splits:
             for metric in POPE_METRICS:
                 entry = own["splits"][split][metric]
                 delta = paired["splits"][split][metric] if paired is not None else None
-                rows.append(_rows_with_ci(label, metric, entry["edited"], entry["edited_ci"], delta, split))
+                vs = versus["splits"][split][metric] if versus is not None else None
+                rows.append(_rows_with_ci(label, metric, entry["edited"], entry["edited_ci"], delta, split, vs))
         mean = own.get("mean_f1") or own["splits"][config.splits[0]]["f1"]
-        rows.append(_rows_with_ci(label, "mean_f1", mean["edited"], mean["edited_ci"],
-                                  (paired.get("mean_f1") or paired["splits"][config.splits[0]]["f1"])
-                                  if paired is not None else None, "all"))
+
+        def mean_f1(result):
+            return (result.get("mean_f1") or result["splits"][config.splits[0]]["f1"]) if result is not None else None
+
+        rows.append(_rows_with_ci(label, "mean_f1", mean["edited"], mean["edited_ci"], mean_f1(paired), "all",
+                                  mean_f1(versus)))
         summary[label] = {"mean_f1": mean["edited"], **{f"{s}_f1": own["splits"][s]["f1"]["edited"]
                                                         for s in config.splits},
                           **{f"{s}_yes_ratio": own["splits"][s]["yes_ratio"]["edited"] for s in config.splits}}

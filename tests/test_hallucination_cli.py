@@ -40,6 +40,12 @@ def test_chair_run_scores_its_own_captions(synth, tmp_path):
     assert list(dict.fromkeys(metrics["method"])) == ["none", "pai", "pai-control", "paint", "paint-control"]
     assert metrics[metrics["method"] == "none"]["delta"].isna().all()
     assert metrics[metrics["method"] != "none"]["delta"].notna().all()
+    has_control = metrics["method"].isin(["pai", "paint"])
+    assert metrics[has_control]["vs_control"].notna().all() and metrics[~has_control]["vs_control"].isna().all()
+    value = metrics.set_index(["method", "metric"])["value"]
+    versus = metrics.set_index(["method", "metric"])["vs_control"]
+    for metric in ("chair_s", "recall", "mean_length_words"):
+        assert versus["paint", metric] == pytest.approx(value["paint", metric] - value["paint-control", metric])
     images = list(r.tables["images"]["image"])
     assert len(images) == 3 and images == sorted(images)
     manifest = json.loads((out / "manifest.json").read_text())
