@@ -24,14 +24,14 @@ import torch
 from headlab.interventions import paused
 from headlab.lvlm import LvlmSample, build_inputs
 
+from .vhd import capture_z, without_image
+
 
 class NoImageStream:
     """See the module docstring. ``remove``: ``"drop"`` the image tokens or feed a ``"blank"`` grey image."""
 
     def __init__(self, loaded, samples: Sequence[LvlmSample], *, remove: str = "drop",
                  z_layers: Sequence[int] = (), on_step: Callable[[NoImageStream], None] | None = None):
-        from .vhd import without_image
-
         self.loaded = loaded
         self.inputs = build_inputs(loaded, without_image(samples, remove), padding_side="left").to(loaded.device)
         self.z_layers = list(z_layers)
@@ -75,7 +75,7 @@ class NoImageStream:
             if keeps_rope:
                 inner.rope_deltas = self._rope_deltas
             try:
-                with paused(), _capture_last_z(self.loaded, self.z_layers) as z:
+                with paused(), capture_z(self.loaded, self.z_layers) as store:
                     out = model(**feed, cache=self._cache, use_cache=True, logits_to_keep=1)
             finally:
                 if keeps_rope:
@@ -84,27 +84,9 @@ class NoImageStream:
             cache = getattr(out, "cache", None)
             self._cache = cache if cache is not None else out.past_key_values
             self.logits = out.logits[:, -1].float()
-            self.z = z
+            self.z = {layer: calls[0][:, -1] for layer, calls in store.items()}  # left padding: the predicting row
             if self.on_step is not None:
                 self.on_step(self)
         finally:
             self._busy = False
         return None
-
-
-@contextlib.contextmanager
-def _capture_last_z(loaded, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """z ``[batch, head, d_head]`` of the last row of each of ``layers`` (left padding: the predicting row)."""
-    arch = loaded.arch
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        def hook(module, args, layer=layer):
-            x = args[0][:, -1]
-            store[layer] = x.detach().reshape(x.shape[0], arch.n_heads, -1).float()
-        handles.append(arch.o_proj(layer).register_forward_pre_hook(hook))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
