@@ -143,7 +143,10 @@ def execute(nb: nbformat.NotebookNode, workdir: Path, kernel_root: Path, timeout
                             connection_file=str(kernel_root / "connection.json"))
     client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL_NAME, allow_errors=False,
                             resources={"metadata": {"path": str(workdir)}})
-    # The kernel inherits this process's environment (thread counts, HEADLAB_HOME) plus the spec's env;
+    # The kernel inherits this process's environment (HEADLAB_HOME, thread counts) plus the spec's env. One
+    # torch thread unless the caller chose: on a shared CI machine more threads than free cores made a
+    # notebook ten times slower (04 took 10 min at 2 threads on a busy 2-core machine, 67 s at 1).
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # cleanup_kc: shut the kernel down afterwards (nbclient keeps a kernel it did not create alive).
-    client.execute(env={**os.environ, **env}, cleanup_kc=True)
+    client.execute(env={**os.environ, **env, **threads}, cleanup_kc=True)
     return nb
