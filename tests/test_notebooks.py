@@ -20,7 +20,7 @@ from notebook_helpers import execute
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = {"01_explore_heads", "02_sinks", "03_position_bias", "04_circuits", "05_lofit"}
+EXPECTED = {"01_explore_heads", "02_sinks", "03_position_bias", "04_circuits", "05_lofit", "06_lvlm_fixes"}
 PLOTLY = "application/vnd.plotly.v1+json"
 # A script loaded from the network: an executed notebook must render offline.
 REMOTE_SCRIPT = re.compile(r"<script[^>]*\bsrc\s*=\s*[\"']?(https?:)?//", re.IGNORECASE)
