@@ -19,6 +19,7 @@ Spec forms (``Positions(spec)`` or any of them directly where an edit takes posi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,10 +97,26 @@ class Positions:
                                  f"{rel.shape[0]}; build them for this batch")
             return torch.cat([s.select(rel[b:b + 1], real[b:b + 1], last[b:b + 1])
                               for b, s in enumerate(self.samples)])
+        if len(self.items) > _FEW_SPANS:  # scattered positions (PAINT's patches): one lookup, not a pass per span
+            table = _span_table(self.items, str(rel.device))
+            inside = (rel >= 0) & (rel < len(table))
+            return torch.where(inside, table[rel.clamp(0, len(table) - 1)], False) & real
         chosen = torch.zeros_like(real)
         for start, stop in self.items:
             chosen |= (rel >= start) & (rel < stop)
         return chosen & real
+
+
+_FEW_SPANS = 4
+
+
+@functools.lru_cache(maxsize=256)
+def _span_table(items: tuple[tuple[int, int], ...], device: str) -> torch.Tensor:
+    """``[max stop]`` bool: which positions the spans cover (built once per span list and device)."""
+    table = torch.zeros(max(stop for _, stop in items), dtype=torch.bool)
+    for start, stop in items:
+        table[start:stop] = True
+    return table.to(device)
 
 
 def _span(item) -> tuple[int, int]:

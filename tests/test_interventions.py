@@ -669,3 +669,21 @@ def test_attention_edit_needs_a_switchable_model(load_model):
     assert_input_error("cannot switch its attention implementation", plain, KeyKnockout([(1, 0)], keys=0))
     with headlab.intervene(plain, HeadScale([(1, 0)], alpha=2.0)):  # z edits need no attention function
         pass
+
+
+def test_many_spans_select_as_the_span_loop():
+    """Scattered positions (> 4 spans) go through a lookup table; it must pick exactly what the loop picks."""
+    from headlab.interventions.positions import Positions
+
+    gen = torch.Generator().manual_seed(0)
+    picks = sorted(set(torch.randint(0, 40, (15,), generator=gen).tolist()))
+    many, few = Positions.of(picks), [Positions.of([p]) for p in picks]
+    rel = torch.arange(-3, 45)[None].repeat(2, 1)
+    real = torch.rand(2, rel.shape[1], generator=gen) > 0.2
+    last = torch.tensor([44, 30])
+    expected = torch.zeros_like(real)
+    for one in few:
+        expected |= one.select(rel, real, last)
+    assert len(many.items) > 4 and torch.equal(many.select(rel, real, last), expected)
+    per_sample = Positions.per_sample([picks, [(0, 2)]])
+    assert torch.equal(per_sample.select(rel, real, last)[0], expected[0])
