@@ -3,9 +3,7 @@ driven through ``streamlit.testing.v1.AppTest`` (figure data read from the eleme
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import re
 import shutil
 
@@ -14,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
+from dashboard_helpers import array, charts, texts
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
@@ -73,22 +72,6 @@ def open_app(page: str = "runs", **params: str) -> AppTest:
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     return at
-
-
-def charts(at: AppTest) -> list[dict]:
-    return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
-
-
-def array(value) -> np.ndarray:
-    """A plotly JSON array: a list, or plotly's typed-array encoding {dtype, bdata, shape}."""
-    if isinstance(value, dict):
-        shape = [int(n) for n in str(value.get("shape", "-1")).split(",")]
-        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
-    return np.asarray(value, dtype=float)
-
-
-def texts(elements) -> str:
-    return " ".join(str(element.value) for element in elements)
 
 
 # ------------------------------------------------------------------------------------- run discovery

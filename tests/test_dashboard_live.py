@@ -7,11 +7,9 @@ on a fresh load; the model's parameters hashed before and after the edited gener
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html as html_module
 import io
-import json
 import os
 import re
 import signal
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dashboard_helpers import array, charts, texts
 from streamlit.testing.v1 import AppTest
 
 import headlab
@@ -56,22 +55,6 @@ def load_and_run(model: str, prompt: str | None = None, image: tuple | None = No
     at.button(key="live-run").click().run()
     assert not at.exception, [e.message for e in at.exception]
     return at
-
-
-def charts(at: AppTest) -> list[dict]:
-    return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
-
-
-def array(value) -> np.ndarray:
-    """A plotly JSON array: a list, or plotly's typed-array encoding {dtype, bdata, shape}."""
-    if isinstance(value, dict):
-        shape = [int(n) for n in str(value.get("shape", "-1")).split(",")]
-        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape)
-    return np.asarray(value, dtype=float)
-
-
-def texts(elements) -> str:
-    return " ".join(str(element.value) for element in elements)
 
 
 def probe_stats(loaded, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
