@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -108,16 +108,22 @@ class FixMethod:
     def reference_layers(self, ctx: FixContext) -> list[int]:
         return []
 
+    def default_layers(self, n_layers: int) -> Sequence[int]:
+        """The layers the method edits when ``layers`` is not given (PAI, PAINT, VAR: 2 … L−1)."""
+        return range(2, n_layers)
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        """``layers`` if given, else the default for this depth; a layer the model lacks is an ``InputError``."""
+        given = getattr(self, "layers", None)
+        layers = list(self.default_layers(n_layers) if given is None else given)
+        bad = [layer for layer in layers if not 0 <= layer < n_layers]
+        if bad:
+            raise InputError(f"{self.name.upper()}: layers {bad} do not exist in a {n_layers}-layer model")
+        return layers
+
     def describe(self) -> dict:
-        return {"method": self.name, **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
-
-
-def _layers(default: Sequence[int], given: Sequence[int] | None, n_layers: int, name: str) -> list[int]:
-    layers = list(default if given is None else given)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise InputError(f"{name}: layers {bad} do not exist in a {n_layers}-layer model")
-    return layers
+        """The settings (the dataclass fields shown in its repr; per-batch state is hidden from it)."""
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.repr}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ class Pai(FixMethod):
         return self.cfg
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
-        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "PAI")
+        layers = self.layers_for(ctx.n_layers)
         keys = ctx.random_text_keys(self.seed, "pai") if self.control else ctx.image_keys()
         return [ScoreBoost([(layer, None) for layer in layers], keys=keys, alpha=self.alpha, rows="last")]
 
@@ -183,7 +189,7 @@ class Paint(FixMethod):
     chosen: list = field(default_factory=list, repr=False)
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
-        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "PAINT")
+        layers = self.layers_for(ctx.n_layers)
         first, second_last = cls_attention(ctx)
         local_specs, summary_specs = [], []
         rng = ctx.rng(self.seed, "paint")
@@ -298,8 +304,11 @@ class Vaf(FixMethod):
     control: bool = False
     seed: int = 0
 
+    def default_layers(self, n_layers: int) -> Sequence[int]:
+        return vaf_layers(n_layers)
+
     def edits(self, ctx: FixContext) -> list[Intervention]:
-        layers = _layers(vaf_layers(ctx.n_layers), self.layers, ctx.n_layers, "VAF")
+        layers = self.layers_for(ctx.n_layers)
         heads = [(layer, None) for layer in layers]
         rows = ctx.text_after_rows()
         keys = ctx.random_text_keys(self.seed, "vaf") if self.control else ctx.image_keys()
@@ -329,8 +338,6 @@ class VisualRedistribute(ProbEdit):
     image_rest: Positions = field(default_factory=lambda: Positions.of([]))
     n_image: torch.Tensor | None = None  # [batch] image tokens per sample
     has_visual_sink: torch.Tensor | None = None  # [batch] bool
-    selected: list = field(default_factory=list, repr=False)  # [batch, head, query] bool per call (when logging)
-    log_selection: bool = False
 
     def __post_init__(self):
         self.heads = [(self.layer, None)]
@@ -347,8 +354,6 @@ class VisualRedistribute(ProbEdit):
         n_image = self.n_image.to(image.device)[:, None, None].to(image.dtype)
         share = image_rest / (image + 1e-6 * n_image)
         chosen = (image >= self.summ) & (share >= self.rho) & self.has_visual_sink.to(image.device)[:, None, None]
-        if self.log_selection:
-            self.selected.append(chosen.cpu())
         keep = 1.0 - self.p if self.paper_semantics else self.p
         budget = (1.0 - keep) * (text_sink + visual_sink)
         boost = torch.where(image_rest > 0, 1.0 + budget / image_rest.clamp_min(1e-30), 1.0)
@@ -377,7 +382,7 @@ class Var(FixMethod):
     def edits(self, ctx: FixContext) -> list[Intervention]:
         from .visual_sinks import find_sink_dims
 
-        layers = _layers(range(2, ctx.n_layers), self.layers, ctx.n_layers, "VAR")
+        layers = self.layers_for(ctx.n_layers)
         if self.dims is None:
             tensors = {k: v.to(ctx.loaded.device) for k, v in ctx.inputs.tensors.items()}
             self.dims = find_sink_dims(ctx.loaded, tensors)[0]
@@ -457,23 +462,31 @@ def _spans(positions: list[int]) -> list[tuple[int, int]]:
 @dataclass
 class Vhr(FixMethod):
     """z of the heads above their layer's median VHD × ``alpha`` in ``layers`` (default ``vhr_layers``), chosen
-    at every step (``per_step``) against the no-image stream; ``control``: as many random heads per layer."""
+    at every step (``per_step``) against the no-image stream (image removed by ``remove``: drop or blank).
+
+    ``heads``: a fixed head list instead (a plain ``HeadScale`` on the predicting row); ``control``: half the heads
+    of each layer, at random. ``history``: the heads chosen at each step, ``[{layer: [batch, head] bool}]``."""
 
     alpha: float = 2.0
     layers: list[int] | None = None
     per_step: bool = True
+    remove: str = "drop"
+    heads: list[tuple[int, int]] | None = None
     control: bool = False
     seed: int = 0
+    history: list = field(default_factory=list, repr=False)
 
-    needs_reference: ClassVar[bool] = True
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return self.heads is None and not self.control
 
-    def _layers(self, ctx: FixContext) -> list[int]:
+    def default_layers(self, n_layers: int) -> Sequence[int]:
         from .vhd import vhr_layers
 
-        return _layers(vhr_layers(ctx.n_layers), self.layers, ctx.n_layers, "VHR")
+        return vhr_layers(n_layers)
 
     def reference_layers(self, ctx: FixContext) -> list[int]:
-        return [] if self.control else self._layers(ctx)
+        return self.layers_for(ctx.n_layers) if self.needs_reference else []
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
         from headlab.interventions import HeadScale
@@ -481,18 +494,38 @@ class Vhr(FixMethod):
         from .vhd import VhrScale
 
         arch = ctx.loaded.arch
-        layers = self._layers(ctx)
-        if self.control:
-            rng = ctx.rng(self.seed, "vhr")
-            heads = [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads), arch.n_heads // 2))]
+        layers = self.layers_for(ctx.n_layers)
+        self.history = []
+        if not self.needs_reference:
+            heads = self.heads
+            if heads is None:
+                rng = ctx.rng(self.seed, "vhr")
+                heads = [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads),
+                                                                                   arch.n_heads // 2))]
             return [HeadScale(heads, alpha=self.alpha, positions="last")]
         self._edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=self.alpha,
                               per_step=self.per_step)
         return [self._edit]
 
     def on_reference(self, stream) -> None:
-        if not self.control:
+        if self.needs_reference:
             self._edit.reference = {layer: stream.z[layer] for layer in stream.z_layers}
+
+    @contextlib.contextmanager
+    def active(self, ctx: FixContext, stream) -> Iterator[None]:
+        if not self.needs_reference:
+            yield
+            return
+
+        def record(module, args, kwargs, output):
+            if not stream.busy:  # an image-stream step, not the reference's own forward
+                self.history.append({k: v.cpu().clone() for k, v in self._edit.chosen.items()})
+
+        handle = ctx.loaded.model.register_forward_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @register_fix("none")
@@ -553,12 +586,16 @@ def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixM
     stream = None
     if any(m.needs_reference for m in methods):
         layers = sorted({layer for m in methods for layer in m.reference_layers(ctx)})
+        removes = {getattr(m, "remove", "drop") for m in methods if m.needs_reference}
+        if len(removes) > 1:
+            raise InputError(f"the methods remove the image in different ways ({', '.join(sorted(removes))}); "
+                             "they share one no-image stream: use one")
 
         def on_step(s):
             for m in methods:
                 if hasattr(m, "on_reference"):
                     m.on_reference(s)
-        stream = NoImageStream(loaded, samples, z_layers=layers, on_step=on_step)
+        stream = NoImageStream(loaded, samples, remove=removes.pop(), z_layers=layers, on_step=on_step)
     processors = [p for m in methods if (p := m.logits_processor(ctx, stream)) is not None]
     if processors:
         from transformers import LogitsProcessorList

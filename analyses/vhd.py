@@ -207,54 +207,21 @@ class VhrScale(HeadScale):
         return torch.where(rows[:, :, None, None], z * scale[:, None, :, None], z)
 
 
-@torch.no_grad()
 def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32, vhr: bool = False,
              alpha: float = 2.0, layers: Sequence[int] | None = None, per_step: bool = True,
              remove: str = "drop", heads: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, dict]:
-    """Greedy generation ``[batch, n]`` (padded with pad id), optionally under VHR.
+    """Greedy generation ``[batch, n]`` (padded with pad id), optionally under VHR (``lvlm_fixes.Vhr``).
 
     ``heads``: a fixed head list instead of the VHD selection (the random-heads control: plain HeadScale).
     Returns the new tokens and ``{"chosen": [{layer: [batch, head] bool}] per step}`` under VHR."""
-    import headlab
+    from .lvlm_fixes import Vhr, generate_fixed
 
-    model = loaded.model
-    inputs = build_inputs(loaded, samples, padding_side="left").to(loaded.device)
-    pad_id = _pad_id(loaded)
-    eos = loaded.text_tokenizer.convert_tokens_to_ids("<|im_end|>") if loaded.name == "llava-smol" else None
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-    if eos is not None:
-        gen_kwargs["eos_token_id"] = eos
-    log: dict = {"chosen": []}
-    if heads is not None:
-        with headlab.intervene(loaded, HeadScale(heads, alpha=alpha, positions="last")):
-            out = model.generate(**inputs.tensors, **gen_kwargs)
-        return _new_tokens(out, inputs, pad_id), log
-    if not vhr:
-        out = model.generate(**inputs.tensors, **gen_kwargs)
-        return _new_tokens(out, inputs, pad_id), log
-
-    from .reference_stream import NoImageStream
-
-    arch = loaded.arch
-    layers = vhr_layers(arch.n_layers) if layers is None else list(layers)
-    edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=alpha, per_step=per_step)
-
-    def on_step(stream: NoImageStream) -> None:
-        edit.reference = dict(stream.z)
-
-    stream = NoImageStream(loaded, samples, remove=remove, z_layers=layers, on_step=on_step)
-
-    def record(module, args, kwargs, output):
-        if not stream.busy:
-            log["chosen"].append({k: v.cpu().clone() for k, v in edit.chosen.items()})
-
-    handle = model.register_forward_hook(record, with_kwargs=True)
-    try:
-        with headlab.intervene(loaded, edit), stream.running():
-            out = model.generate(**inputs.tensors, **gen_kwargs)
-    finally:
-        handle.remove()
-    return _new_tokens(out, inputs, pad_id), log
+    if remove not in REMOVE_MODES:
+        raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
+    method = Vhr(alpha=alpha, layers=None if layers is None else list(layers), per_step=per_step, remove=remove,
+                 heads=heads) if vhr or heads is not None else None
+    tokens = generate_fixed(loaded, samples, [method] if method is not None else [], max_new_tokens=max_new_tokens)
+    return tokens, {"chosen": method.history if method is not None else []}
 
 
 def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Tensor:

@@ -82,11 +82,9 @@ def run(args) -> dict:
         n_image = None
         times: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):
-            for case, methods in runs.items():
-                fresh = [type(m)(**{k: v for k, v in m.__dict__.items() if not k.startswith("_")
-                                   and k not in ("chosen", "sinks")}) for m in methods]
+            for case, methods in runs.items():  # a method sets its per-batch state up anew in every call
                 start = time.process_time()
-                tokens = generate_fixed(loaded, samples, fresh, max_new_tokens=args.new_tokens)
+                tokens = generate_fixed(loaded, samples, methods, max_new_tokens=args.new_tokens)
                 times[case].append(time.process_time() - start)
                 assert tokens.shape[1] == args.new_tokens, (case, tokens.shape)
         n_image = build_inputs(loaded, samples[:1]).image_spans[0][0]

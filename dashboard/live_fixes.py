@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from headlab.analyses.lvlm_fixes import FixContext, FixMethod, generate_fixed, vaf_layers
-from headlab.analyses.vhd import vhr_layers
+from headlab.analyses.lvlm_fixes import FixContext, FixMethod, generate_fixed
 from headlab.errors import InputError
 
 
@@ -31,13 +30,10 @@ class LiveFix:
     method: FixMethod
     n_layers: int
 
-    def default_layers(self) -> Sequence[int]:
-        return range(2, self.n_layers)  # PAI, PAINT and VAR: layers 2 … L−1 (their edits() use the same range)
-
     def layers(self) -> list[int]:
         """The layers the fix edits: its ``layers`` field, or the method's default for this depth."""
         given = getattr(self.method, "layers", None)
-        return sorted(set(self.default_layers() if given is None else given))
+        return sorted(set(self.method.default_layers(self.n_layers) if given is None else given))
 
     def validate(self, arch) -> None:
         bad = [layer for layer in self.layers() if not 0 <= layer < arch.n_layers]
@@ -57,9 +53,6 @@ class PAINT(LiveFix):
 class VAF(LiveFix):
     """VAF (``Vaf``): image and system scores scaled in the middle layers."""
 
-    def default_layers(self) -> Sequence[int]:
-        return vaf_layers(self.n_layers)
-
 
 class VAR(LiveFix):
     """VAR (``Var``): sink attention moved to the image's other tokens."""
@@ -67,9 +60,6 @@ class VAR(LiveFix):
 
 class VHR(LiveFix):
     """VHR (``Vhr``): z of the vision-aware heads scaled."""
-
-    def default_layers(self) -> Sequence[int]:
-        return vhr_layers(self.n_layers)
 
 
 @dataclass

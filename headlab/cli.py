@@ -637,3 +637,7 @@ headlab_app.add_typer(lofit_app, name="lofit")
 
 from .lvlm_cli import vhd as _vhd  # noqa: E402, I001 (last: lvlm_cli uses the options above)
 analyze_app.command("vhd")(_vhd)
+
+from .fix_cli import fix as _fix, hallucination as _hallucination  # noqa: E402, I001 (uses the options above)
+analyze_app.command("hallucination")(_hallucination)
+headlab_app.command("fix")(_fix)

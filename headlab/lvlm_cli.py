@@ -102,16 +102,3 @@ def vhd(
         console.print(f"  {status} object tokens: {entry['tokens']}, mean T-VHD (layer top-{k} sum) "
                       f"{entry['mean_t_vhd_layer_topk_sum']:.4g}", highlight=False, soft_wrap=True)
     print_written(path, used_threads, time.perf_counter() - started)
-
-
-def register(analyze_app: typer.Typer, headlab_app: typer.Typer) -> None:
-    """The LVLM commands: ``analyze hallucination`` and ``headlab fix`` (headlab/fix_cli.py)."""
-    from .fix_cli import fix, hallucination
-
-    analyze_app.command("hallucination")(hallucination)
-    headlab_app.command("fix")(fix)
-
-
-from . import cli as _cli  # noqa: E402 (cli imports this module last, when its apps exist)
-
-register(_cli.analyze_app, _cli.headlab_app)

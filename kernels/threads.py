@@ -36,9 +36,8 @@ class ThreadChooser:
         self.cost: dict[str, float] = {}
         self.calls = 0
 
-    def pick(self, threads: int) -> int:
-        """The thread count for the next call (``threads`` = torch's)."""
-        fixed = fixed_threads()
+    def pick(self, threads: int, fixed: int | None = None) -> int:
+        """The thread count for the next call (``threads`` = torch's; ``fixed``: ``$HEADLAB_KERNEL_THREADS``)."""
         if fixed is not None:
             return fixed
         if threads <= 1:
@@ -61,11 +60,11 @@ class ThreadChooser:
     @contextlib.contextmanager
     def loop(self, scores: int) -> Iterator[int]:
         """Run the block with the chosen thread count (restored after); ``scores``: the call's work."""
-        threads = torch.get_num_threads()
-        if scores < MIN_SCORES and fixed_threads() is None:
+        threads, fixed = torch.get_num_threads(), fixed_threads()
+        if scores < MIN_SCORES and fixed is None:
             yield threads
             return
-        used = self.pick(threads)
+        used = self.pick(threads, fixed)
         if used != threads:
             torch.set_num_threads(used)
         start = time.perf_counter()
@@ -75,9 +74,8 @@ class ThreadChooser:
             elapsed = time.perf_counter() - start
             if used != threads:
                 torch.set_num_threads(threads)
-        if threads > 1 and fixed_threads() is None:
+        if threads > 1 and fixed is None:
             self.record(used, elapsed / scores)
-
 
 def fixed_threads() -> int | None:
     text = os.environ.get(THREADS_ENV, "auto").strip()

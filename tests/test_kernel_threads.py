@@ -37,10 +37,12 @@ def test_one_thread_and_fixed_counts(monkeypatch, two_threads):
     monkeypatch.delenv(THREADS_ENV, raising=False)
     assert chooser.pick(1) == 1
     monkeypatch.setenv(THREADS_ENV, "1")
-    assert chooser.pick(2) == 1
+    with chooser.loop(10) as used:  # a fixed count holds for every call, small ones too
+        assert used == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and chooser.cost == {}  # a fixed count is not measured
     monkeypatch.setenv(THREADS_ENV, "many")
-    with pytest.raises(InputError, match=THREADS_ENV):
-        chooser.pick(2)
+    with pytest.raises(InputError, match=THREADS_ENV), chooser.loop(MIN_SCORES):
+        pass
 
 
 def test_the_loop_restores_torch_threads_on_error(monkeypatch, two_threads):
