@@ -538,12 +538,45 @@ class NoFix(FixMethod):
 
 
 def make_fix(name: str, **options) -> FixMethod:
+    """A fix by its registered name with ``options`` (its dataclass fields), checked before any compute."""
     if name not in FIXES:
         raise InputError(f"unknown fix {name!r}: use one of {', '.join(sorted(FIXES))}")
     try:
-        return FIXES[name](**options)
+        method = FIXES[name](**options)
     except TypeError as err:
         raise InputError(f"fix {name}: {err}") from err
+    check_fix(method)
+    return method
+
+
+# Settings that must lie in a range (inclusive): the rest only need their type.
+_RANGES = {"p": (0.0, 1.0), "summ": (0.0, 1.0), "rho": (0.0, 1.0), "plausibility": (0.0, 1.0),
+           "local_fraction": (1e-9, 1.0)}
+
+
+def check_fix(method: FixMethod) -> None:
+    """Each setting of the right type (numbers for floats, true/false for switches, whole numbers for layers and
+    seeds) and in its range; one ``InputError`` naming the setting otherwise."""
+    name = method.name
+    for f in fields(method):
+        if not f.repr:
+            continue
+        value = getattr(method, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "float" and not (isinstance(value, int | float) and not isinstance(value, bool)):
+            raise InputError(f"{name}.{f.name} must be a number, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise InputError(f"{name}.{f.name} must be true or false, got {value!r}")
+        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise InputError(f"{name}.{f.name} must be a whole number, got {value!r}")
+        if f.name == "layers" and value is not None and not (
+                isinstance(value, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
+            raise InputError(f"{name}.layers must be a list of layer numbers, e.g. [20, 21], got {value!r}")
+        low, high = _RANGES.get(f.name, (None, None))
+        if low is not None and not low <= value <= high:
+            raise InputError(f"{name}.{f.name} must lie in [{low:g}, {high:g}], got {value!r}")
+    if getattr(method, "remove", "drop") not in ("drop", "blank"):
+        raise InputError(f"{name}.remove must be drop or blank, got {method.remove!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -108,11 +108,15 @@ def test_pope_run_scores_its_own_answers(synth, tmp_path):
     assert r.summary["parser"] == "exact"
 
 
-@pytest.mark.parametrize("case", ["method", "setting", "setting_field", "folder", "split", "synonyms", "bench", "n"])
+@pytest.mark.parametrize("case", ["method", "setting", "setting_field", "setting_type", "setting_range",
+                                  "setting_remove", "folder", "split", "synonyms", "bench", "n"])
 def test_bad_inputs_are_one_line(synth, tmp_path, case):
     args = {"method": ["--methods", "none,vcd"],
             "setting": ["--methods", "none,pai", "--set", "alpha=1"],
             "setting_field": ["--methods", "none,pai", "--set", "pai.strength=1"],
+            "setting_type": ["--methods", "none,pai", "--set", "pai.alpha=strong"],
+            "setting_range": ["--methods", "none,var", "--set", "var.p=1.5"],
+            "setting_remove": ["--methods", "none,vhr", "--set", "vhr.remove=cut"],
             "folder": ["--data", str(tmp_path / "nowhere")],
             "split": ["--bench", "pope", "--splits", "random,weird"],
             "synonyms": ["--synonyms", str(tmp_path / "none.txt")],
