@@ -51,6 +51,12 @@ _MASKED = torch.finfo(torch.float32).min
 # score edit s -> mult · s + add · |s| is positively homogeneous, so it holds in either unit.
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+# Calls with at least this many query rows take their exponent shift from reference scores (one per row,
+# before the chunks) instead of a max pass per chunk; a chunk whose row sums leave 2^-SHIFT_RANGE ..
+# 2^SHIFT_RANGE falls back to the max. 24 bits keeps the entropy within ~1e-6 of the max-shifted one.
+SHIFT_MIN_ROWS = 64
+SHIFT_RANGE = 24
+_SHIFT_LOW, _SHIFT_HIGH = 2.0 ** -SHIFT_RANGE, 2.0 ** SHIFT_RANGE
 # A group whose members fill at most this share of a chunk's keys gets its partial output from just
 # those columns (a gather and a thin product) instead of a masked product over the whole tile.
 _NARROW = 0.25
@@ -106,6 +112,35 @@ def structural_allowed(mask: MaskSpec, start: int, stop: int, a: int, b: int, de
     if mask.window is not None:
         allowed &= keys > rows - mask.window
     return allowed
+
+
+def reference_shift(q_scaled: torch.Tensor, k: torch.Tensor, mask: MaskSpec, first_key: torch.Tensor
+                    ) -> torch.Tensor:
+    """``[batch, head, query]`` each row's score (q pre-scaled) on its first real key or on its own
+    position's key, whichever is larger: a cheap stand-in for the row maximum (in causal LMs the first key
+    is the sink and the own key is among the near ones), O(query · dim) instead of a pass over the row."""
+    batch, n_heads, n_q, dim = q_scaled.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    q_grouped = q_scaled.view(batch, n_kv, n_heads // n_kv, n_q, dim)  # a view, also of a column slice
+    k = k.float()
+    k_first = k[torch.arange(batch, device=k.device), :, first_key]  # [batch, kv_head, dim]
+    first = torch.einsum("bkgqd,bkd->bkgq", q_grouped, k_first)
+    position = torch.arange(n_q, device=k.device) + mask.q_offset  # each row's own key
+    own_index = position.clamp(0, n_k - 1)
+    own = torch.einsum("bkgqd,bkqd->bkgq", q_grouped, k.index_select(2, own_index))
+    # A reference the row cannot see (outside the window, past the row, padding) must not set its shift.
+    first_seen = torch.ones(batch, n_q, dtype=torch.bool, device=k.device)
+    if mask.causal:
+        first_seen &= first_key[:, None] <= position
+    if mask.window is not None:
+        first_seen &= first_key[:, None] > position - mask.window
+    own_seen = ((position >= 0) & (position < n_k))[None].expand(batch, -1)
+    if mask.key_padding is not None:
+        own_seen = own_seen & mask.key_padding.to(device=k.device, dtype=torch.bool).expand(batch, -1)[:, own_index]
+    first = first.masked_fill(~first_seen[:, None, None], float("-inf"))
+    own = own.masked_fill(~own_seen[:, None, None], float("-inf"))
+    shift = torch.maximum(first, own)
+    return shift.masked_fill(shift == float("-inf"), 0.0).view(batch, n_heads, n_q)
 
 
 def row_sees_any(mask: MaskSpec, batch: int, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
@@ -221,14 +256,31 @@ class _ChunkBody:
         batch, n_heads, n_q, _ = q.shape
         n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
         device = q.device
+        f32 = dict(dtype=torch.float32, device=device)
         self.shape = (batch, n_heads, n_kv, n_heads // n_kv, n_q, n_k, dim_v)
         self.mask, self.request, self.dtype, self.device = mask, request, q.dtype, device
-        # [batch, kv_head, group, query, dim]: the heads sharing one kv head sit together; scaled once.
-        self.q = (q.float() * (scale * _LOG2E)).view(batch, n_kv, n_heads // n_kv, n_q, -1)
-        self.k_t = k.float().transpose(-1, -2)  # [batch, kv_head, dim, key]
-        self.v = v.float()
         self.sinks = None if sinks is None else sinks.float().view(1, n_heads, 1) * _LOG2E  # base 2
         self.first_key = mask.first_key(batch, device)
+        self.v = v.float()
+        self.shift = None
+        if score_edit is None and n_q >= SHIFT_MIN_ROWS:
+            # Each row's exponent shift is known before its scores are: a reference score c (see
+            # reference_shift), subtracted inside the score product through one extra column
+            # ([q, -c] . [k, 1] = s - c), so no chunk pays a max pass and a subtraction pass.
+            dim = q.shape[-1]
+            q_aug = torch.empty(batch, n_heads, n_q, dim + 1, **f32)
+            q_scaled = torch.mul(q, scale * _LOG2E, out=q_aug[..., :dim])
+            self.shift = reference_shift(q_scaled, k, mask, self.first_key)  # [batch, head, query]
+            torch.neg(self.shift, out=q_aug[..., dim])
+            self.q = q_aug
+            self.k_t = torch.empty(batch, n_kv, dim + 1, n_k, **f32)  # [batch, kv_head, dim + 1, key]
+            self.k_t[:, :, :dim] = k.transpose(-1, -2)
+            self.k_t[:, :, dim] = 1.0
+        else:  # score edits read the raw scores; short calls (decoding) skip the per-call copy of K
+            self.q = q.float() * (scale * _LOG2E)
+            self.k_t = k.float().transpose(-1, -2)  # [batch, kv_head, dim, key]
+        # [batch, kv_head, group, query, dim]: the heads sharing one kv head sit together.
+        self.q = self.q.view(batch, n_kv, n_heads // n_kv, n_q, -1)
         first = self.first_key.unique() if batch > 1 else self.first_key
         self.first_column = int(first[0]) if first.numel() == 1 else None  # one column for every batch row
         self.edit = None if score_edit is None else edit_tables(score_edit, batch, device)
@@ -236,7 +288,6 @@ class _ChunkBody:
             mask.key_padding.to(device=device, dtype=torch.bool).expand(batch, -1)
         # Causal, window and padding have a structure; only a model's own row mask needs the whole tile.
         self.dense = mask.row_mask is not None
-        f32 = dict(dtype=torch.float32, device=device)
         if self.dense:  # filled chunk by chunk
             self.sees = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
             self.row_counted = torch.zeros_like(self.sees)
@@ -254,7 +305,9 @@ class _ChunkBody:
         # Two tile buffers (scores, exponentials) reused by every chunk: a fresh multi-MiB tensor per chunk
         # costs page faults (measured: a 64 x 4k score product took 3.8 ms into a new tensor, 2.2 ms into one).
         self.work = [torch.empty(batch * n_heads * min(n_q, chunk) * n_k, **f32) for _ in range(2)]
-        self.out = torch.zeros(batch, n_heads, n_q, dim_v, dtype=q.dtype, device=device)
+        # Every row is written by its chunk, except rows that see no key (their output stays 0).
+        self.out = (torch.empty if self.all_see else torch.zeros)(batch, n_heads, n_q, dim_v, dtype=q.dtype,
+                                                                   device=device)
         self.out_sum = self.out if q.dtype == torch.float32 else torch.zeros(batch, n_heads, n_q, dim_v, **f32)
         self.row_max = torch.zeros(batch, n_heads, n_q, **f32)
         self.row_sum = torch.zeros_like(self.row_max)
@@ -377,13 +430,18 @@ class _ChunkBody:
         width = hi - lo
         scores = self.scores(start, stop, lo, hi)
 
-        # One exponential per score: e = 2^(s - m), s in base-2 units; a row without keys gets m = 0, so e = 0.
-        row_max = scores.amax(dim=-1)  # [batch, head, rows]
-        if not self.all_see:
-            row_max = torch.where(self.sees[:, None, start:stop], row_max, 0.0)
-        shifted = scores.sub_(row_max[..., None])
-        e = torch.exp2(shifted, out=self.work[1][: shifted.numel()].view_as(shifted))
-        row_sum = e.sum(dim=-1)
+        # One exponential per score: e = 2^(s - c), s in base-2 units, c the row's shift: the reference
+        # score when it is close enough to the row maximum m (checked from the row sums), else m itself.
+        shifted, row_max = scores, None
+        if self.shift is not None:
+            row_max = self.shift[:, :, start:stop]
+            e, row_sum = self.exponentials(shifted)
+            if not self.shift_in_range(row_sum, start, stop):
+                shifted, row_max = self.subtract_max(shifted, row_max, start, stop)
+                e, row_sum = self.exponentials(shifted)
+        else:
+            shifted, row_max = self.subtract_max(shifted, None, start, stop)
+            e, row_sum = self.exponentials(shifted)
         self.row_max[:, :, start:stop] = row_max
         self.row_sum[:, :, start:stop] = row_sum
         self.row_dot[:, :, start:stop] = torch.einsum("bhrk,bhrk->bhr", e, shifted)  # 8x faster than 1xk @ kx1
@@ -409,6 +467,30 @@ class _ChunkBody:
             index = distance_index(start, stop, lo, hi, self.mask.q_offset, self.n_bins, self.device)
             add_distance(self.distance_mass.view(batch, n_heads, -1), self.distance_count.view(batch, -1),
                          e * weights[..., None], pairs, index)
+
+    def exponentials(self, shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``e = 2^shifted`` in the second tile buffer and its row sums ``[batch, head, rows]``."""
+        e = torch.exp2(shifted, out=self.work[1][: shifted.numel()].view_as(shifted))
+        return e, e.sum(dim=-1)
+
+    def subtract_max(self, shifted: torch.Tensor, base: torch.Tensor | None, start: int, stop: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shift the rows by their maximum (in place); returns them and the total shift ``base + max``.
+        A row without keys gets a zero maximum, so its exponentials stay 0."""
+        row_max = shifted.amax(dim=-1)  # [batch, head, rows]
+        if not self.all_see:
+            row_max = torch.where(self.sees[:, None, start:stop], row_max, 0.0)
+        shifted.sub_(row_max[..., None])
+        return shifted, row_max if base is None else base + row_max
+
+    def shift_in_range(self, row_sum: torch.Tensor, start: int, stop: int) -> bool:
+        """Whether every row that sees a key has 2^-SHIFT_RANGE <= l <= 2^SHIFT_RANGE, i.e. its maximum
+        lies within about SHIFT_RANGE bits of its reference shift (l >= 2^(m - c) >= l / width): no
+        overflow, and the entropy's cancellation (l · log l against Σ e·(s - c)) stays near fp32's ulp."""
+        ok = (row_sum >= _SHIFT_LOW) & (row_sum <= _SHIFT_HIGH)  # false for NaN
+        if not self.all_see:
+            ok |= ~self.sees[:, None, start:stop]
+        return bool(ok.all())
 
     def first_e(self, e: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """``[batch, head, rows]`` unnormalised weight of each row on its first real key (0 outside [lo, hi))."""

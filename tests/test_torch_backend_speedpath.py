@@ -3,6 +3,9 @@ chosen groups, chunk size in rows; each against the eager oracle (fp32 within 1e
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,8 +15,36 @@ from kernel_helpers import assert_same, make_qkv
 from headlab.errors import InputError
 from headlab.interventions import AttentionOverride, KeyKnockout, Redistribute
 from headlab.interventions.attention_call import LayerPlan, PostPlan, _merged_request
-from headlab.kernels import MaskSpec, ScoreEdit, StatsRequest, eager_attention_with_stats, torch_attention_with_stats
-from headlab.kernels.torch_backend import pick_chunk_size
+from headlab.kernels import (
+    MaskSpec,
+    ScoreEdit,
+    StatsRequest,
+    eager_attention_with_stats,
+    torch_attention_with_stats,
+    torch_backend,
+)
+from headlab.kernels.torch_backend import pick_chunk_size, reference_shift
+
+
+@contextmanager
+def shift_path(on: bool):
+    """Send every call down the reference-shift path (``on``) or the per-chunk maximum path, whatever its size."""
+    with mock.patch.object(torch_backend, "SHIFT_MIN_ROWS", 1 if on else 10**9):
+        yield
+
+
+@contextmanager
+def count_max_passes():
+    """Count the chunks that shift their rows by the maximum (the fallback of the reference shift)."""
+    calls = []
+    original = torch_backend._ChunkBody.subtract_max
+
+    def counted(self, *args):
+        calls.append(args[-2:])
+        return original(self, *args)
+
+    with mock.patch.object(torch_backend._ChunkBody, "subtract_max", counted):
+        yield calls
 
 
 def all_true_rows(batch: int, n_k: int):
@@ -31,11 +62,14 @@ def all_true_rows(batch: int, n_k: int):
     left=st.booleans(),
     chunk=st.integers(1, 9),
     sinks=st.booleans(),
+    shift=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_structured_and_dense_paths_equal_eager(n_q, extra_keys, causal, window, pad, left, chunk, sinks, seed):
+def test_structured_and_dense_paths_equal_eager(n_q, extra_keys, causal, window, pad, left, chunk, sinks, shift,
+                                                seed):
     """Diagonal-block masking, structural key counts and rows-with-keys from prefix sums, with a KV-cache
-    offset (keys before the queries), against eager and against the dense row-mask path."""
+    offset (keys before the queries), against eager and against the dense row-mask path; exponents shifted
+    by each chunk's row maximum or by the reference scores."""
     n_k = n_q + extra_keys
     q, k, v = make_qkv(2, 4, 2, n_q, n_k, 8, seed=seed)
     padding = torch.ones(2, n_k, dtype=torch.bool)
@@ -49,10 +83,13 @@ def test_structured_and_dense_paths_equal_eager(n_q, extra_keys, causal, window,
     request = StatsRequest(distance=True, key_groups=(torch.arange(n_k) % 3)[None], n_groups=3, group_outputs=True)
     mask = MaskSpec(causal=causal, window=window, q_offset=extra_keys, key_padding=padding, query_valid=valid)
     want = eager_attention_with_stats(q, k, v, mask, 0.4, sink, request=request)
-    assert_same(torch_attention_with_stats(q, k, v, mask, 0.4, sink, request=request, chunk_size=chunk), want, 1e-5)
     dense = MaskSpec(causal=causal, window=window, q_offset=extra_keys, key_padding=padding, query_valid=valid,
                      row_mask=all_true_rows(2, n_k))
-    assert_same(torch_attention_with_stats(q, k, v, dense, 0.4, sink, request=request, chunk_size=chunk), want, 1e-5)
+    with shift_path(shift):
+        assert_same(torch_attention_with_stats(q, k, v, mask, 0.4, sink, request=request, chunk_size=chunk),
+                    want, 1e-5)
+        assert_same(torch_attention_with_stats(q, k, v, dense, 0.4, sink, request=request, chunk_size=chunk),
+                    want, 1e-5)
 
 
 def test_extreme_logits_and_masked_entries():
@@ -65,7 +102,51 @@ def test_extreme_logits_and_masked_entries():
     mask = MaskSpec(causal=True, window=17)
     want = eager_attention_with_stats(q, k, v, mask, 1.0, sinks)
     assert want[1].lse.max() - want[1].lse.min() > 200
-    assert_same(torch_attention_with_stats(q, k, v, mask, 1.0, sinks, chunk_size=8), want, 1e-5)
+    for shift in (False, True):
+        with shift_path(shift), count_max_passes() as max_passes:
+            assert_same(torch_attention_with_stats(q, k, v, mask, 1.0, sinks, chunk_size=8), want, 1e-5)
+        # Key 5 sits ~400 nats above the reference keys (first and own) of rows 5..7: their chunk falls back.
+        assert (0, 8) in max_passes and (len(max_passes) == 5 or shift)
+
+
+def test_reference_shift_is_the_first_or_own_key_score():
+    """The shift is the larger of the row's scores on its first real key and on its own key, among the
+    keys the row sees; a row that sees neither gets 0 (its chunk then falls back if needed)."""
+    q, k, _ = make_qkv(2, 4, 2, 6, 9, 8, seed=5)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :2] = False  # left padding: batch row 1's first real key is key 2
+    padding[0, 7] = False  # row 4 of batch 0 (its own key is 7 with q_offset 3) has a padded own key
+    mask = MaskSpec(causal=True, window=4, q_offset=3, key_padding=padding)
+    got = reference_shift(q * 0.5, k, mask, mask.first_key(2, q.device))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q * 0.5, k.repeat_interleave(2, dim=1))
+    for b in range(2):
+        first = 2 * b
+        for i in range(6):
+            own, candidates = i + 3, []
+            if own - 4 < first <= own:
+                candidates.append(scores[b, :, i, first])
+            if padding[b, own]:
+                candidates.append(scores[b, :, i, own])
+            want = torch.stack(candidates).amax(0) if candidates else torch.zeros(4)
+            torch.testing.assert_close(got[b, :, i], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_calls_take_the_reference_shift_and_match_eager(dtype):
+    """A call of at least SHIFT_MIN_ROWS rows (a prefill) shifts by reference scores without a max pass;
+    padding, GQA, groups, distance and sinks as in a model's forward."""
+    n = torch_backend.SHIFT_MIN_ROWS + 37
+    q, k, v = make_qkv(2, 6, 2, n, n, 16, dtype=dtype, seed=11)
+    padding = torch.ones(2, n, dtype=torch.bool)
+    padding[1, :9] = False
+    request = StatsRequest(distance=True, key_groups=(torch.arange(n) % 3)[None], n_groups=3, group_outputs=True)
+    mask = MaskSpec(causal=True, key_padding=padding, query_valid=padding)
+    sinks = torch.linspace(-1.0, 1.0, 6)
+    with count_max_passes() as max_passes:
+        got = torch_attention_with_stats(q, k, v, mask, 0.25, sinks, request=request, chunk_size=32)
+    assert max_passes == []
+    assert_same(got, eager_attention_with_stats(q, k, v, mask, 0.25, sinks, request=request),
+                1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
