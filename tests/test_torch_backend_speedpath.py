@@ -117,8 +117,8 @@ def test_reference_shift_is_the_first_or_own_key_score():
     padding[1, :2] = False  # left padding: batch row 1's first real key is key 2
     padding[0, 7] = False  # row 4 of batch 0 (its own key is 7 with q_offset 3) has a padded own key
     mask = MaskSpec(causal=True, window=4, q_offset=3, key_padding=padding)
-    got = reference_shift(q * 0.5, k, mask, mask.first_key(2, q.device))
-    scores = torch.einsum("bhqd,bhkd->bhqk", q * 0.5, k.repeat_interleave(2, dim=1))
+    got = reference_shift(q, k, mask, mask.first_key(2, q.device))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1))
     for b in range(2):
         first = 2 * b
         for i in range(6):
