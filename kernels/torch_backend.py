@@ -5,12 +5,17 @@ kv heads directly (queries of a group are stacked), so K and V are never expande
 mask (and a sliding window) each chunk only reads the keys its rows can see.
 
 One pass per score tile (the chunk body, ``_ChunkBody``): q is scaled once, each score gets one
-exponential ``e = exp(s - m)`` with m the row maximum, and everything else is read from ``e`` without
-writing the tile back: the output (``e @ V``), the row sums (lse = m + log l), the entropy term
-``Σ e·(s - m)``, the key mass (weighted column sum), the group masses and partial outputs, the first-key
+exponential ``e = exp(s - c)`` with c a per-row shift, and everything else is read from ``e`` without
+writing the tile back: the output (``e @ V``), the row sums (lse = c + log l), the entropy term
+``Σ e·(s - c)``, the key mass (weighted column sum), the group masses and partial outputs, the first-key
 mass and the distance bins, each then scaled per row by ``1 / L``. Causal and window masks only touch the
 diagonal (and window-edge) blocks of the tile, the only ones with masked entries; a model's own row mask
 (``MaskSpec.row_mask``) still masks the whole tile.
+
+Any shift gives the same softmax; it only has to lie near the row maximum m for range and precision.
+Prefill calls take c from a reference score known before the tile (``reference_shift``) and subtract it
+inside the score product, so a chunk pays neither a max pass nor a subtraction; a chunk whose row sums show
+c too far from m redoes its exponentials with c = m, as short calls and score edits always do.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from .threads import CHOOSER
 # Query rows per chunk, tied to the cache: the largest power of two (32 .. 128) whose score tile
 # (batch · head · rows · key fp32) fits in about one core's L2 (4 MiB here). Measured on smollm2-135m shapes
 # (9 heads, head_dim 64, one thread): 64 rows at T = 1k, 32 at 4k and 8k were the fastest of 16..128
-# (8k: 1.68x sdpa with 32 rows, 1.96x with 64, 2.20x with 16; fewer rows starve the products, more spill
-# the tile out of cache). Override with chunk_size= or $HEADLAB_CHUNK_ROWS.
+# (8k, one attention call against sdpa: 1.39x with 32 rows, 1.48x with 48, 1.63x with 24, 1.88x with 64,
+# 1.89x with 16). Override with chunk_size= or $HEADLAB_CHUNK_ROWS.
 TILE_BYTES = 4 * 2**20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 32, 128
 CHUNK_ROWS_ENV = "HEADLAB_CHUNK_ROWS"
