@@ -137,6 +137,8 @@ def test_long_calls_take_the_reference_shift_and_match_eager(dtype):
     padding, GQA, groups, distance and sinks as in a model's forward."""
     n = torch_backend.SHIFT_MIN_ROWS + 37
     q, k, v = make_qkv(2, 6, 2, n, n, 16, dtype=dtype, seed=11)
+    # Laid out as a model hands them over: [batch, token, head, dim] transposed, so heads are strided.
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     padding = torch.ones(2, n, dtype=torch.bool)
     padding[1, :9] = False
     request = StatsRequest(distance=True, key_groups=(torch.arange(n) % 3)[None], n_groups=3, group_outputs=True)
@@ -243,3 +245,26 @@ def test_post_softmax_edits_ask_only_for_the_groups_they_read(load_model):
     assert probe_groups == 2 and request.output_groups == (0, 2, 4)
     probe.group_outputs = True  # the probe reads every group's output itself
     assert _merged_request(probe, plan, [0])[0].output_groups is None
+
+
+def test_reference_far_below_the_maximum_keeps_eager_precision():
+    """Rows whose maximum lies ~20 bits above their reference scores stay on the reference shift (no max
+    pass) and still match eager within 1e-5. Without centring the entropy's dot on log2 l its fp32 sum was
+    off by 2e-5 nats here (1e-4 with 1000 keys)."""
+    n, dim = 300, 16
+    q, k, v = make_qkv(1, 2, 1, n, n, dim, seed=4)
+    direction = torch.zeros(dim)
+    direction[0] = 1.0
+    q = q * 0.3
+    q[..., 0] = 2.0  # every query leans the same way
+    k = k * 0.3
+    k[:, :, 3] = 6.5 * direction  # key 3 scores ~13 nats (~19 bits) above the first and own keys
+    mask = MaskSpec(causal=True)
+    want = eager_attention_with_stats(q, k, v, mask, 1.0)
+    shift = reference_shift(q, k, mask, mask.first_key(1, q.device))
+    gap_bits = (want[1].lse - shift)[..., 4:] / 0.6931471805599453  # lse ≥ max: an upper bound on m - c
+    assert gap_bits.max() < 24 and (gap_bits > 16).float().mean() > 0.9
+    with count_max_passes() as max_passes:
+        got = torch_attention_with_stats(q, k, v, mask, 1.0, chunk_size=16)
+    assert max_passes == []
+    assert_same(got, want, 1e-5)
