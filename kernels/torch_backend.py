@@ -14,8 +14,9 @@ diagonal (and window-edge) blocks of the tile, the only ones with masked entries
 
 Any shift gives the same softmax; it only has to lie near the row maximum m for range and precision.
 Prefill calls take c from a reference score known before the tile (``reference_shift``) and subtract it
-inside the score product, so a chunk pays neither a max pass nor a subtraction; a chunk whose row sums show
-c too far from m redoes its exponentials with c = m, as short calls and score edits always do.
+inside the score product, so a chunk pays no max pass; a chunk whose row sums show c too far from m redoes
+its exponentials with c = m, as short calls and score edits always do. The entropy's dot is then taken on
+scores centred on log2 l, which keeps its fp32 sum as precise as under the max shift.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Calls with at least this many query rows take their exponent shift from reference scores (one per row,
 # before the chunks) instead of a max pass per chunk; a chunk whose row sums leave 2^-SHIFT_RANGE ..
-# 2^SHIFT_RANGE falls back to the max. 24 bits keeps the entropy within ~1e-6 of the max-shifted one.
+# 2^SHIFT_RANGE falls back to the max. Within 24 bits nothing overflows and an exponent's rounding (ulp of
+# s - c) costs a probability at most ~1e-6 of its value.
 SHIFT_MIN_ROWS = 64
 SHIFT_RANGE = 24
 _SHIFT_LOW, _SHIFT_HIGH = 2.0 ** -SHIFT_RANGE, 2.0 ** SHIFT_RANGE
@@ -306,7 +308,7 @@ class _ChunkBody:
         if score_edit is None and n_q >= SHIFT_MIN_ROWS:
             # Each row's exponent shift is known before its scores are: a reference score c (see
             # reference_shift), subtracted inside the score product through one extra column
-            # ([q, -c] . [k, 1] = s - c), so no chunk pays a max pass and a subtraction pass.
+            # ([q, -c] . [k, 1] = s - c), so no chunk pays a max pass.
             self.shift = reference_shift(q.float(), k, mask, self.first_key).mul_(scale * _LOG2E)
             dim = k.shape[-1]
             self.k_t = torch.empty(batch, n_kv, dim + 1, n_k, **f32)  # [batch, kv_head, dim + 1, key]
@@ -539,8 +541,7 @@ class _ChunkBody:
 
     def shift_in_range(self, row_sum: torch.Tensor, start: int, stop: int) -> bool:
         """Whether every row that sees a key has 2^-SHIFT_RANGE <= l <= 2^SHIFT_RANGE, i.e. its maximum
-        lies within about SHIFT_RANGE bits of its reference shift (l >= 2^(m - c) >= l / width): no
-        overflow, and the entropy's cancellation (l · log l against Σ e·(s - c)) stays near fp32's ulp."""
+        lies within about SHIFT_RANGE bits of its reference shift (l >= 2^(m - c) >= l / width)."""
         if self.all_see:
             low, high = torch.aminmax(row_sum)
             return _SHIFT_LOW <= float(low) and float(high) <= _SHIFT_HIGH  # false for NaN
