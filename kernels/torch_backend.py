@@ -169,29 +169,47 @@ def row_sees_any(mask: MaskSpec, batch: int, n_q: int, n_k: int, device: torch.d
     return nonempty & (inside > 0)
 
 
-# Per-key coefficients [batch, head, key] (mult, add_abs) and the edited rows [batch, query] or None.
-_EditTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+@dataclass
+class _EditTables:
+    """What each chunk reads of a ``ScoreEdit``, built once per call: O(batch·head·key), never T x T.
+
+    ``mult`` / ``add`` ``[batch, head, key]`` per-key coefficients, ``rows`` ``[batch, query]`` the edited rows
+    (None: all), ``keys`` the one key range [a, b) holding every key the edit changes (an image span, say):
+    a chunk edits only those columns."""
+
+    mult: torch.Tensor
+    add: torch.Tensor
+    rows: torch.Tensor | None
+    keys: tuple[int, int]
 
 
 def edit_tables(edit: ScoreEdit, batch: int, device: torch.device) -> _EditTables:
-    """What each chunk reads of a ``ScoreEdit``, built once per call: O(batch·head·key), never T x T."""
+    """The tables of one call's edit, with the key range it changes (empty when it changes nothing)."""
     mult, add = edit.coefficients(batch, device)
-    return mult, add, edit.row_flags(batch, device)
+    changed = ((mult != 1.0) | (add != 0.0)).flatten(0, 1).any(0).nonzero()[:, 0]
+    keys = (int(changed[0]), int(changed[-1]) + 1) if changed.numel() else (0, 0)
+    return _EditTables(mult, add, edit.row_flags(batch, device), keys)
 
 
 def edit_chunk(scores: torch.Tensor, tables: _EditTables, start: int, stop: int, lo: int, hi: int,
                work: torch.Tensor | None = None) -> torch.Tensor:
-    """Edited scaled scores ``[batch, head, rows, width]`` of query rows [start, stop) and keys [lo, hi).
+    """Edit the scaled scores ``[batch, head, rows, width]`` of query rows [start, stop) and keys [lo, hi) in
+    place and return them. Only the columns of the edit's key range are touched (measured at 4k with a
+    576-key image span: the edited call cost 2.11x sdpa when the whole tile was edited).
 
-    ``work``: a tile-shaped buffer for the edited scores (else a new one); the result is ``work`` or,
-    when only some rows are edited, ``scores`` itself, overwritten."""
-    mult, add, rows = tables
-    # |s| · add + s · mult, with one chunk-sized temporary (the scores are only read).
-    edited = torch.abs(scores, out=work) if work is not None else scores.abs()
-    edited.mul_(add[:, :, None, lo:hi]).addcmul_(scores, mult[:, :, None, lo:hi])
-    if rows is None:
-        return edited
-    return torch.where(rows[:, None, start:stop, None], edited, scores, out=scores)
+    ``work``: a buffer of at least the tile's size for the temporary (else a new one)."""
+    a, b = max(lo, tables.keys[0]), min(hi, tables.keys[1])
+    if a >= b:
+        return scores
+    part = scores[..., a - lo : b - lo]  # [batch, head, rows, b - a], a strided view of the tile
+    edited = work.view(-1)[: part.numel()].view(part.shape) if work is not None else torch.empty_like(part)
+    # |s| · add + s · mult
+    torch.abs(part, out=edited).mul_(tables.add[:, :, None, a:b]).addcmul_(part, tables.mult[:, :, None, a:b])
+    if tables.rows is None:
+        part.copy_(edited)
+    else:
+        part.copy_(torch.where(tables.rows[:, None, start:stop, None], edited, part))
+    return scores
 
 
 @dataclass
@@ -435,10 +453,7 @@ class _ChunkBody:
         torch.matmul(q_chunk, self.k_t[..., lo:hi], out=scores)
         scores = scores.view(batch, n_heads, rows, width)
         if self.edit is not None:
-            edited = edit_chunk(scores, self.edit, start, stop, lo, hi, self.work[1][:size].view_as(scores))
-            if edited.data_ptr() != scores.data_ptr():
-                self.work.reverse()  # the edited scores sit in the second buffer now: swap roles
-            scores = edited
+            edit_chunk(scores, self.edit, start, stop, lo, hi, self.work[1])
         if self.dense:
             allowed = self.mask.allowed(start, stop, n_k, self.device)[..., lo:hi]  # [batch or 1, 1, rows, width]
             scores.masked_fill_(~allowed, _MASKED)

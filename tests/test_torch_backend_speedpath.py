@@ -268,3 +268,26 @@ def test_reference_far_below_the_maximum_keeps_eager_precision():
         got = torch_attention_with_stats(q, k, v, mask, 1.0, chunk_size=16)
     assert max_passes == []
     assert_same(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("rows", [None, "text"])
+def test_edit_touches_only_its_key_span(rows):
+    """An edit confined to one key span (an image) edits only those columns of each chunk, chunks before the
+    span not at all; selected rows or all rows; against eager. An edit that changes nothing is no edit."""
+    n = 60
+    q, k, v = make_qkv(2, 4, 2, n, n, 8, seed=2)
+    labels = torch.full((2, n), 1)
+    labels[:, 20:32] = 0  # the span: group 0 boosted and scaled, group 1 (the rest) left alone
+    labels[1, 25] = -1  # in no group for one batch row
+    mult = torch.tensor([[1.3, 1.0]] * 4)
+    add = torch.tensor([[0.4, 0.0]] * 4)
+    flags = None if rows is None else torch.arange(n)[None].expand(2, -1) >= 32
+    edit = ScoreEdit(labels, mult, add, flags)
+    assert torch_backend.edit_tables(edit, 2, q.device).keys == (20, 32)
+    mask = MaskSpec(causal=True)
+    assert_same(torch_attention_with_stats(q, k, v, mask, 0.5, score_edit=edit, chunk_size=8),
+                eager_attention_with_stats(q, k, v, mask, 0.5, score_edit=edit), 1e-5)
+    idle = ScoreEdit(labels, torch.ones(4, 2), torch.zeros(4, 2))
+    assert torch_backend.edit_tables(idle, 2, q.device).keys == (0, 0)
+    assert_same(torch_attention_with_stats(q, k, v, mask, 0.5, score_edit=idle, chunk_size=8),
+                torch_attention_with_stats(q, k, v, mask, 0.5, chunk_size=8), 0.0)
