@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
+from speedpath import interleaved  # benchmarks/ is on sys.path when this script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_START, IMAGE_KEYS = 35, 576
@@ -46,18 +46,6 @@ def cases(n: int) -> dict:
             "stats+edit": lambda: torch_attention_with_stats(q, k, v, mask, 0.125, score_edit=edit)}
 
 
-def measure(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
@@ -67,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for n in args.lengths:
-        times = measure(cases(n), args.rounds)
+        times = interleaved(cases(n), args.rounds)
         base = min(times["sdpa"])
         for name, values in times.items():
             rows.append({"T": n, "case": name, "cpu_ms": 1e3 * min(values), "ratio_to_sdpa": min(values) / base,

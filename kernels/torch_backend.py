@@ -208,7 +208,7 @@ def edit_chunk(scores: torch.Tensor, tables: _EditTables, start: int, stop: int,
     if tables.rows is None:
         part.copy_(edited)
     else:
-        part.copy_(torch.where(tables.rows[:, None, start:stop, None], edited, part))
+        torch.where(tables.rows[:, None, start:stop, None], edited, part, out=part)
     return scores
 
 
@@ -491,17 +491,13 @@ class _ChunkBody:
         # score when it is close enough to the row maximum m (checked from the row sums), else m itself.
         shifted, on_reference = scores, self.shift is not None
         if on_reference:
-            row_max = self.shift[:, :, start:stop]
             e, row_sum = self.exponentials(shifted)
             on_reference = self.shift_in_range(row_sum, start, stop)
-            if not on_reference:
-                shifted, row_max = self.subtract_max(shifted, row_max, start, stop)
-                self.row_max[:, :, start:stop] = row_max
-                e, row_sum = self.exponentials(shifted)
-        else:
-            shifted, row_max = self.subtract_max(shifted, None, start, stop)
-            self.row_max[:, :, start:stop] = row_max
+        if not on_reference:
+            base = None if self.shift is None else self.shift[:, :, start:stop]
+            shifted, self.row_max[:, :, start:stop] = self.subtract_max(shifted, base, start, stop)
             e, row_sum = self.exponentials(shifted)
+        row_max = self.row_max[:, :, start:stop]  # the shift these rows' exponentials used
         self.row_sum[:, :, start:stop] = row_sum
         if on_reference:
             # The entropy's dot Σ e·x sums terms of size ~2^(m-c)·(m-c) in fp32, so with m far above c its error
