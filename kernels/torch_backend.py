@@ -28,7 +28,9 @@ import torch
 
 from headlab.errors import InputError
 
+from . import fused_rows
 from .edits import ScoreEdit
+from .fused_rows import FusedRows
 from .stats import (
     AttentionStats,
     MaskSpec,
@@ -265,8 +267,9 @@ def torch_attention_with_stats(
     if request is not None:
         request.check(batch, n_q, n_k, mask.q_offset)
     chunk = pick_chunk_size(batch, n_heads, n_k, chunk_size)
-    with CHOOSER.loop(batch * n_heads * n_q * n_k):  # one thread or torch's count, whichever is faster now
-        body = _ChunkBody(q, k, v, mask, scale, sinks, request, score_edit, chunk)
+    fused = fused_rows.pick(q.device)
+    with CHOOSER.loop(batch * n_heads * n_q * n_k) as threads:  # one thread or torch's, whichever is faster now
+        body = _ChunkBody(q, k, v, mask, scale, sinks, request, score_edit, chunk, fused, threads)
         for start in range(0, n_q, chunk):
             body.run(start, min(start + chunk, n_q))
         return body.result()
@@ -312,7 +315,7 @@ class _ChunkBody:
     """
 
     def __init__(self, q, k, v, mask: MaskSpec, scale: float, sinks, request: StatsRequest | None,
-                 score_edit: ScoreEdit | None, chunk: int):
+                 score_edit: ScoreEdit | None, chunk: int, fused: FusedRows | None = None, threads: int = 1):
         batch, n_heads, n_q, _ = q.shape
         n_kv, n_k, dim_v = k.shape[1], k.shape[2], v.shape[-1]
         device = q.device
@@ -320,6 +323,7 @@ class _ChunkBody:
         self.shape = (batch, n_heads, n_kv, n_heads // n_kv, n_q, n_k, dim_v)
         self.mask, self.request, self.dtype, self.device = mask, request, q.dtype, device
         self.sinks = None if sinks is None else sinks.float().view(1, n_heads, 1) * _LOG2E  # base 2
+        self.fused, self.threads = fused, threads
         self.first_key = mask.first_key(batch, device)
         self.v = v.float()
         self.shift = None
@@ -368,7 +372,7 @@ class _ChunkBody:
         self.row_sum = torch.zeros_like(self.row_max)
         self.row_dot = torch.zeros_like(self.row_max)
         # Where the entropy's dot was taken against (s - c) - t rather than (s - c): t per row (see run).
-        self.dot_center = torch.zeros_like(self.row_max) if self.shift is not None else None
+        self.dot_center = torch.zeros_like(self.row_max) if self.shift is not None or fused else None
         self.first_sum = torch.zeros_like(self.row_max)
         self.key_mass = torch.zeros(batch, n_heads, n_k, **f32)
 
@@ -486,7 +490,35 @@ class _ChunkBody:
             return  # these rows see no key: output 0, lse -inf, nothing counted
         width = hi - lo
         scores = self.scores(start, stop, lo, hi)
+        if self.fused is not None:  # the same row pass, compiled: each row read while in cache
+            e = self.work[1][: scores.numel()].view_as(scores)
+            self.fused.run(scores, e, self.row_max, self.row_sum, self.row_dot, self.dot_center, start,
+                           self.column_weight, None if self.sinks is None else self.sinks.view(-1), self.key_mass,
+                           lo, self.shift is not None, self.threads)
+        else:
+            e = self.row_pass(scores, start, stop, lo, hi)
+        e_rows = e.view(batch, n_kv, group * rows, width)  # the GQA view every product reads
+        self.out_sum[:, :, start:stop] = (e_rows @ self.v[:, :, lo:hi]).view(batch, n_heads, rows, dim_v)
+        self.first_sum[:, :, start:stop] = self.first_e(e, lo, hi)
 
+        if self.onehot is not None:
+            self.group_sum[:, :, start:stop] = e @ self.onehot[:, None, lo:hi]
+            for g, columns in self.columns.items():
+                part = self.group_output(e, e_rows, g, columns, lo, hi)
+                if part is not None:
+                    self.group_out_sum[:, :, start:stop, g] = part.view(batch, n_heads, rows, dim_v)
+
+        if self.distance_mass is not None:
+            pairs = self.visible_pairs(start, stop, lo, hi) & (self.column_weight[:, start:stop, None] > 0)
+            index = distance_index(start, stop, lo, hi, self.mask.q_offset, self.n_bins, self.device)
+            add_distance(self.distance_mass.view(batch, n_heads, -1), self.distance_count.view(batch, -1),
+                         e * self.row_weights(start, stop)[..., None], pairs, index)
+
+    def row_pass(self, scores: torch.Tensor, start: int, stop: int, lo: int, hi: int) -> torch.Tensor:
+        """The row pass as torch ops (the reference for the compiled one in ``fused_rows.c``): the
+        exponentials of a chunk's scores in the second tile buffer, with the row shifts, sums, entropy dots
+        and the key mass written."""
+        batch, n_heads, rows, width = scores.shape
         # One exponential per score: e = 2^(s - c), s in base-2 units, c the row's shift: the reference
         # score when it is close enough to the row maximum m (checked from the row sums), else m itself.
         shifted, on_reference = scores, self.shift is not None
@@ -497,7 +529,6 @@ class _ChunkBody:
             base = None if self.shift is None else self.shift[:, :, start:stop]
             shifted, self.row_max[:, :, start:stop] = self.subtract_max(shifted, base, start, stop)
             e, row_sum = self.exponentials(shifted)
-        row_max = self.row_max[:, :, start:stop]  # the shift these rows' exponentials used
         self.row_sum[:, :, start:stop] = row_sum
         if on_reference:
             # The entropy's dot Σ e·x sums terms of size ~2^(m-c)·(m-c) in fp32, so with m far above c its error
@@ -512,28 +543,19 @@ class _ChunkBody:
         # (as a k x 1 column it was 7x slower).
         dots = torch.bmm(e.view(-1, 1, width), shifted.view(-1, 1, width).transpose(1, 2))
         self.row_dot[:, :, start:stop] = dots.view(batch, n_heads, rows)
-        e_rows = e.view(batch, n_kv, group * rows, width)  # the GQA view every product reads
-        self.out_sum[:, :, start:stop] = (e_rows @ self.v[:, :, lo:hi]).view(batch, n_heads, rows, dim_v)
-        self.first_sum[:, :, start:stop] = self.first_e(e, lo, hi)
+        # The key mass (a sum over rows) needs each row's 1 / L: l plus the sink's share.
+        self.key_mass[..., lo:hi] += (self.row_weights(start, stop)[:, :, None] @ e)[:, :, 0]
+        return e
 
-        if self.onehot is not None:
-            self.group_sum[:, :, start:stop] = e @ self.onehot[:, None, lo:hi]
-            for g, columns in self.columns.items():
-                part = self.group_output(e, e_rows, g, columns, lo, hi)
-                if part is not None:
-                    self.group_out_sum[:, :, start:stop, g] = part.view(batch, n_heads, rows, dim_v)
-
-        # The key mass (a sum over rows) needs each row's 1 / L now: l plus the sink's share.
+    def row_weights(self, start: int, stop: int) -> torch.Tensor:
+        """``[batch, head, rows]`` each row's weight in the column sums: counted / L (l plus the sink's share),
+        0 on rows not counted or without keys."""
+        row_sum, row_max = self.row_sum[:, :, start:stop], self.row_max[:, :, start:stop]
         total = row_sum if self.sinks is None else row_sum + torch.exp2(self.sinks - row_max)
-        weights = self.column_weight[:, None, start:stop] / total  # [batch, head, rows]; 0 on rows not counted
+        weights = self.column_weight[:, None, start:stop] / total
         if not self.all_see:
             weights = torch.where(self.sees[:, None, start:stop], weights, 0.0)
-        self.key_mass[..., lo:hi] += (weights[:, :, None] @ e)[:, :, 0]
-        if self.distance_mass is not None:
-            pairs = self.visible_pairs(start, stop, lo, hi) & (self.column_weight[:, start:stop, None] > 0)
-            index = distance_index(start, stop, lo, hi, self.mask.q_offset, self.n_bins, self.device)
-            add_distance(self.distance_mass.view(batch, n_heads, -1), self.distance_count.view(batch, -1),
-                         e * weights[..., None], pairs, index)
+        return weights
 
     def exponentials(self, shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``e = 2^shifted`` in the second tile buffer and its row sums ``[batch, head, rows]``."""

@@ -3,6 +3,7 @@ chosen groups, chunk size in rows; each against the eager oracle (fp32 within 1e
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from unittest import mock
 
@@ -23,7 +24,16 @@ from headlab.kernels import (
     torch_attention_with_stats,
     torch_backend,
 )
+from headlab.kernels.fused_rows import FUSED_ENV, FusedRows
 from headlab.kernels.torch_backend import pick_chunk_size, reference_shift
+
+
+@pytest.fixture(scope="module", params=["on", "off"], autouse=True)
+def row_pass(request):
+    """Every test here runs with the compiled row pass (``on``: built, or the test fails) and with the torch
+    ops (``off``), the reference it is held to."""
+    with mock.patch.dict(os.environ, {FUSED_ENV: request.param}):
+        yield request.param
 
 
 @contextmanager
@@ -35,7 +45,8 @@ def shift_path(on: bool):
 
 @contextmanager
 def count_max_passes():
-    """Count the chunks that shift their rows by the maximum (the fallback of the reference shift)."""
+    """Count the chunks that shift rows by their maximum (the fallback of the reference shift): all of them
+    on the torch ops' path, those with at least one such row on the compiled pass's."""
     calls = []
     original = torch_backend._ChunkBody.subtract_max
 
@@ -43,7 +54,17 @@ def count_max_passes():
         calls.append(args[-2:])
         return original(self, *args)
 
-    with mock.patch.object(torch_backend._ChunkBody, "subtract_max", counted):
+    original_fused = FusedRows.run
+
+    def counted_fused(self, *args):
+        redone = original_fused(self, *args)
+        scores, start, reference = args[0], args[6], args[11]
+        if redone or not reference:
+            calls.append((start, start + scores.shape[2]))
+        return redone
+
+    with mock.patch.object(torch_backend._ChunkBody, "subtract_max", counted), \
+            mock.patch.object(FusedRows, "run", counted_fused):
         yield calls
 
 
