@@ -5,10 +5,13 @@ prompts:
 
 - ``sdpa``: the model as loaded (transformers' sdpa attention). The baseline of every ratio.
 - ``stats``: the same forward inside ``AttentionProbe`` (headlab's attention function on every layer, the
-  torch backend's chunked kernel, all default statistics; the callback drops them).
+  torch backend's chunked kernel, all default statistics; the callback drops them), with the row pass
+  compiled for this CPU (``kernels/fused_rows.c``) where it builds.
+- ``stats-torch-ops`` (quiet rows): the same with ``$HEADLAB_FUSED_ROWS=off``, the row pass as torch ops:
+  what the compiled pass saves, measured in the same rounds.
 - ``attn-sdpa`` / ``attn-stats`` (at ``--attention-T``): one attention call at smollm2's shape (9 query
   heads, 3 kv heads, head_dim 64, causal, random q/k/v): ``scaled_dot_product_attention(is_causal=True,
-  enable_gqa=True)`` against ``torch_attention_with_stats``.
+  enable_gqa=True)`` against ``torch_attention_with_stats`` (``attn-stats-torch-ops``: with the torch ops).
 
 Measurement. Time is **process CPU time** (``time.process_time``, user + system of this process only), so
 other processes on the machine change it far less than wall time. Rounds interleave the cases (sdpa,
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -64,30 +67,63 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return times
 
 
-def model_cases(loaded, ids: torch.Tensor) -> dict[str, Callable[[], object]]:
+@contextmanager
+def torch_ops_row_pass():
+    """The statistics path with its row pass as torch ops instead of the compiled one."""
+    from headlab.kernels.fused_rows import FUSED_ENV
+
+    saved = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = "off"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[FUSED_ENV]
+        else:
+            os.environ[FUSED_ENV] = saved
+
+
+def model_cases(loaded, ids: torch.Tensor, compare: bool = False) -> dict[str, Callable[[], object]]:
     from headlab.probes import AttentionProbe
 
     model = loaded.model
 
-    def forward(make):
+    def forward(*make):
         def run():
-            with torch.no_grad(), make():
+            with torch.no_grad(), ExitStack() as stack:
+                for m in make:
+                    stack.enter_context(m())
                 model(input_ids=ids, use_cache=False)
         return run
 
-    return {"sdpa": forward(nullcontext),
-            "stats": forward(lambda: AttentionProbe(loaded, on_stats=lambda layer, stats: None))}
+    def probe():
+        return AttentionProbe(loaded, on_stats=lambda layer, stats: None)
+
+    cases = {"sdpa": forward(nullcontext), "stats": forward(probe)}
+    if compare:
+        cases["stats-torch-ops"] = forward(torch_ops_row_pass, probe)
+    return cases
 
 
-def attention_cases(n: int) -> dict[str, Callable[[], object]]:
+def attention_cases(n: int, compare: bool = False) -> dict[str, Callable[[], object]]:
     from headlab.kernels import MaskSpec, torch_attention_with_stats
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, n, 64, generator=gen)
     k, v = (torch.randn(1, 3, n, 64, generator=gen) for _ in range(2))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return {"attn-sdpa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
-            "attn-stats": lambda: torch_attention_with_stats(q, k, v, MaskSpec(causal=True), 0.125)}
+
+    def stats():
+        return torch_attention_with_stats(q, k, v, MaskSpec(causal=True), 0.125)
+
+    def stats_torch_ops():
+        with torch_ops_row_pass():
+            return stats()
+
+    cases = {"attn-sdpa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), "attn-stats": stats}
+    if compare:
+        cases["attn-stats-torch-ops"] = stats_torch_ops
+    return cases
 
 
 def prompt_ids(loaded, n_tokens: int) -> torch.Tensor:
@@ -144,6 +180,7 @@ def memory(case: str, n: int) -> float | None:
 
 def run(args) -> dict:
     import headlab
+    from headlab.kernels import fused_rows
     from headlab.kernels.torch_backend import pick_chunk_size
 
     loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
@@ -151,15 +188,16 @@ def run(args) -> dict:
                     "measure": "process CPU time (time.process_time), minimum over interleaved rounds",
                     "torch": torch.__version__, "chunk_rows": {n: pick_chunk_size(1, 9, n) for n in args.lengths},
                     "machine": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "quiet": [], "busy": []}
+                    "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "quiet": [], "busy": [],
+                    "row_pass": fused_rows.build()[1]}
     default_threads = torch.get_num_threads()  # torch's own default: one per physical core
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     for n in args.lengths:
-        row = {"T": n, "threads": args.threads, **summarise(interleaved(model_cases(loaded, prompt_ids(loaded, n)),
-                                                                         args.rounds), "sdpa")}
+        cases = model_cases(loaded, prompt_ids(loaded, n), compare=True)
+        row = {"T": n, "threads": args.threads, **summarise(interleaved(cases, args.rounds), "sdpa")}
         if n == args.attention_T:
-            row.update(summarise(interleaved(attention_cases(n), args.rounds), "attn-sdpa"))
+            row.update(summarise(interleaved(attention_cases(n, compare=True), args.rounds), "attn-sdpa"))
         if args.memory:
             row["peak_mib"] = {case: memory(case, n) for case in ("sdpa", "stats")}
         result["quiet"].append(row)
@@ -191,13 +229,18 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| T | threads | load | sdpa s | stats s | stats / sdpa | attention call / sdpa's |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| T | threads | load | sdpa s | stats s | stats / sdpa | attention call / sdpa's "
+             "| same, torch-ops row pass: stats / sdpa | call / sdpa's |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(row: dict, case: str) -> str:
+        return f"{row[case]['ratio_to_sdpa']:.2f}" if case in row else ""
+
     for kind in ("quiet", "busy"):
         for row in result[kind]:
-            attn = f"{row['attn-stats']['ratio_to_sdpa']:.2f}" if "attn-stats" in row else ""
             lines.append(f"| {row['T']} | {row['threads']} | {kind} | {row['sdpa']['cpu_s']:.3f} | "
-                         f"{row['stats']['cpu_s']:.3f} | {row['stats']['ratio_to_sdpa']:.2f} | {attn} |")
+                         f"{row['stats']['cpu_s']:.3f} | {ratio(row, 'stats')} | {ratio(row, 'attn-stats')} | "
+                         f"{ratio(row, 'stats-torch-ops')} | {ratio(row, 'attn-stats-torch-ops')} |")
     return "\n".join(lines)
 
 

@@ -113,8 +113,10 @@ def check_run_options(analysis: str, model: str, max_tokens: int, n_prompts: int
     Returns the runs folder (created, and checked writable) and the final run name (given or built from the
     analysis, the model and the time; checked for length and for an existing run)."""
     from .batching import check_positive_tokens
+    from .kernels import check_environment
     from .loading import resolve_device, resolve_dtype
 
+    check_environment()
     check_positive_tokens(max_tokens)
     if n_prompts is not None and n_prompts <= 0:
         raise InputError(f"--n-prompts must be positive, got {n_prompts}")

@@ -1,6 +1,14 @@
 """Fused attention with statistics: the output plus what analyses need, without T x T memory."""
 
-from .dispatch import BACKEND_ENV, BACKENDS, BackendError, attention_with_stats, register_backend, resolve_backend
+from .dispatch import (
+    BACKEND_ENV,
+    BACKENDS,
+    BackendError,
+    attention_with_stats,
+    check_environment,
+    register_backend,
+    resolve_backend,
+)
 from .eager import attention_probs, eager_attention_with_stats, stats_from_probs
 from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest, distance_bin_edges, distance_bins
@@ -16,6 +24,7 @@ __all__ = [
     "StatsRequest",
     "attention_probs",
     "attention_with_stats",
+    "check_environment",
     "distance_bin_edges",
     "distance_bins",
     "eager_attention_with_stats",

@@ -14,10 +14,11 @@ import torch
 
 from headlab.errors import InputError
 
+from . import fused_rows, threads
 from .eager import eager_attention_with_stats
 from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest
-from .torch_backend import torch_attention_with_stats
+from .torch_backend import pick_chunk_size, torch_attention_with_stats
 
 BackendFn = Callable[..., tuple[torch.Tensor, AttentionStats]]
 
@@ -63,6 +64,16 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         raise BackendError(f"unknown attention backend {name!r}; choose one of: auto, {known} "
                            f"(argument backend= or ${BACKEND_ENV})")
     return name
+
+
+def check_environment() -> None:
+    """The kernels' environment variables, checked before a model loads (each raises ``InputError``):
+    ``$HEADLAB_ATTN_BACKEND``, ``$HEADLAB_CHUNK_ROWS``, ``$HEADLAB_KERNEL_THREADS``, ``$HEADLAB_FUSED_ROWS``."""
+    if os.environ.get(BACKEND_ENV, "auto") != "auto":
+        resolve_backend(torch.device("cpu"))
+    pick_chunk_size(1, 1, 1)
+    threads.fixed_threads()
+    fused_rows.mode()
 
 
 def attention_with_stats(

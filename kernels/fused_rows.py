@@ -72,7 +72,8 @@ class FusedRows:
         self.fn = ctypes.CDLL(str(path)).headlab_fused_rows
         self.fn.argtypes = [_P, _P, _L, _L, _L, _L, _L, _P, _P, _P, _P, _L, _L, _P, _P, _P, _L, _L, ctypes.c_int]
         self.fn.restype = _L
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: ThreadPoolExecutor | None = None  # threads - 1 workers: the calling thread takes a share
+        self.workers = 0
 
     def run(self, scores: torch.Tensor, e: torch.Tensor, row_shift: torch.Tensor, row_sum: torch.Tensor,
             row_dot: torch.Tensor, dot_center: torch.Tensor, start: int, weight: torch.Tensor,
@@ -83,11 +84,16 @@ class FusedRows:
         Returns how many rows fell back from their reference shift to their maximum."""
         batch, n_heads, rows, width = scores.shape
         n_q, n_k = row_sum.shape[-1], key_mass.shape[-1]
+        # The C side trusts these shapes: a wrong one would not raise there, it would write elsewhere.
         tensors = (scores, e, row_shift, row_sum, row_dot, dot_center, weight, key_mass)
-        for t in tensors + (() if sinks is None else (sinks,)):
-            # A wrong pointer here would not raise: it would write elsewhere.
-            assert t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
-        assert e.shape == scores.shape and row_sum.shape == (batch, n_heads, n_q) and weight.shape == (batch, n_q)
+        fits = all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                   for t in tensors + (() if sinks is None else (sinks,)))
+        fits &= e.shape == scores.shape and weight.shape == (batch, n_q) and key_mass.shape == (batch, n_heads, n_k)
+        fits &= all(t.shape == (batch, n_heads, n_q) for t in (row_shift, row_sum, row_dot, dot_center))
+        fits &= 0 <= start and start + rows <= n_q and 0 <= lo and lo + width <= n_k
+        fits &= sinks is None or sinks.shape == (n_heads,)
+        if not fits:
+            raise ValueError("fused row pass: tensors of the wrong shape, dtype, layout or device")
 
         def part(bh_lo: int, bh_hi: int) -> int:
             return self.fn(scores.data_ptr(), e.data_ptr(), bh_lo, bh_hi, rows, width, n_heads,
@@ -99,10 +105,13 @@ class FusedRows:
         threads = max(1, min(threads, n_bh))
         if threads == 1:
             return part(0, n_bh)
-        if self.pool is None or self.pool._max_workers < threads:
-            self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="headlab-rows")
+        if self.pool is None or self.workers < threads - 1:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
+            self.pool, self.workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="headlab-rows"), threads - 1
         bounds = [n_bh * i // threads for i in range(threads + 1)]
-        return sum(self.pool.map(part, bounds[:-1], bounds[1:]))
+        others = [self.pool.submit(part, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+        return part(bounds[0], bounds[1]) + sum(f.result() for f in others)  # this thread takes the first share
 
 
 @functools.cache

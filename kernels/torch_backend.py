@@ -17,6 +17,10 @@ Prefill calls take c from a reference score known before the tile (``reference_s
 inside the score product, so a chunk pays no max pass; a chunk whose row sums show c too far from m redoes
 its exponentials with c = m, as short calls and score edits always do. The entropy's dot is then taken on
 scores centred on log2 l, which keeps its fp32 sum as precise as under the max shift.
+
+The row pass (exponentials, row sums, the shift's check, the entropy dot, the key mass) runs on CPU as one
+compiled loop over each row while it sits in cache (``fused_rows``, falling back per row rather than per
+chunk), or as torch ops (``_ChunkBody.row_pass``: on GPUs, without a C compiler, and as its reference).
 """
 
 from __future__ import annotations

@@ -22,5 +22,11 @@ echo "torch==${TORCH_VERSION}" > "$constraints"
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
 fi
+# A C compiler builds the torch backend's row pass for this CPU on first use (kernels/fused_rows.py); without
+# one the same work runs as torch ops, slower.
+if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q gcc libc6-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q gcc libc6-dev >/dev/null; }
+fi
+command -v cc >/dev/null 2>&1 || echo "note: no C compiler found; the statistics path runs its row pass as torch ops (apt-get install gcc)"
 command -v chromium >/dev/null 2>&1 || echo "note: no chromium found; figure export and the browser test need it (apt-get install chromium)"
 .venv/bin/python -c "import torch, headlab; print('headlab', headlab.__version__, 'torch', torch.__version__)"

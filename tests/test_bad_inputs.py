@@ -254,3 +254,24 @@ def test_runs_clean_removes_leftovers_of_dead_writers_only(tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in runs.iterdir()) == sorted([alive.name, "complete-run"])
     assert "still being written" in result.output
+
+
+@pytest.mark.parametrize(("env", "value", "message"), [
+    ("HEADLAB_FUSED_ROWS", "fast", "$HEADLAB_FUSED_ROWS must be auto, on or off, got 'fast'"),
+    ("HEADLAB_CHUNK_ROWS", "lots", "$HEADLAB_CHUNK_ROWS must be a whole number of query rows, got 'lots'"),
+    ("HEADLAB_KERNEL_THREADS", "many", "$HEADLAB_KERNEL_THREADS must be auto or a number of threads"),
+    ("HEADLAB_ATTN_BACKEND", "fastest", "unknown attention backend 'fastest'"),
+])
+def test_bad_kernel_environment_is_refused_before_loading(tmp_path, monkeypatch, env, value, message):
+    import headlab.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(headlab.loading, "load", no_load)
+    monkeypatch.setenv(env, value)
+    result = runner.invoke(analyze_app, ["sinks", *BASE, "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("error:") and message in text, text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
