@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +32,7 @@ import torch
 from headlab.errors import InputError
 from headlab.gguf import headlab_home
 
+log = logging.getLogger(__name__)
 FUSED_ENV = "HEADLAB_FUSED_ROWS"
 SOURCE = Path(__file__).with_name("fused_rows.c")
 # -O3 for the vector loops; no -ffast-math: the pass relies on IEEE infinities and NaN (a NaN row sum must
@@ -117,12 +119,22 @@ class FusedRows:
 @functools.cache
 def build() -> tuple[FusedRows | None, str]:
     """The compiled pass (built once per machine, then loaded from the cache) and a line saying where it
-    came from or why there is none."""
+    came from or why there is none (logged once per process as a warning: the statistics still come, slower)."""
+    fused, why = _build()
+    if fused is None:
+        log.warning("%s; the torch backend's row pass runs as torch ops (slower)", why)
+    return fused, why
+
+
+def _build() -> tuple[FusedRows | None, str]:
     cc = find_compiler()
     if cc is None:
-        return None, "no C compiler found ($CC, cc, gcc or clang): the torch ops do the row pass"
+        return None, "no C compiler found ($CC, cc, gcc or clang)"
     source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"the C compiler {cc} does not run: {err}"
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      cpu_identity().encode()])).hexdigest()[:16]
     path = headlab_home() / "kernels" / f"fused_rows-{key}.so"

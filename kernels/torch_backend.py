@@ -375,7 +375,7 @@ class _ChunkBody:
         self.row_max = self.shift if self.shift is not None else torch.zeros(batch, n_heads, n_q, **f32)
         self.row_sum = torch.zeros_like(self.row_max)
         self.row_dot = torch.zeros_like(self.row_max)
-        # Where the entropy's dot was taken against (s - c) - t rather than (s - c): t per row (see run).
+        # Where the entropy's dot was taken against (s - c) - t rather than (s - c): t per row (see row_pass).
         self.dot_center = torch.zeros_like(self.row_max) if self.shift is not None or fused else None
         self.first_sum = torch.zeros_like(self.row_max)
         self.key_mass = torch.zeros(batch, n_heads, n_k, **f32)
