@@ -19,12 +19,11 @@ Usage (repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 import torch
-from speedpath import interleaved  # benchmarks/ is on sys.path when this script runs
+from speedpath import interleaved, save  # benchmarks/ is on sys.path when this script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_START, IMAGE_KEYS = 35, 576
@@ -63,15 +62,12 @@ def main() -> None:
     lines = ["| T | case | ms | / sdpa |", "|---:|---|---:|---:|"]
     lines += [f"| {r['T']} | {r['case']} | {r['cpu_ms']:.1f} | {r['ratio_to_sdpa']:.2f} |" for r in rows]
     table = "\n".join(lines)
-    print(table)
     result = {"shape": "9 heads / 3 kv heads / head_dim 64, fp32, batch 1, causal",
               "edit": f"s + 0.5|s| on keys {IMAGE_START}..{IMAGE_START + IMAGE_KEYS - 1}, every row",
               "measure": "process CPU time, one thread, minimum over interleaved rounds",
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "rows": rows, "markdown": table}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written {args.out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ thread, process CPU time.
 One chunk of smollm2-135m's shape (9 heads, 32 query rows) against W keys: base-2 scores already shifted by
 a reference (first key far above the rest, as in a causal LM with a sink), all rows counted. Each timed
 call first copies the scores into the chunk's buffer (the torch ops centre them in place), so both cases
-include that copy; ``copy`` is the copy alone. Minimum over rounds of the mean of ``--calls`` calls, the
-cases interleaved.
+include that copy; ``copy`` is the copy alone. Minimum over rounds (interleaved, as in speedpath.py) of the
+mean of ``--calls`` calls.
 
 Usage (repository root)::
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+from speedpath import interleaved, save  # benchmarks/ is on sys.path when this script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,17 +43,12 @@ def chunk_body(width: int):
     return body, scores
 
 
-def time_cases(cases: dict, calls: int, rounds: int) -> dict[str, float]:
-    for fn in cases.values():
-        fn()
-    best = {name: float("inf") for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.process_time()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], (time.process_time() - start) / calls)
-    return best
+def repeated(fn, calls: int):
+    """One timed unit: ``calls`` calls of ``fn`` (a single call is too short for process CPU time)."""
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
 
 
 def main() -> None:
@@ -82,7 +77,9 @@ def main() -> None:
             buffer.copy_(scores)
             body.row_pass(buffer, 0, 32, 0, width)
 
-        best = time_cases({"copy": copy, "compiled": compiled, "torch-ops": torch_ops}, args.calls, args.rounds)
+        cases = {"copy": copy, "compiled": compiled, "torch-ops": torch_ops}
+        times = interleaved({name: repeated(fn, args.calls) for name, fn in cases.items()}, args.rounds)
+        best = {name: min(values) / args.calls for name, values in times.items()}
         row = {"width": width, **{f"{name}_ms": 1e3 * t for name, t in best.items()},
                "torch_ops_over_compiled": (best["torch-ops"] - best["copy"]) / (best["compiled"] - best["copy"])}
         rows.append(row)
@@ -95,10 +92,7 @@ def main() -> None:
     result = {"shape": "9 heads x 32 rows x keys, fp32, one thread", "command": " ".join(sys.argv),
               "measure": "process CPU time, min over rounds of the mean of calls", "torch": torch.__version__,
               "rows": rows, "markdown": "\n".join(lines)}
-    print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written {args.out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":

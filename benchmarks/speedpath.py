@@ -83,6 +83,14 @@ def torch_ops_row_pass():
             os.environ[FUSED_ENV] = saved
 
 
+def save(result: dict, out: Path) -> None:
+    """Print the result's table and write the whole result as JSON."""
+    print(result["markdown"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written {out}")
+
+
 def model_cases(loaded, ids: torch.Tensor, compare: bool = False) -> dict[str, Callable[[], object]]:
     from headlab.probes import AttentionProbe
 
@@ -263,10 +271,7 @@ def main() -> None:
         return
     result = run(args)
     result["markdown"] = markdown(result)
-    print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written {args.out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":
