@@ -39,6 +39,9 @@ SOURCE = Path(__file__).with_name("fused_rows.c")
 # fail the shift's range check).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
 _P, _L = ctypes.c_void_p, ctypes.c_long
+# A chunk with fewer scores runs on the calling thread alone: handing work to a pool thread costs tens of
+# microseconds, about what this many scores take (decoding steps are far below it).
+SPLIT_MIN_SCORES = 1 << 15
 
 
 def mode() -> str:
@@ -104,7 +107,7 @@ class FusedRows:
                            key_mass.data_ptr(), n_k, lo, int(reference))
 
         n_bh = batch * n_heads
-        threads = max(1, min(threads, n_bh))
+        threads = 1 if scores.numel() < SPLIT_MIN_SCORES else max(1, min(threads, n_bh))
         if threads == 1:
             return part(0, n_bh)
         if self.pool is None or self.workers < threads - 1:

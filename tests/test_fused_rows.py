@@ -115,11 +115,16 @@ def test_exponentials_across_the_float_range(fresh_build):
     assert got[~normal].eq(0).all()
 
 
-def test_threads_split_heads_and_agree(fresh_build):
-    s = tile(seed=1)
-    one, two = (run(compiled(), s, True, threads=t) for t in (1, 2))
+def test_threads_split_heads_and_agree(fresh_build, monkeypatch):
+    s, fused = tile(seed=1), compiled()
+    one = run(fused, s, True, threads=1)
+    two = run(fused, s, True, threads=2)
+    assert fused.workers == 0  # this small chunk stays on the calling thread
+    monkeypatch.setattr(fused_rows, "SPLIT_MIN_SCORES", 0)
+    split = run(fused, s, True, threads=2)
+    assert fused.workers == 1  # the calling thread and one pool thread
     for name in ("e", "shift", "sum", "dot", "centre", "mass"):
-        assert torch.equal(one[name], two[name]), name
+        assert torch.equal(one[name], two[name]) and torch.equal(one[name], split[name]), name
 
 
 def test_build_is_cached_per_cpu_and_leaves_no_temporaries(fresh_build, monkeypatch):
