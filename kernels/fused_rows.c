@@ -16,7 +16,8 @@ typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
 #define ROUND_MAGIC 12582912.0f /* 1.5 · 2^23: (x + M) - M rounds x to the nearest integer */
 #define MASKED_BELOW -1.0e38f   /* the chunk body writes masked scores as -3.4e38 */
-#define SHIFT_LOW 5.9604644775390625e-08f /* 2^-24 and 2^24: a reference shift within 24 bits of the max */
+/* 2^-24 and 2^24: a reference shift within 24 bits of the max (torch_backend.SHIFT_RANGE; a test holds them equal) */
+#define SHIFT_LOW 5.9604644775390625e-08f
 #define SHIFT_HIGH 16777216.0f
 
 static inline vf load(const float *p, long n) {

@@ -211,3 +211,12 @@ def test_real_weights_agree_with_eager_and_the_torch_ops(load_model, monkeypatch
             torch.testing.assert_close(got.first_mass, want.first_mass, rtol=0, atol=1e-5)
             torch.testing.assert_close(got.key_mass, want.key_mass, rtol=1e-5, atol=1e-5 * 512)
         torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-3)
+
+
+def test_the_compiled_range_check_is_the_torch_backends():
+    from headlab.kernels import torch_backend
+
+    defines = dict(line.split()[1:3] for line in fused_rows.SOURCE.read_text().splitlines()
+                   if line.startswith("#define SHIFT_"))
+    assert float(defines["SHIFT_LOW"].rstrip("f")) == 2.0 ** -torch_backend.SHIFT_RANGE
+    assert float(defines["SHIFT_HIGH"].rstrip("f")) == 2.0 ** torch_backend.SHIFT_RANGE
