@@ -41,8 +41,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -67,20 +68,11 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return times
 
 
-@contextmanager
 def torch_ops_row_pass():
     """The statistics path with its row pass as torch ops instead of the compiled one."""
     from headlab.kernels.fused_rows import FUSED_ENV
 
-    saved = os.environ.get(FUSED_ENV)
-    os.environ[FUSED_ENV] = "off"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[FUSED_ENV]
-        else:
-            os.environ[FUSED_ENV] = saved
+    return mock.patch.dict(os.environ, {FUSED_ENV: "off"})
 
 
 def save(result: dict, out: Path) -> None:

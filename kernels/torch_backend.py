@@ -375,8 +375,8 @@ class _ChunkBody:
         self.row_max = self.shift if self.shift is not None else torch.zeros(batch, n_heads, n_q, **f32)
         self.row_sum = torch.zeros_like(self.row_max)
         self.row_dot = torch.zeros_like(self.row_max)
-        # Where the entropy's dot was taken against (s - c) - t rather than (s - c): t per row (see row_pass).
-        self.dot_center = torch.zeros_like(self.row_max) if self.shift is not None or fused else None
+        # The entropy's dot is taken against (s - c) - t: t per row (see row_pass), 0 where it is not centred.
+        self.dot_center = torch.zeros_like(self.row_max)
         self.first_sum = torch.zeros_like(self.row_max)
         self.key_mass = torch.zeros(batch, n_heads, n_k, **f32)
 
@@ -411,10 +411,8 @@ class _ChunkBody:
             lse2 = torch.where(sees, lse2, self.sinks.expand_as(lse2))  # a row without keys: the sink alone
         inv = torch.where(sees, torch.exp2(-log_total), 0.0)  # 1 / L; 0 on rows without keys
         # Entropy over keys (sink excluded): H = lse · Σp - Σ p·s = (l · (log L - t) - Σ e·(s - c - t)) / L in
-        # nats, for the row's shift c and dot centre t (0 unless the chunk was re-centred).
-        if self.dot_center is not None:
-            log_total = log_total - self.dot_center
-        entropy = torch.where(sees, (row_sum * log_total - self.row_dot) * inv * _LN2, 0.0)
+        # nats, for the row's shift c and dot centre t.
+        entropy = torch.where(sees, (row_sum * (log_total - self.dot_center) - self.row_dot) * inv * _LN2, 0.0)
         self.out_sum.mul_(inv[..., None])
         if self.out_sum is not self.out:
             self.out.copy_(self.out_sum)
