@@ -1,5 +1,9 @@
 """The science: each analysis takes a loaded model and inputs and returns a ``Result``."""
 
+from headlab.bare_imports import refuse_bare
+
+refuse_bare(__name__)  # headlab.bare_imports says why
+
 from .circuits import CircuitsConfig, analyze_circuits
 from .lofit import LofitConfig, select_heads, train_offsets
 from .position_bias import PositionBiasConfig, analyze_position_bias, fit_exponential_trend

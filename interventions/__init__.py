@@ -4,6 +4,10 @@
 Each edit is a small dataclass found through ``INTERVENTIONS`` by its registered name.
 """
 
+from headlab.bare_imports import refuse_bare
+
+refuse_bare(__name__)  # headlab.bare_imports says why
+
 from .attention_call import ACTIVE_EDITS, ActiveEdits, AttentionCall, LayerPlan, run_edited
 from .attention_site import (
     AttentionOverride,

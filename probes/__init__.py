@@ -1,5 +1,9 @@
 """What is read from a running model: attention statistics, activations by name, residual summaries, accumulators."""
 
+from headlab.bare_imports import refuse_bare
+
+refuse_bare(__name__)  # headlab.bare_imports says why
+
 from .accumulators import KeyImportance, RowMeans
 from .activations import VALID_PATTERNS, Trace, trace
 from .attention import (
