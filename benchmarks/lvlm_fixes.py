@@ -57,7 +57,7 @@ def cases(name: str, dims: list[int]) -> dict[str, list]:
 
 
 def images(n: int):
-    from headlab import lvlm_data as D
+    from headlab.training import lvlm_data as D
 
     scenes = D.eval_scenes("weak", n)
     return [D.render(scene) for scene in scenes]

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import streamlit as st
 import torch
 
-from headlab.catalog import default_prompt_file
 from headlab.errors import HeadlabError
+from headlab.zoo.catalog import default_prompt_file
 
 from .live_forms import LiveContext, available, load_forms
 from .live_model import (

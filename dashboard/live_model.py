@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab.catalog import ALIASES, BUNDLED_MODELS, EMBEDDED, TINY_DESCRIPTIONS
 from headlab.errors import InputError
+from headlab.zoo.catalog import ALIASES, BUNDLED_MODELS, EMBEDDED, TINY_DESCRIPTIONS
 
 MAX_PROMPT_TOKENS = 512  # prompt (image tokens included); full patterns are O(T^2) per head
 MAX_NEW_TOKENS = 64  # per generation; the page generates twice (without and with the edits)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import UnsupportedArchitectureError
+from headlab.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
-from .loading import LoadedModel
+from headlab.errors import InputError
+from headlab.loading import LoadedModel
 
 
 @dataclass

@@ -27,10 +27,11 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .arch import Arch, check_supported
-from .errors import InputError, ModelFilesError, UnknownModelError
-from .gguf import SMOLLM2, converted_folder, smollm2_gguf
-from .zoo import ALIASES, TINY_MODELS, build_tiny
+from headlab.arch import Arch, check_supported
+from headlab.errors import InputError, ModelFilesError, UnknownModelError
+from headlab.zoo.catalog import ALIASES
+from headlab.zoo.gguf import SMOLLM2, converted_folder, smollm2_gguf
+from headlab.zoo.tiny import TINY_MODELS, build_tiny
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EMBEDDED = ("minilm", SMOLLM2, "llava-smol")
@@ -297,7 +298,7 @@ def load(
 
     if name == "llava-smol":
         # The bundled vision tower + projector, assembled with smollm2-135m's weights (headlab/llava_smol.py).
-        from .llava_smol import FOLDER, load_llava_smol
+        from headlab.zoo.llava_smol import FOLDER, load_llava_smol
 
         model, processor = load_llava_smol(torch_dtype, device)
         return LoadedModel(name, model, processor, Arch.from_model(model, processor, bos), str(FOLDER))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from headlab.errors import InputError
 
 ImageLike = "str | Path | PIL.Image.Image"
 

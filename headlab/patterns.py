@@ -20,9 +20,9 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from .batching import encode
-from .errors import InputError
-from .tokens import display_tokens, raw_tokens, token_label
+from headlab.batching import encode
+from headlab.errors import InputError
+from headlab.tokens import display_tokens, raw_tokens, token_label
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -120,7 +120,7 @@ def attention(loaded, prompt: str | Sequence[int], layer: int, head: int | Seque
     above ``max_tokens`` tokens it is refused before the model runs (the pattern is O(H·T²); use the
     statistics path for long inputs). Active ``headlab.intervene`` edits show in the pattern.
     """
-    from .probes import trace
+    from headlab.probes import trace
 
     arch = loaded.arch
     if not isinstance(layer, (int, np.integer)) or not 0 <= layer < arch.n_layers:

@@ -12,7 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .errors import PromptError
+from headlab.errors import PromptError
 
 BUNDLED = "bundled"
 STDIN = "-"

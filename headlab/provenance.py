@@ -23,7 +23,7 @@ def describe_source(source: str | None, default: Path | None = None) -> dict:
 
     ``source`` is what the user passed to ``--prompts`` (None: the default set; ``default`` is the model's
     own bundled prompt file, if it has one)."""
-    from .prompts import BUNDLED, STDIN, resolve_source
+    from headlab.prompts import BUNDLED, STDIN, resolve_source
 
     if source is None:
         if default is not None:
@@ -41,7 +41,7 @@ def describe_source(source: str | None, default: Path | None = None) -> dict:
 
 
 def package_versions() -> dict[str, str | None]:
-    from . import __version__
+    from headlab import __version__
 
     versions: dict[str, str | None] = {"headlab": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "safetensors"):
@@ -79,7 +79,7 @@ def model_settings(loaded, *, dtype: str | None = None, device: str | None = Non
     """How the model ran: requested and actual dtype/device, the attention backend, the CPU threads."""
     import torch
 
-    from .kernels.dispatch import resolve_backend
+    from headlab.kernels.dispatch import resolve_backend
 
     actual_device = loaded.device
     try:
@@ -101,7 +101,7 @@ def model_settings(loaded, *, dtype: str | None = None, device: str | None = Non
 
 def prompts_record(prompts: list[str], source: dict | None = None) -> tuple[dict, list[str] | None]:
     """The manifest's ``prompts`` entry, and the list to write to ``prompts.json`` when it is too long to inline."""
-    from .prompts import hash_inputs
+    from headlab.prompts import hash_inputs
 
     record = {"n": len(prompts), "hash": hash_inputs(prompts), "source": source or {"kind": "python"}}
     if sum(len(p) for p in prompts) <= INLINE_LIMIT:

@@ -16,7 +16,7 @@ import plotly.io as pio
 import torch
 from safetensors.torch import load_file, save_file
 
-from .runs import check_part_name, default_run_name, read_manifest, write_run
+from headlab.runs import check_part_name, default_run_name, read_manifest, write_run
 
 
 @dataclass
@@ -39,8 +39,8 @@ class Result:
 
     def save(self, runs_dir: Path, name: str | None = None) -> Path:
         """Write the run atomically under ``runs_dir``; returns its directory."""
-        from . import __version__
-        from .provenance import environment, prompts_record
+        from headlab import __version__
+        from headlab.provenance import environment, prompts_record
 
         created = dt.datetime.now(dt.timezone.utc)
         name = name or default_run_name(self.analysis, self.model, created)
@@ -121,7 +121,7 @@ class Result:
         ``metric``: a ``[layer, head]`` tensor of the run (``entropy``, ``first_mass``) or a column of a
         table with one row per (layer, head) (``alpha_first`` of ``sink_heads``); see ``head_metrics()``.
         Returns a table with columns ``layer``, ``head``, ``<metric>``; NaN values are left out."""
-        from .errors import InputError
+        from headlab.errors import InputError
 
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InputError(f"top_heads needs a positive number of heads k, got {k!r}")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunStoreError
+from headlab.errors import RunStoreError
 
 RUNS_ENV = "HEADLAB_RUNS"
 MANIFEST = "manifest.json"

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 import headlab
 from headlab.analyses.sinks import SinksConfig, analyze_sinks
 from headlab.arch import Arch
-from headlab.backcopy import BackcopyTask, as_text, backcopy_config, backcopy_tokenizer
-from headlab.cli import analyze_app
+from headlab.cli.app import analyze_app
 from headlab.loading import LoadedModel
 from headlab.prompts import read_prompts
 from headlab.result import Result
-from headlab.train import TrainConfig, train_backcopy
-from headlab.zoo import BUNDLED_DIR, default_prompt_file
+from headlab.training.backcopy import BackcopyTask, as_text, backcopy_config, backcopy_tokenizer
+from headlab.training.backcopy_training import TrainConfig, train_backcopy
+from headlab.zoo.catalog import BUNDLED_DIR, default_prompt_file
 
 # Measured on the committed checkpoint with `analyze sinks` (64 bundled prompts, T = 64, eps = 0.3):
 # Sink_1 = 75.0%, first-token alpha by layer 0.074 / 0.571 / 0.613 / 0.492; the same model at its

@@ -38,10 +38,10 @@ from headlab.analyses.path_patching import (
     path_patching,
 )
 from headlab.arch import Arch
-from headlab.backcopy import BOS, PAD, UNK, word_tokenizer
 from headlab.errors import InputError
 from headlab.interventions import HeadPatch
 from headlab.loading import LoadedModel
+from headlab.training.backcopy import BOS, PAD, UNK, word_tokenizer
 
 NAMES = [f"w{i}" for i in range(10)]
 FILLERS = [f"w{i}" for i in range(20, 30)]

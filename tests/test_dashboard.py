@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 from headlab.analyses import SinksConfig, analyze_sinks
-from headlab.cli import headlab_app
+from headlab.cli.app import headlab_app
 from headlab.dashboard import launch, registry
 from headlab.dashboard.discovery import discover_runs, load_run
 from headlab.dashboard.export import ExportError, figure_image, table_csv

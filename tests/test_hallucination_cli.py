@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.analyses.hallucination_metrics import chair_from_coco, load_synonym_list, pope_eval
-from headlab.cli import analyze_app, headlab_app
+from headlab.cli.app import analyze_app, headlab_app
 from headlab.result import Result
 
 runner = CliRunner()

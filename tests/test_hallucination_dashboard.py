@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from headlab import lvlm_data
+from headlab.training import lvlm_data
 from headlab.analyses import hallucination_eval as E
 from headlab.analyses import hallucination_metrics as M
 from headlab.dashboard import launch

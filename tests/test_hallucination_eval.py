@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.analyses import hallucination_metrics as H
 from headlab.analyses import pope_build as P
 from headlab.errors import InputError

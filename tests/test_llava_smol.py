@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 import headlab
-from headlab import llava_smol as L
-from headlab import lvlm_data as D
+from headlab.zoo import llava_smol as L
+from headlab.training import lvlm_data as D
 from headlab.errors import ModelFilesError
 from headlab.lvlm import LvlmSample, build_inputs
 
@@ -71,7 +71,7 @@ def test_key_groups(llava):
 
 
 def test_reads_the_icons(llava):
-    from headlab.llava_smol_train import evaluate
+    from headlab.training.llava_smol import evaluate
 
     proc = llava.tokenizer
     header = llava.text_tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids

@@ -9,7 +9,7 @@ from transformers import AutoConfig
 import headlab
 from headlab.batching import batches
 from headlab.errors import UnsupportedArchitectureError
-from headlab.zoo import TINY_MODELS, build_tiny
+from headlab.zoo.tiny import TINY_MODELS, build_tiny
 
 
 def test_local_folder_round_trip(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import headlab
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.errors import InputError
 from headlab.lvlm import LvlmSample, build_inputs, image_files, load_image, processor_of
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from headlab import lvlm_data as D
-from headlab.cli import analyze_app
+from headlab.training import lvlm_data as D
+from headlab.cli.app import analyze_app
 from headlab.result import Result
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.analyses.hallucination_metrics import (
     ChairCounts,
     chair,
@@ -99,7 +99,7 @@ def test_paired_bootstrap():
 
 
 def test_prior_effect_counts_by_hand():
-    from headlab.llava_smol_eval import prior_effect
+    from headlab.analyses.llava_smol_eval import prior_effect
 
     scenes = [D.Scene(["bat"], [0]), D.Scene(["cat", "pen"], [0, 1])]
     captions = ["The image shows a bat and a ball.",  # partner of bat named

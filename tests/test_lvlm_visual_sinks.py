@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import headlab
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.analyses.visual_sinks import (
     KNOWN_SINK_DIMS,
     find_sink_dims,

@@ -119,7 +119,7 @@ def test_sliding_window_layers_use_the_models_own_mask():
 
     from headlab.arch import Arch
     from headlab.loading import LoadedModel
-    from headlab.tokenizer import byte_tokenizer
+    from headlab.zoo.tokenizer import byte_tokenizer
 
     config = AutoConfig.for_model(
         "qwen3", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -14,13 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 import headlab
-from headlab.cli import analyze_app
+from headlab.cli.app import analyze_app
 from headlab.errors import InputError
 from headlab.kernels import StatsRequest
 from headlab.loading import check_placement, parse_device_map, parse_max_memory
 from headlab.probes import AttentionProbe
 from headlab.result import Result
-from headlab.zoo import build_tiny
+from headlab.zoo.tiny import build_tiny
 
 runner = CliRunner()
 PROMPTS = ["The quick brown fox jumps over the lazy dog near the river bank.", "Attention sinks appear early.",

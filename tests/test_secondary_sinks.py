@@ -19,10 +19,10 @@ from headlab.analyses.secondary_sinks import (
 )
 from headlab.analyses.sink_levels import count_levels, histogram
 from headlab.analyses.sinks import SinksConfig, analyze_sinks
-from headlab.constructed import ConstructedSpec, SinkSpec, build_constructed
 from headlab.errors import InputError
 from headlab.probes import PARTS, AttentionProbe, LayerPartsProbe
 from headlab.result import Result
+from headlab.training.constructed import ConstructedSpec, SinkSpec, build_constructed
 
 # Three built sinks, one per label under the paper's bounds for 24 layers (4 and 24 - 15 = 9).
 BUILT = [SinkSpec(7, 5, 6), SinkSpec(9, 3, 12), SinkSpec(11, 10, 2)]
@@ -226,7 +226,7 @@ def test_generation_mode_analyses_prompt_and_continuation():
 def test_cli_flags_switch_parts_and_set_bounds(tmp_path):
     from typer.testing import CliRunner
 
-    from headlab.cli import analyze_app
+    from headlab.cli.app import analyze_app
 
     base = ["sinks", "--model", "tiny-qwen3", "--n-prompts", "2", "--max-tokens", "16", "--quiet", "--out",
             str(tmp_path)]

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import headlab
-from headlab import gguf
+from headlab.zoo import gguf
 from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.arch import Arch
-from headlab.cli import analyze_app
+from headlab.cli.app import analyze_app
 from headlab.errors import ModelFilesError, UnsupportedArchitectureError
 from headlab.loading import LoadedModel
 from headlab.prompts import bundled_prompts

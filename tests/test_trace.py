@@ -17,7 +17,7 @@ import headlab
 from headlab.errors import InputError
 from headlab.interventions import KeyKnockout, ScoreBoost
 from headlab.probes import VALID_PATTERNS, AttentionProbe
-from headlab.zoo import build_tiny
+from headlab.zoo.tiny import build_tiny
 
 ARCHITECTURES = {"tiny-llama": "LlamaForCausalLM", "tiny-qwen3": "Qwen3ForCausalLM", "tiny-gpt2": "GPT2LMHeadModel"}
 COMPARED = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import headlab
-from headlab import lvlm_data as D
+from headlab.training import lvlm_data as D
 from headlab.analyses.vhd import (
     VhrScale,
     above_median,

@@ -29,7 +29,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
 
 def write_images(folder: Path) -> Path:
     """Two synthetic icon images with COCO-style annotations (headlab's own generator, fixed seed)."""
-    from headlab.lvlm_data import eval_scenes, write_dataset
+    from headlab.training.lvlm_data import eval_scenes, write_dataset
 
     write_dataset(folder, eval_scenes("in-distribution", 2, 1234))
     return folder

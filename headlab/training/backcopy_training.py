@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from .arch import Arch
-from .backcopy import BackcopyTask, backcopy_config, backcopy_tokenizer
-from .errors import InputError
-from .loading import LoadedModel
+from headlab.arch import Arch
+from headlab.errors import InputError
+from headlab.loading import LoadedModel
+from headlab.training.backcopy import BackcopyTask, backcopy_config, backcopy_tokenizer
 
 LOG_FILE = "training_log.json"
 

@@ -291,7 +291,7 @@ def synonym_lines() -> list[str]:
     as one, which a list of the 16 icons alone would miss."""
     from importlib import resources
 
-    from .analyses.hallucination_metrics import HEADLAB_SYNONYMS
+    from headlab.analyses.hallucination_metrics import HEADLAB_SYNONYMS
 
     coco: dict[str, list[str]] = {}
     text = resources.files("headlab").joinpath("data", HEADLAB_SYNONYMS).read_text(encoding="utf-8")
@@ -348,7 +348,7 @@ def write_dataset(folder: Path, scenes: Sequence[Scene], *, seed: int = 0) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m headlab.lvlm_data OUT [--kind partner-missing] [--n 500]``: write a synthetic set."""
+    """``python -m headlab.training.lvlm_data OUT [--kind partner-missing] [--n 500]``: write a synthetic set."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write headlab's synthetic icon set (COCO-style + POPE JSONL).")

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import lvlm_data as D
-from .llava_smol import FOLDER, IMAGE_TOKEN, WEIGHTS, assemble, llava_config, processor
+from headlab.training import lvlm_data as D
+from headlab.zoo.llava_smol import FOLDER, IMAGE_TOKEN, WEIGHTS, assemble, llava_config, processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -181,7 +181,7 @@ def save(model, folder: Path, cfg: LlavaSmolConfig, history: list[dict], command
     """Vision tower + projector + config + log, written to a temporary folder and renamed."""
     from safetensors.torch import save_file
 
-    from .llava_smol import vision_state
+    from headlab.zoo.llava_smol import vision_state
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -206,7 +206,7 @@ def save(model, folder: Path, cfg: LlavaSmolConfig, history: list[dict], command
 
 def train_llava_smol(cfg: LlavaSmolConfig, folder: Path = FOLDER, log: Callable[[str], None] = print,
                      command: str | None = None) -> None:
-    from .loading import load
+    from headlab.loading import load
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -266,7 +266,7 @@ def train_llava_smol(cfg: LlavaSmolConfig, folder: Path = FOLDER, log: Callable[
 
 def train_llava_smol_cli(out: Path | None, seed: int, fail: Callable[[str], None]) -> None:
     """``headlab zoo train llava-smol``: the recipe's defaults, written to the bundled folder by default."""
-    from .errors import HeadlabError
+    from headlab.errors import HeadlabError
 
     folder = out or FOLDER
     try:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ModelFilesError, UnsupportedArchitectureError
+from headlab.errors import ModelFilesError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from .cli import (
+from headlab.cli.app import (
     DEVICE_OPTION,
     DTYPE_OPTION,
     OFFLINE_OPTION,
@@ -25,8 +25,8 @@ from .cli import (
     reported_errors,
     use_threads,
 )
-from .errors import InputError
-from .runs import run_target
+from headlab.errors import InputError
+from headlab.runs import run_target
 
 lofit_app = typer.Typer(help="LoFiT: select heads, train head offsets, apply, export and evaluate them.",
                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -42,15 +42,15 @@ MODEL_OPTION = typer.Option("smollm2-135m", help="alias, tiny-* zoo model, local
 
 
 def _load(model: str, dtype: str, device: str, offline: bool):
-    from .loading import load
+    from headlab.loading import load
 
     return load(model, dtype=dtype, device=device, local_files_only=offline)
 
 
 def _offsets_run(path: Path):
     """(HeadOffsets, the model the offsets were trained on) from a train run directory or a safetensors file."""
-    from .interventions import HeadOffsets
-    from .runs import read_manifest
+    from headlab.interventions import HeadOffsets
+    from headlab.runs import read_manifest
 
     path = Path(path)
     offsets = HeadOffsets.load(path)
@@ -59,7 +59,7 @@ def _offsets_run(path: Path):
 
 
 def _config(objective, lr, lambda_l1, epochs, batch_size, seed, beta, max_tokens):
-    from .analyses.lofit import LofitConfig
+    from headlab.analyses.lofit import LofitConfig
 
     config = LofitConfig(objective=objective, lr=lr, lambda_l1=lambda_l1, epochs=epochs, batch_size=batch_size,
                          seed=seed, beta=beta, max_tokens=max_tokens)
@@ -90,8 +90,8 @@ def select(
     started = time.perf_counter()
     quiet_hub_progress(quiet)
     with reported_errors(model, "lower --batch-size or --max-tokens"):
-        from .analyses.lofit import select_heads
-        from .analyses.lofit_data import read_items
+        from headlab.analyses.lofit import select_heads
+        from headlab.analyses.lofit_data import read_items
 
         config = _config(objective, lr, lambda_l1, epochs, batch_size, seed, beta, max_tokens)
         items = read_items(data, objective)
@@ -129,8 +129,8 @@ def train(
     started = time.perf_counter()
     quiet_hub_progress(quiet)
     with reported_errors(model, "lower --batch-size or --max-tokens"):
-        from .analyses.lofit import load_ranking, top_pairs, train_offsets
-        from .analyses.lofit_data import read_items
+        from headlab.analyses.lofit import load_ranking, top_pairs, train_offsets
+        from headlab.analyses.lofit_data import read_items
 
         config = _config(objective, lr, 0.0, epochs, batch_size, seed, beta, max_tokens)
         items = read_items(data, objective)
@@ -163,7 +163,7 @@ def apply(
     with reported_errors(model or "the model", "use --dtype bfloat16"):
         import torch
 
-        from .interventions import intervene
+        from headlab.interventions import intervene
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -200,7 +200,7 @@ def export(
 ) -> None:
     """Bake the offsets into o_proj's bias (W_O·v per layer): a plain transformers checkpoint."""
     with reported_errors(model or "the model", "export on a machine with more memory"):
-        from .analyses.lofit_export import export_offsets
+        from headlab.analyses.lofit_export import export_offsets
 
         edit, trained_on = _offsets_run(offsets)
         model = model or trained_on
@@ -246,9 +246,9 @@ def evaluate(
 def _evaluate(data: Path, model: str, edit, batch_size: int, max_tokens: int, out, dtype, device, offline, threads,
               offsets_path):
     """(the lofit-eval Result, its (runs folder, name), the thread count): checks first, then the model."""
-    from .analyses.lofit_data import data_hash, read_items
-    from .analyses.lofit_eval import accuracy_result, exact_match, mc_summary, multiple_choice, read_mc_csv
-    from .result import Result
+    from headlab.analyses.lofit_data import data_hash, read_items
+    from headlab.analyses.lofit_eval import accuracy_result, exact_match, mc_summary, multiple_choice, read_mc_csv
+    from headlab.result import Result
 
     is_csv = data.suffix.lower() == ".csv"
     items = read_mc_csv(data) if is_csv else read_items(data, "sft")

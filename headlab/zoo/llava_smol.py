@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from .catalog import BUNDLED_DIR
-from .errors import ModelFilesError
+from headlab.errors import ModelFilesError
+from headlab.zoo.catalog import BUNDLED_DIR
 
 NAME = "llava-smol"
 FOLDER = BUNDLED_DIR / NAME
@@ -138,7 +138,7 @@ def load_vision_state(folder: Path = FOLDER) -> dict[str, torch.Tensor]:
 
 def load_llava_smol(dtype: torch.dtype, device: str, folder: Path = FOLDER):
     """``(model, processor)``: the bundled vision tower + projector on smollm2-135m from the zoo."""
-    from .loading import load
+    from headlab.loading import load
 
     smol = load("smollm2-135m", dtype=dtype, device="cpu")
     model = assemble(smol.model, load_vision_state(folder))

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .arch import Arch
-from .backcopy import BOS, PAD, UNK, word_tokenizer
-from .loading import LoadedModel
+from headlab.arch import Arch
+from headlab.loading import LoadedModel
+from headlab.training.backcopy import BOS, PAD, UNK, word_tokenizer
 
 N_WORDS = 40
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .cli import (
+from headlab.cli.app import (
     DEVICE_OPTION,
     DTYPE_OPTION,
     OFFLINE_OPTION,
@@ -24,7 +24,7 @@ from .cli import (
     reported_errors,
     use_threads,
 )
-from .errors import InputError
+from headlab.errors import InputError
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -60,10 +60,10 @@ def vhd(
     threads: int = THREADS_OPTION,
 ) -> None:
     """VHD (He et al., 2025): how much each head's output changes without the image, per generated token."""
-    from .analyses.hallucination_metrics import load_coco_objects, load_synonyms
-    from .analyses.vhd import VhdConfig, analyze_vhd
-    from .lvlm import LvlmSample, image_files, load_image
-    from .runs import run_target
+    from headlab.analyses.hallucination_metrics import load_coco_objects, load_synonyms
+    from headlab.analyses.vhd import VhdConfig, analyze_vhd
+    from headlab.lvlm import LvlmSample, image_files, load_image
+    from headlab.runs import run_target
 
     started = time.perf_counter()
     quiet_hub_progress(quiet)
@@ -87,7 +87,7 @@ def vhd(
             table = load_synonyms(synonyms) if synonyms is not None else {n.lower(): n for n in names}
         runs_dir, run_name = run_target(out, "vhd", model)
         used_threads = use_threads(threads)
-        from .loading import load
+        from headlab.loading import load
 
         loaded = load(model, dtype=dtype, device=device, local_files_only=offline)
         samples = [LvlmSample(text, [picture]) for picture in pictures for text in texts]

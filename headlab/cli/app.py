@@ -18,8 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import HeadlabError, InputError
-from .runs import check_new_run, check_runs_dir, check_writable, default_run_name, default_runs_dir
+from headlab.errors import HeadlabError, InputError
+from headlab.runs import check_new_run, check_runs_dir, check_writable, default_run_name, default_runs_dir
 
 # Below this many tokens per prompt, per-prompt statistics (Sink_1, position profiles) describe almost nothing.
 MIN_USEFUL_TOKENS = 8
@@ -112,9 +112,9 @@ def check_run_options(analysis: str, model: str, max_tokens: int, n_prompts: int
 
     Returns the runs folder (created, and checked writable) and the final run name (given or built from the
     analysis, the model and the time; checked for length and for an existing run)."""
-    from .batching import check_positive_tokens
-    from .kernels import check_environment
-    from .loading import resolve_device, resolve_dtype
+    from headlab.batching import check_positive_tokens
+    from headlab.kernels import check_environment
+    from headlab.loading import resolve_device, resolve_dtype
 
     check_environment()
     check_positive_tokens(max_tokens)
@@ -155,11 +155,11 @@ def check_scale_options(model: str, backend: Backend, remote: bool, device_map: 
     """Device map, memory budget, offload folder and the nnsight / NDIF flags, checked before the model loads.
 
     Returns the ``placement`` keywords for ``prompts_and_model``."""
-    from .loading import check_placement
+    from headlab.loading import check_placement
 
     device_map, max_memory, folder = check_placement(device_map, max_memory, offload_folder)
     if remote:
-        from .probes.nnsight_backend import check_remote
+        from headlab.probes.nnsight_backend import check_remote
 
         if backend != Backend.nnsight:
             raise InputError("--remote runs through nnsight: add --backend nnsight")
@@ -178,10 +178,10 @@ def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *,
 
     ``--backend nnsight`` wraps the model so that the analyses read statistics through nnsight traces; with
     ``--remote`` only the architecture is built here (no weights) and every forward runs on NDIF."""
-    from .catalog import default_prompt_file
-    from .loading import load
-    from .prompts import read_prompts
-    from .provenance import describe_source
+    from headlab.loading import load
+    from headlab.prompts import read_prompts
+    from headlab.provenance import describe_source
+    from headlab.zoo.catalog import default_prompt_file
 
     default = default_prompt_file(model)
     texts = read_prompts(prompts if prompts is not None else default)[:n_prompts]
@@ -190,7 +190,7 @@ def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *,
                   offload_folder=offload_folder, revision=revision, local_files_only=offline,
                   trust_remote_code=trust_remote_code, bos=bos.value, weights=not remote)
     if backend == Backend.nnsight:
-        from .probes.nnsight_backend import with_nnsight
+        from headlab.probes.nnsight_backend import with_nnsight
 
         loaded = with_nnsight(loaded, remote=remote)
     return texts, source, loaded
@@ -198,7 +198,7 @@ def prompts_and_model(model: str, prompts: str | None, n_prompts: int | None, *,
 
 def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
     """The mean prompt length in tokens (after the --max-tokens cut); warns when it is too short to mean much."""
-    from .batching import check_max_tokens, encode
+    from headlab.batching import check_max_tokens, encode
 
     check_max_tokens(loaded, max_tokens)
     mean = sum(len(encode(loaded, text, max_tokens)) for text in texts) / len(texts)
@@ -211,7 +211,7 @@ def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
 def record_provenance(result, loaded, texts: list[str], source: dict, *, dtype: str, device: str,
                       backend: Backend, threads: int, placement: dict | None = None) -> None:
     """The prompts, where they came from and how the model ran, into the run's manifest."""
-    from .provenance import model_settings
+    from headlab.provenance import model_settings
 
     result.prompts = texts
     settings = model_settings(loaded, dtype=dtype, device=device, threads=threads,
@@ -279,9 +279,9 @@ def sinks(
     threads: int = THREADS_OPTION,
 ) -> None:
     """Attention sinks (Gu et al.), massive activations (Sun et al.), secondary sinks (Wong et al.)."""
-    from .analyses.generation import prompt_token_ids
-    from .analyses.secondary_sinks import SecondarySinksConfig
-    from .analyses.sinks import SinksConfig, analyze_sinks
+    from headlab.analyses.generation import prompt_token_ids
+    from headlab.analyses.secondary_sinks import SecondarySinksConfig
+    from headlab.analyses.sinks import SinksConfig, analyze_sinks
 
     started = time.perf_counter()
     quiet_hub_progress(quiet)
@@ -308,7 +308,7 @@ def sinks(
                                                   revision=revision, offline=offline,
                                                   trust_remote_code=trust_remote_code, bos=bos, **placement)
         if generate:
-            from .analyses.retrieval_task import is_language_model
+            from headlab.analyses.retrieval_task import is_language_model
 
             if not is_language_model(loaded):
                 raise InputError(f"--generate needs a causal language model, and {model} is not one (an encoder "
@@ -333,8 +333,8 @@ def sinks(
 def fit_generation(loaded, texts: list[str], max_tokens: int, generate: int, chat_template: bool) -> int:
     """--max-tokens caps prompt and continuation together: when the longest prompt plus ``generate`` new tokens
     does not fit, raise the cap (within the model's context) and say so, rather than cut generated tokens."""
-    from .analyses.generation import chat_ids
-    from .batching import check_max_tokens, encode
+    from headlab.analyses.generation import chat_ids
+    from headlab.batching import check_max_tokens, encode
 
     longest = max(len(chat_ids(loaded, t) if chat_template else encode(loaded, t, max_tokens)) for t in texts)
     longest = min(longest, max_tokens)  # prompts are cut at --max-tokens before generating
@@ -409,7 +409,7 @@ def position_bias(
     threads: int = THREADS_OPTION,
 ) -> None:
     """Position bias: attention by distance and position, rollout P^(t), trend fit, retrieval by position."""
-    from .analyses.position_bias import PositionBiasConfig, analyze_position_bias
+    from headlab.analyses.position_bias import PositionBiasConfig, analyze_position_bias
 
     started = time.perf_counter()
     quiet_hub_progress(quiet)
@@ -448,7 +448,7 @@ def print_position_summary(summary: dict, path: Path) -> None:
     for segment, ratio in summary["segment_ratio_to_uniform"].items():
         table.add_row(segment, f"{ratio:.3g}")
     console.print(table)
-    from .analyses.position_bias import absent_sentence, rollout_sentence
+    from headlab.analyses.position_bias import absent_sentence, rollout_sentence
 
     k = summary["trend_k_mean"]
     console.print(f"tokens per prompt: T <= {summary.get('max_tokens')} (mean {summary['mean_prompt_tokens']:.1f})",
@@ -497,8 +497,8 @@ def circuits(
     started = time.perf_counter()
     quiet_hub_progress(quiet)
     with reported_errors(model, "lower --batch-size or --senders-per-pass, or use --dtype bfloat16"):
-        from .analyses.circuits import CircuitsConfig, analyze_circuits, export_graphs, summary_lines
-        from .loading import load
+        from headlab.analyses.circuits import CircuitsConfig, analyze_circuits, export_graphs, summary_lines
+        from headlab.loading import load
 
         config = CircuitsConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), n=n, top=top,
                                 method=method, seed=seed, batch_size=batch_size, senders_per_pass=senders_per_pass,
@@ -523,7 +523,7 @@ def circuits(
 @headlab_app.command("models")
 def models() -> None:
     """List model aliases and the tiny offline models."""
-    from .catalog import ALIASES, BUNDLED_MODELS, EMBEDDED, TINY_DESCRIPTIONS
+    from headlab.zoo.catalog import ALIASES, BUNDLED_MODELS, EMBEDDED, TINY_DESCRIPTIONS
 
     table = Table(title="headlab models")
     table.add_column("name")
@@ -547,7 +547,13 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 exposes the dashboard to the network"),
 ) -> None:
     """Browse saved runs in a Streamlit app (localhost only unless --host says otherwise)."""
-    from .dashboard.launch import check_dashboard_runs, check_port_free, dashboard_url, run_child, streamlit_command
+    from headlab.dashboard.launch import (
+        check_dashboard_runs,
+        check_port_free,
+        dashboard_url,
+        run_child,
+        streamlit_command,
+    )
 
     try:
         runs_dir = check_dashboard_runs(runs or default_runs_dir())
@@ -571,7 +577,7 @@ def runs_clean(
     dry_run: bool = typer.Option(False, help="list what would be removed, remove nothing"),
 ) -> None:
     """Remove the leftovers of killed runs (hidden .<name>.tmp-* folders); runs still being written are kept."""
-    from .runs import clean_leftovers
+    from headlab.runs import clean_leftovers
 
     try:
         removed, spared = clean_leftovers(runs or default_runs_dir(), dry_run=dry_run)
@@ -616,12 +622,12 @@ def zoo_train(
     import dataclasses
 
     if model == ZooModel.llava_smol:
-        from .llava_smol_train import train_llava_smol_cli
+        from headlab.training.llava_smol import train_llava_smol_cli
 
         return train_llava_smol_cli(out, seed, fail)
 
-    from .backcopy import BackcopyTask
-    from .train import TrainConfig, train_backcopy
+    from headlab.training.backcopy import BackcopyTask
+    from headlab.training.backcopy_training import TrainConfig, train_backcopy
 
     folder = out or Path("models") / model.value
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, final_lr_ratio=final_lr_ratio,
@@ -634,12 +640,12 @@ def zoo_train(
         fail(str(err))
     console.print(f"checkpoint written to {folder}", highlight=False, soft_wrap=True)
 
-from .lofit_cli import lofit_app  # noqa: E402, I001 (last: lofit_cli uses the options above)
+from headlab.cli.lofit import lofit_app  # noqa: E402, I001 (last: lofit_cli uses the options above)
 headlab_app.add_typer(lofit_app, name="lofit")
 
-from .lvlm_cli import vhd as _vhd  # noqa: E402, I001 (last: lvlm_cli uses the options above)
+from headlab.cli.lvlm import vhd as _vhd  # noqa: E402, I001 (last: lvlm_cli uses the options above)
 analyze_app.command("vhd")(_vhd)
 
-from .fix_cli import fix as _fix, hallucination as _hallucination  # noqa: E402, I001 (uses the options above)
+from headlab.cli.fix import fix as _fix, hallucination as _hallucination  # noqa: E402, I001 (uses the options above)
 analyze_app.command("hallucination")(_hallucination)
 headlab_app.command("fix")(_fix)

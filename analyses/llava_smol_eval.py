@@ -1,6 +1,6 @@
 """Does llava-smol hallucinate from its language prior? CHAIR, POPE, the partner effect and VHR.
 
-``python -m headlab.llava_smol_eval --n 600 --out eval.json`` writes the synthetic evaluation sets in
+``python -m headlab.analyses.llava_smol_eval --n 600 --out eval.json`` writes the synthetic evaluation sets in
 their public formats (COCO instances + captions, POPE JSONL) to a temporary folder, reads them back
 through analyses/hallucination_metrics.py, and measures on llava-smol:
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import lvlm_data as D
-from .analyses.hallucination_metrics import (
+from headlab.training import lvlm_data as D
+from headlab.analyses.hallucination_metrics import (
     ChairCounts,
     chair,
     load_coco_objects,
@@ -34,8 +34,8 @@ from .analyses.hallucination_metrics import (
     paired_bootstrap_chair_i,
     pope_metrics,
 )
-from .analyses.vhd import generate, vhr_layers
-from .lvlm import LvlmSample, load_image
+from headlab.analyses.vhd import generate, vhr_layers
+from headlab.lvlm import LvlmSample, load_image
 
 
 def decode(loaded, tokens: torch.Tensor) -> list[str]:
@@ -62,7 +62,7 @@ def prior_effect(captions: Sequence[str], scenes: Sequence[D.Scene]) -> dict:
     from scipy.stats import fisher_exact
 
     synonyms = {o: o for o in D.OBJECTS}
-    from .analyses.hallucination_metrics import mentioned
+    from headlab.analyses.hallucination_metrics import mentioned
 
     table = {"partner": [0, 0], "other": [0, 0]}  # [named, not named]
     for text, scene in zip(captions, scenes, strict=True):
@@ -86,7 +86,7 @@ def forced_prior(loaded, n: int = 160, *, with_image: bool = True, seed: int = 0
     (restricted to object tokens); rank of the partner among them (chance 1/14) and a sign test."""
     from scipy.stats import binomtest
 
-    from .lvlm import build_inputs
+    from headlab.lvlm import build_inputs
 
     tok = loaded.text_tokenizer
     ids = {o: tok(" " + o, add_special_tokens=False).input_ids[0] for o in D.OBJECTS}
@@ -152,8 +152,8 @@ def random_heads(loaded, seed: int):
 
 def sinks_report(loaded, n: int = 8, tau: float = 20.0) -> dict:
     """Sink dims from the massive activations of text-only chat prompts, then φ on the image tokens."""
-    from .analyses.visual_sinks import find_sink_dims, visual_sinks
-    from .lvlm import build_inputs
+    from headlab.analyses.visual_sinks import find_sink_dims, visual_sinks
+    from headlab.lvlm import build_inputs
 
     text = build_inputs(loaded, [LvlmSample(D.CAPTION_PROMPT)])
     dims, entries = find_sink_dims(loaded, text.tensors)
@@ -233,7 +233,7 @@ def vhd_report(loaded, n: int, seed: int = 0) -> dict:
     """T-VHD of hallucinated vs correct object tokens in captions of partner-missing images (Mann-Whitney U)."""
     from scipy.stats import mannwhitneyu
 
-    from .analyses.vhd import VhdConfig, analyze_vhd
+    from headlab.analyses.vhd import VhdConfig, analyze_vhd
 
     scenes = D.eval_scenes("partner-missing", n, seed=999 + seed)
     samples = [LvlmSample(D.CAPTION_PROMPT, [D.render(s)]) for s in scenes]

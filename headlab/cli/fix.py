@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from .cli import (
+from headlab.cli.app import (
     DEVICE_OPTION,
     DTYPE_OPTION,
     OFFLINE_OPTION,
@@ -29,7 +29,7 @@ from .cli import (
     reported_errors,
     use_threads,
 )
-from .errors import InputError
+from headlab.errors import InputError
 
 SET_OPTION = typer.Option(None, "--set", help="a method option, METHOD.FIELD=VALUE (e.g. pai.alpha=0.5, "
                                               "var.tau=15, vhr.layers=[20,21]); repeat for several")
@@ -76,8 +76,8 @@ def fix(
     """Generate with each fix on one image and print the answers side by side."""
     from rich.table import Table
 
-    from .analyses.hallucination_eval import HallucinationConfig
-    from .lvlm import LvlmSample, load_image
+    from headlab.analyses.hallucination_eval import HallucinationConfig
+    from headlab.lvlm import LvlmSample, load_image
 
     quiet_hub_progress(quiet)
     with reported_errors(model, "lower --max-new-tokens or use --dtype bfloat16"):
@@ -88,8 +88,8 @@ def fix(
         config.check()
         picture = load_image(image)
         use_threads(threads)
-        from .analyses.lvlm_fixes import decode, generate_fixed
-        from .loading import load
+        from headlab.analyses.lvlm_fixes import decode, generate_fixed
+        from headlab.loading import load
 
         loaded = load(model, dtype=dtype, device=device, local_files_only=offline)
         table = Table(title=f"{model}: {prompt!r} on {image.name}", show_lines=True)
@@ -108,7 +108,8 @@ def hallucination(
     model: str = typer.Option("llava-smol", help="an LVLM: llava-smol, tiny-llava, llava-1.5-7b (local), …"),
     bench: str = typer.Option("chair", help="chair (captions against COCO annotations) or pope (yes/no questions)"),
     data: Path = typer.Option(..., help="folder with COCO annotations + images (chair) or pope_{split}.jsonl + "
-                                        "images (pope); `python -m headlab.lvlm_data DIR` writes a synthetic one"),
+                                        "images (pope); `python -m headlab.training.lvlm_data DIR` writes a "
+                                        "synthetic one"),
     methods: str = typer.Option("none,vhr,var,pai,paint,vaf", help="comma-separated fixes; none is the baseline"),
     controls: bool = typer.Option(False, help="also run each method's random control (random keys/patches/heads)"),
     settings: list[str] = SET_OPTION,
@@ -134,8 +135,13 @@ def hallucination(
     threads: int = THREADS_OPTION,
 ) -> None:
     """CHAIR or POPE of several hallucination fixes on the same images, with bootstrap CIs and controls."""
-    from .analyses.hallucination_eval import HallucinationConfig, analyze_hallucination, chair_images, pope_questions
-    from .runs import run_target
+    from headlab.analyses.hallucination_eval import (
+        HallucinationConfig,
+        analyze_hallucination,
+        chair_images,
+        pope_questions,
+    )
+    from headlab.runs import run_target
 
     started = time.perf_counter()
     quiet_hub_progress(quiet)
@@ -157,7 +163,7 @@ def hallucination(
             pope_questions(data, config.splits, n)
         runs_dir, run_name = run_target(out, "hallucination", model)
         used_threads = use_threads(threads)
-        from .loading import load
+        from headlab.loading import load
 
         loaded = load(model, dtype=dtype, device=device, local_files_only=offline)
         result = analyze_hallucination(loaded, data, config, progress=not quiet)

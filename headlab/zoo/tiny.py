@@ -19,16 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-# Names and descriptions are plain data in headlab.catalog (the CLI lists them without torch); re-exported here.
-from .catalog import (  # noqa: F401
-    ALIASES,
-    BUNDLED_DIR,
-    BUNDLED_MODELS,
-    DEFAULT_PROMPTS,
-    TINY_DESCRIPTIONS,
-    default_prompt_file,
-)
-from .tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, byte_tokenizer
+# Names and descriptions are plain data in headlab.zoo.catalog (the CLI lists them without torch).
+from headlab.zoo.catalog import TINY_DESCRIPTIONS
+from headlab.zoo.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, byte_tokenizer
 
 BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = (256 + i for i in range(len(SPECIAL_TOKENS)))
 TINY_SEED = 0

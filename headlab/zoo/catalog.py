@@ -1,5 +1,5 @@
 """The names headlab knows, as plain data: no torch, no transformers (``headlab models`` lists them in
-well under a second). ``headlab.zoo`` builds the models behind the tiny names."""
+well under a second). ``headlab.zoo.tiny`` builds the models behind the tiny names."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ ALIASES: dict[str, str] = {
 
 # Trained checkpoints shipped inside the package (HF format, safetensors): small causal LMs with real
 # attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/backcopy.py).
-BUNDLED_DIR = Path(__file__).parent / "data" / "models"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 BUNDLED_MODELS: dict[str, str] = {
     "backcopy": "Llama-style, 4 layers x 4 heads, d=128, trained on Bigram-Backcopy with BOS (real first-token sink)",
     "backcopy-nobos": "the same model and recipe trained without BOS (where the sink goes without one)",
@@ -34,7 +34,7 @@ ALIASES.update({name: str(BUNDLED_DIR / name) for name in BUNDLED_MODELS})
 # Prompts used when a bundled model is analysed without --prompts: sequences from its own task, as text.
 DEFAULT_PROMPTS: dict[str, str] = {"backcopy": "backcopy_prompts.txt", "backcopy-nobos": "backcopy_prompts.txt"}
 
-# Random-init twins of real architectures (built by headlab.zoo.build_tiny), for tests only.
+# Random-init twins of real architectures (built by headlab.zoo.tiny.build_tiny), for tests only.
 TINY_DESCRIPTIONS: dict[str, str] = {
     "tiny-qwen3": "Qwen3 architecture, 4 layers x 4 heads (2 kv heads), random init",
     "tiny-llama": "Llama architecture, 4 layers x 4 heads (2 kv heads), random init",
@@ -55,4 +55,4 @@ EMBEDDED: dict[str, str] = {
 def default_prompt_file(model: str) -> Path | None:
     """The bundled prompt file that goes with ``model``, or None (then the general bundled set is used)."""
     name = DEFAULT_PROMPTS.get(model)
-    return Path(__file__).parent / "data" / name if name else None
+    return Path(__file__).resolve().parent.parent / "data" / name if name else None
