@@ -55,10 +55,11 @@ from pathlib import Path
 
 import numpy as np
 
+from headlab.bundled import COCO_SYNONYMS
 from headlab.errors import InputError
 
 WORD = re.compile(r"[a-z]+")
-HEADLAB_SYNONYMS = "coco_synonyms.txt"  # in headlab/data
+HEADLAB_SYNONYMS = COCO_SYNONYMS  # in headlab/data
 
 # ---------------------------------------------------------------------------------------------
 # Lemmatisers

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from headlab.training import lvlm_data as D
 from headlab.analyses.hallucination_metrics import (
     ChairCounts,
     chair,
@@ -36,6 +35,7 @@ from headlab.analyses.hallucination_metrics import (
 )
 from headlab.analyses.vhd import generate, vhr_layers
 from headlab.lvlm import LvlmSample, load_image
+from headlab.training import lvlm_data as D
 
 
 def decode(loaded, tokens: torch.Tensor) -> list[str]:

@@ -27,6 +27,7 @@ from headlab.batching import batches, check_max_tokens
 from headlab.errors import InputError
 from headlab.kernels import StatsRequest, distance_bin_edges
 from headlab.loading import LoadedModel
+from headlab.kernels.dispatch import backend_in_use
 from headlab.probes import AttentionProbe
 from headlab.probes.position import SEGMENTS, PositionProfile, head_mean_attention
 from headlab.prompts import as_prompt_list, hash_inputs
@@ -293,7 +294,8 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
         report=_report(summary, tables),
         input_hash=hash_inputs(prompts),
         prompts=prompts,
-        provenance={"settings": model_settings(loaded, backend=config.backend)},
+        provenance={"settings": model_settings(loaded, backend=config.backend,
+                                               backend_used=backend_in_use(loaded.device, config.backend))},
     )
 
 

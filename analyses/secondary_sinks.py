@@ -246,7 +246,7 @@ def formation_table(sinks: pd.DataFrame) -> pd.DataFrame:
 def formation_figure(model: str, sinks: pd.DataFrame) -> go.Figure:
     title = f"{model}: secondary sinks, MLP output norm at creation vs sink score"
     if sinks.empty:
-        from headlab.dashboard.plots import empty_figure
+        from headlab.figures import empty_figure
 
         return empty_figure(title, "nothing found: no secondary sink token in these prompts")
     fig = go.Figure(go.Scatter(

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.batching import batches, check_max_tokens, id_batches
-from headlab.dashboard.plots import model_title
 from headlab.errors import InputError
+from headlab.figures import model_title
 from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans, trace
 from headlab.prompts import as_prompt_list, hash_inputs

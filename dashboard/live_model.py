@@ -245,7 +245,7 @@ def head_pattern(loaded, inp: LiveInput, layer: int, head: int):
     Text prompts go through ``headlab.attention``; image prompts through ``headlab.trace`` on the same
     tensors (the pattern needs the pixels)."""
     import headlab
-    from headlab.patterns import AttentionPattern
+    from headlab.probes.patterns import AttentionPattern
 
     if not inp.image_spans:
         return headlab.attention(loaded, inp.ids, layer=layer, head=head, max_tokens=max(inp.n_tokens, 1))

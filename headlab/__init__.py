@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "Arch": ".arch",
-    "AttentionPattern": ".patterns",
-    "attention": ".patterns",
+    "AttentionPattern": ".probes.patterns",
+    "attention": ".probes.patterns",
     "HeadlabError": ".errors",
     "LoadedModel": ".loading",
     "load": ".loading",

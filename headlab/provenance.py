@@ -75,23 +75,18 @@ def environment() -> dict:
 
 
 def model_settings(loaded, *, dtype: str | None = None, device: str | None = None, backend: str | None = None,
-                   threads: int | None = None) -> dict:
-    """How the model ran: requested and actual dtype/device, the attention backend, the CPU threads."""
+                   backend_used: str | None = None, threads: int | None = None) -> dict:
+    """How the model ran: requested and actual dtype/device, the attention backend (``backend_used``: what the
+    kernel dispatcher chose, ``headlab.kernels.backend_in_use``), the CPU threads."""
     import torch
 
-    from headlab.kernels.dispatch import resolve_backend
-
     actual_device = loaded.device
-    try:
-        backend_used = resolve_backend(actual_device, backend)
-    except Exception:  # an unknown backend has failed the run long before a manifest is written
-        backend_used = backend
     return {
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "dtype_requested": dtype,
         "device": str(actual_device),
         "device_requested": device,
-        "backend": backend_used,
+        "backend": backend_used or backend,
         "backend_requested": backend or "auto",
         "threads": threads if threads is not None else torch.get_num_threads(),
         "source": loaded.source,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data"
+from headlab.bundled import DATA_DIR
+
+DATA = DATA_DIR
 
 
 @dataclass(frozen=True)

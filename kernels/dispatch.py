@@ -66,6 +66,14 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return name
 
 
+def backend_in_use(device: torch.device, backend: str | None = None) -> str | None:
+    """What ``resolve_backend`` picks, for a run's manifest; ``backend`` itself where it names no kernel (nnsight)."""
+    try:
+        return resolve_backend(device, backend)
+    except BackendError:  # an unknown kernel has failed the run long before a manifest is written
+        return backend
+
+
 def check_environment() -> None:
     """The kernels' environment variables, checked before a model loads (each raises ``InputError``):
     ``$HEADLAB_ATTN_BACKEND``, ``$HEADLAB_CHUNK_ROWS``, ``$HEADLAB_KERNEL_THREADS``, ``$HEADLAB_FUSED_ROWS``."""

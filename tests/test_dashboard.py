@@ -21,9 +21,9 @@ from headlab.cli.app import headlab_app
 from headlab.dashboard import launch, registry
 from headlab.dashboard.discovery import discover_runs, load_run
 from headlab.dashboard.export import ExportError, figure_image, table_csv
-from headlab.dashboard.plots import difference_heatmap, layer_head_heatmap
 from headlab.dashboard.views.sinks import token_attention, token_html
 from headlab.errors import HeadlabError, RunStoreError
+from headlab.figures import difference_heatmap, layer_head_heatmap
 from headlab.prompts import bundled_prompts
 from headlab.result import Result
 
@@ -411,7 +411,7 @@ def test_head_view_shows_the_picked_heads_pattern_and_received_attention(app_env
 
 
 def test_clicks_on_the_alpha_heatmap_land_on_a_cell():
-    from headlab.dashboard.plots import clicked_cell
+    from headlab.figures import clicked_cell
 
     fig = layer_head_heatmap(torch.rand(5, 3), "t", "alpha", clickable=True)
     heat, cells = fig.data
@@ -423,7 +423,7 @@ def test_clicks_on_the_alpha_heatmap_land_on_a_cell():
 
 
 def test_empty_figures_say_nothing_found_and_long_legends_become_a_dropdown():
-    from headlab.dashboard.plots import empty_figure, is_empty, limit_legend, model_title
+    from headlab.figures import empty_figure, is_empty, limit_legend, model_title
 
     assert is_empty(go.Figure(go.Scatter(x=[], y=[]))) and not is_empty(go.Figure(go.Bar(x=[0], y=[1])))
     fig = empty_figure("m: profile")

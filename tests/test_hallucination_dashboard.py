@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from headlab.training import lvlm_data
 from headlab.analyses import hallucination_eval as E
 from headlab.analyses import hallucination_metrics as M
 from headlab.dashboard import launch
 from headlab.dashboard.views import hallucination as V
+from headlab.training import lvlm_data
 
 CONFIG = {"methods": ["none", "pai"], "controls": True, "n": 3, "max_new_tokens": 4, "resamples": 50}
 

@@ -13,10 +13,10 @@ import types
 import numpy as np
 import pytest
 
-from headlab.training import lvlm_data as D
 from headlab.analyses import hallucination_metrics as H
 from headlab.analyses import pope_build as P
 from headlab.errors import InputError
+from headlab.training import lvlm_data as D
 
 COCO_80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
            "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",

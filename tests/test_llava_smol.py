@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 
 import headlab
-from headlab.zoo import llava_smol as L
-from headlab.training import lvlm_data as D
 from headlab.errors import ModelFilesError
 from headlab.lvlm import LvlmSample, build_inputs
+from headlab.training import lvlm_data as D
+from headlab.zoo import llava_smol as L
 
 pytestmark = pytest.mark.slow
 

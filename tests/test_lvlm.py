@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import headlab
-from headlab.training import lvlm_data as D
 from headlab.errors import InputError
 from headlab.lvlm import LvlmSample, build_inputs, image_files, load_image, processor_of
+from headlab.training import lvlm_data as D
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from headlab.training import lvlm_data as D
 from headlab.cli.app import analyze_app
 from headlab.result import Result
+from headlab.training import lvlm_data as D
 
 runner = CliRunner()
 

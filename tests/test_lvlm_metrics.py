@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headlab.training import lvlm_data as D
 from headlab.analyses.hallucination_metrics import (
     ChairCounts,
     chair,
@@ -19,6 +18,7 @@ from headlab.analyses.hallucination_metrics import (
     pope_metrics,
 )
 from headlab.errors import InputError
+from headlab.training import lvlm_data as D
 
 
 @pytest.fixture(scope="module")

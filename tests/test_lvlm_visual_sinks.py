@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import headlab
-from headlab.training import lvlm_data as D
 from headlab.analyses.visual_sinks import (
     KNOWN_SINK_DIMS,
     find_sink_dims,
@@ -20,6 +19,7 @@ from headlab.analyses.visual_sinks import (
 )
 from headlab.errors import InputError
 from headlab.lvlm import LvlmSample, build_inputs
+from headlab.training import lvlm_data as D
 
 DIM, VALUE, IMAGE_OFFSET = 17, 5000.0, 5
 

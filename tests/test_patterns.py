@@ -16,7 +16,7 @@ import headlab
 from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.errors import InputError
 from headlab.interventions import KeyKnockout
-from headlab.patterns import AttentionPattern
+from headlab.probes.patterns import AttentionPattern
 from headlab.probes.position import eager_attention
 from headlab.prompts import bundled_prompts
 

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import headlab
-from headlab.zoo import gguf
 from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.arch import Arch
 from headlab.cli.app import analyze_app
@@ -29,6 +28,7 @@ from headlab.loading import LoadedModel
 from headlab.prompts import bundled_prompts
 from headlab.result import Result
 from headlab.tasks import ioi_prompts
+from headlab.zoo import gguf
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

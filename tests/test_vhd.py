@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import headlab
-from headlab.training import lvlm_data as D
 from headlab.analyses.vhd import (
     VhrScale,
     above_median,
@@ -32,6 +31,7 @@ from headlab.analyses.vhd import (
 from headlab.errors import InputError
 from headlab.interventions import HeadScale
 from headlab.lvlm import LvlmSample, build_inputs
+from headlab.training import lvlm_data as D
 
 
 @pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])

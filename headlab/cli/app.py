@@ -211,11 +211,13 @@ def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
 def record_provenance(result, loaded, texts: list[str], source: dict, *, dtype: str, device: str,
                       backend: Backend, threads: int, placement: dict | None = None) -> None:
     """The prompts, where they came from and how the model ran, into the run's manifest."""
+    from headlab.kernels.dispatch import backend_in_use
     from headlab.provenance import model_settings
 
     result.prompts = texts
-    settings = model_settings(loaded, dtype=dtype, device=device, threads=threads,
-                              backend=None if backend == Backend.auto else backend.value)
+    requested = None if backend == Backend.auto else backend.value
+    settings = model_settings(loaded, dtype=dtype, device=device, threads=threads, backend=requested,
+                              backend_used=backend_in_use(loaded.device, requested))
     if placement is not None and placement["device_map"] is not None:
         settings.update(device_map=placement["device_map"], max_memory=placement["max_memory"],
                         placement=loaded.placement)

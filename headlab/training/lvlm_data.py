@@ -291,10 +291,10 @@ def synonym_lines() -> list[str]:
     as one, which a list of the 16 icons alone would miss."""
     from importlib import resources
 
-    from headlab.analyses.hallucination_metrics import HEADLAB_SYNONYMS
+    from headlab.bundled import COCO_SYNONYMS
 
     coco: dict[str, list[str]] = {}
-    text = resources.files("headlab").joinpath("data", HEADLAB_SYNONYMS).read_text(encoding="utf-8")
+    text = resources.files("headlab").joinpath("data", COCO_SYNONYMS).read_text(encoding="utf-8")
     for line in text.splitlines():
         words = [w.strip() for w in line.split(",") if w.strip()]
         if words and not line.lstrip().startswith("#"):

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlavaConfig,
@@ -138,14 +140,18 @@ def load_vision_state(folder: Path = FOLDER) -> dict[str, torch.Tensor]:
 
 def load_llava_smol(dtype: torch.dtype, device: str, folder: Path = FOLDER):
     """``(model, processor)``: the bundled vision tower + projector on smollm2-135m from the zoo."""
-    from headlab.loading import load
+    from headlab.zoo.gguf import converted_folder, smollm2_gguf
 
-    smol = load("smollm2-135m", dtype=dtype, device="cpu")
-    model = assemble(smol.model, load_vision_state(folder))
+    # The frozen language model: smollm2-135m's converted GGUF, read as headlab.load reads it.
+    smol_folder = converted_folder(smollm2_gguf())
+    language_model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=dtype, use_safetensors=True,
+                                                          attn_implementation="sdpa", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(smol_folder, local_files_only=True)
+    model = assemble(language_model.eval(), load_vision_state(folder))
     model.name_or_path = NAME
     meta = Path(folder) / "config.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())
         if saved.get("vision_config", {}).get("hidden_size") != VISION["hidden_size"]:
             raise ModelFilesError(f"{meta} describes another vision tower than this headlab's llava-smol: retrain it")
-    return model.to(device).eval(), processor(smol.tokenizer)
+    return model.to(device).eval(), processor(tokenizer)

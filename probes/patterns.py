@@ -164,7 +164,7 @@ def _span(heads: list[int]) -> str:
 
 
 def _model_title(model: str) -> str:
-    from headlab.dashboard.plots import model_title
+    from headlab.figures import model_title
 
     return model_title(model)
 
