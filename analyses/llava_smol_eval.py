@@ -33,7 +33,8 @@ from headlab.analyses.hallucination_metrics import (
     paired_bootstrap_chair_i,
     pope_metrics,
 )
-from headlab.analyses.vhd import generate, vhr_layers
+from headlab.analyses.lvlm_fixes import generate_with_vhr
+from headlab.analyses.vhd import vhr_layers
 from headlab.lvlm import LvlmSample, load_image
 from headlab.training import lvlm_data as D
 
@@ -44,7 +45,7 @@ def decode(loaded, tokens: torch.Tensor) -> list[str]:
 
 
 def caption(loaded, images: Sequence, *, batch: int = 16, max_new_tokens: int = 20, **kwargs) -> list[str]:
-    """Greedy captions of ``images`` (PIL) with the training prompt; ``kwargs`` go to ``vhd.generate``
+    """Greedy captions of ``images`` (PIL) with the training prompt; ``kwargs`` go to ``lvlm_fixes.generate_with_vhr``
     (``vhr=True``; ``heads=callable(batch index) -> [(layer, head)]`` for a fixed-heads control)."""
     out: list[str] = []
     for start in range(0, len(images), batch):
@@ -52,7 +53,7 @@ def caption(loaded, images: Sequence, *, batch: int = 16, max_new_tokens: int = 
         extra = dict(kwargs)
         if callable(extra.get("heads")):
             extra["heads"] = extra["heads"](start // batch)
-        tokens, _ = generate(loaded, chunk, max_new_tokens=max_new_tokens, **extra)
+        tokens, _ = generate_with_vhr(loaded, chunk, max_new_tokens=max_new_tokens, **extra)
         out += decode(loaded, tokens)
     return out
 
@@ -123,7 +124,7 @@ def pope(loaded, folder: Path, split: str, *, batch: int = 32) -> dict:
         chunk = items[start:start + batch]
         samples = [LvlmSample(i["text"] + " Answer yes or no.", [load_image(folder / "images" / i["image"])])
                    for i in chunk]
-        tokens, _ = generate(loaded, samples, max_new_tokens=3)
+        tokens, _ = generate_with_vhr(loaded, samples, max_new_tokens=3)
         answers += decode(loaded, tokens)
     return pope_metrics(answers, [i["label"] for i in items])
 

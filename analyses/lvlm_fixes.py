@@ -62,6 +62,9 @@ class FixContext:
     loaded: object
     samples: Sequence[LvlmSample]
     inputs: LvlmInputs
+    # Per-batch state of each method, keyed by id(method): what a method sets up in ``edits`` and uses in
+    # ``active`` lives here, not on the method, so one method object may serve two models (or runs) at once.
+    runs: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -378,30 +381,49 @@ class Var(FixMethod):
     control: bool = False
     seed: int = 0
     sinks: dict = field(default_factory=dict, repr=False)  # layer -> [(text sinks, visual sinks)] per sample
+    # Sink dimensions found (``dims`` None) per model: found on a model's first batch and kept for its later
+    # batches, never written into ``dims``, so another model finds its own.
+    found_dims: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def edits(self, ctx: FixContext) -> list[Intervention]:
+    def sink_dims(self, ctx: FixContext) -> list[int]:
+        """``dims`` if given, else this model's sink dimensions (found on its first batch, then reused)."""
         from .visual_sinks import find_sink_dims
 
-        layers = self.layers_for(ctx.n_layers)
-        if self.dims is None:
+        if self.dims is not None:
+            return list(self.dims)
+        key = (ctx.loaded.name, ctx.loaded.arch.n_layers, ctx.loaded.arch.hidden_size)
+        if key not in self.found_dims:
             tensors = {k: v.to(ctx.loaded.device) for k, v in ctx.inputs.tensors.items()}
-            self.dims = find_sink_dims(ctx.loaded, tensors)[0]
-            if not self.dims:
+            dims = find_sink_dims(ctx.loaded, tensors)[0]
+            if not dims:
                 raise InputError(f"VAR: {ctx.loaded.name} shows no massive activation on these inputs, so no sink "
                                  "dimension was found; pass dims=[…] (the backbone's sink dimensions)")
+            self.found_dims[key] = dims
+        return list(self.found_dims[key])
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.dims is None and len(self.found_dims) == 1:
+            out["dims"] = next(iter(self.found_dims.values()))  # the dims in force, as a report shows them
+        return out
+
+    def edits(self, ctx: FixContext) -> list[Intervention]:
+        layers = self.layers_for(ctx.n_layers)
+        dims = self.sink_dims(ctx)
         rows = ctx.text_after_rows()
         n_image = torch.tensor([sum(e - s for s, e in ctx.inputs.image_spans[b]) for b in range(len(ctx.samples))])
-        self._edits = {layer: VisualRedistribute(layer, rows, self.p, self.summ, self.rho, self.paper_semantics,
-                                                 n_image=n_image, has_visual_sink=torch.zeros(len(n_image), dtype=bool))
-                       for layer in layers}
+        edits = {layer: VisualRedistribute(layer, rows, self.p, self.summ, self.rho, self.paper_semantics,
+                                           n_image=n_image, has_visual_sink=torch.zeros(len(n_image), dtype=bool))
+                 for layer in layers}
+        ctx.runs[id(self)] = {"dims": dims, "edits": edits}
         self.sinks = {}
-        return list(self._edits.values())
+        return list(edits.values())
 
     @contextlib.contextmanager
     def active(self, ctx: FixContext, stream) -> Iterator[None]:
         arch = ctx.loaded.arch
         handles = [arch.layers[layer].register_forward_pre_hook(self._finder(ctx, layer), with_kwargs=True)
-                   for layer in self._edits]
+                   for layer in ctx.runs[id(self)]["edits"]]
         try:
             yield
         finally:
@@ -411,7 +433,8 @@ class Var(FixMethod):
     def _finder(self, ctx: FixContext, layer: int):
         from .visual_sinks import phi
 
-        edit = self._edits[layer]
+        run = ctx.runs[id(self)]
+        edit, dims = run["edits"][layer], run["dims"]
         real = ctx.inputs.real_mask.to(ctx.loaded.device)
         first = ctx.inputs.first_real.tolist()
         rng = ctx.rng(self.seed, f"var:{layer}")
@@ -421,7 +444,7 @@ class Var(FixMethod):
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, dim]
             if is_paused() or layer in self.sinks or hidden.shape[1] != real.shape[1]:
                 return None  # decoding steps reuse the prefill's sinks; the reference stream is not VAR's
-            sink = (phi(hidden, self.dims) > self.tau) & real  # [batch, column]
+            sink = (phi(hidden, dims) > self.tau) & real  # [batch, column]
             text, visual, rest, found = [], [], [], []
             for b in range(hidden.shape[0]):
                 image = images[b]
@@ -583,38 +606,20 @@ def check_fix(method: FixMethod) -> None:
 # Generation
 
 
-@torch.no_grad()
 def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixMethod] = (), *,
                    max_new_tokens: int = 32, backend: str | None = None, return_scores: bool = False):
     """Greedy generation ``[batch, n]`` (new tokens, padded with the pad id) with ``methods`` together.
 
     Without methods (or only ``NoFix``) this is plain ``model.generate`` on the model's own attention (sdpa).
     ``return_scores``: also the scores each step chose from ``[batch, n, vocab]`` (after guidance)."""
-    import headlab
-
+    from .generation import greedy
     from .reference_stream import NoImageStream
-    from .vhd import _new_tokens, _pad_id
 
     methods = [m for m in methods if not isinstance(m, NoFix)]
-    model = loaded.model
     inputs = build_inputs(loaded, samples, padding_side="left").to(loaded.device)
-    ctx = FixContext(loaded, samples, inputs)
-    pad_id = _pad_id(loaded)
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-    eos = end_of_turn(loaded)
-    if eos is not None:
-        gen_kwargs["eos_token_id"] = eos
-    if return_scores:
-        gen_kwargs.update(output_scores=True, return_dict_in_generate=True)
-
-    def finish(out):
-        if not return_scores:
-            return _new_tokens(out, inputs, pad_id)
-        return _new_tokens(out.sequences, inputs, pad_id), torch.stack(out.scores, dim=1).float().cpu()
-
     if not methods:
-        return finish(model.generate(**inputs.tensors, **gen_kwargs))
-
+        return greedy(loaded, inputs.tensors, max_new_tokens, return_scores=return_scores)
+    ctx = FixContext(loaded, samples, inputs)
     edits = [e for m in methods for e in m.edits(ctx)]
     stream = None
     if any(m.needs_reference for m in methods):
@@ -630,25 +635,26 @@ def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixM
                     m.on_reference(s)
         stream = NoImageStream(loaded, samples, remove=removes.pop(), z_layers=layers, on_step=on_step)
     processors = [p for m in methods if (p := m.logits_processor(ctx, stream)) is not None]
-    if processors:
-        from transformers import LogitsProcessorList
-
-        gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(headlab.intervene(loaded, *edits, backend=backend))
-        if stream is not None:
-            stack.enter_context(stream.running())
-        for m in methods:
-            stack.enter_context(m.active(ctx, stream))
-        out = model.generate(**inputs.tensors, **gen_kwargs)
-    return finish(out)
+    contexts = ([stream.running()] if stream is not None else []) + [m.active(ctx, stream) for m in methods]
+    return greedy(loaded, inputs.tensors, max_new_tokens, edits=edits, contexts=contexts,
+                  logits_processors=processors, backend=backend, return_scores=return_scores)
 
 
-def end_of_turn(loaded) -> int | None:
-    """The chat template's end-of-turn id where generate would not stop on it by itself (llava-smol's)."""
-    if loaded.name != "llava-smol":
-        return None
-    return loaded.text_tokenizer.convert_tokens_to_ids("<|im_end|>")
+def generate_with_vhr(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32, vhr: bool = False,
+             alpha: float = 2.0, layers: Sequence[int] | None = None, per_step: bool = True,
+             remove: str = "drop", heads: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, dict]:
+    """Greedy generation ``[batch, n]`` (padded with pad id), optionally under VHR (``lvlm_fixes.Vhr``).
+
+    ``heads``: a fixed head list instead of the VHD selection (the random-heads control: plain HeadScale).
+    Returns the new tokens and ``{"chosen": [{layer: [batch, head] bool}] per step}`` under VHR."""
+    from .no_image import REMOVE_MODES
+
+    if remove not in REMOVE_MODES:
+        raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
+    method = Vhr(alpha=alpha, layers=None if layers is None else list(layers), per_step=per_step, remove=remove,
+                 heads=heads) if vhr or heads is not None else None
+    tokens = generate_fixed(loaded, samples, [method] if method is not None else [], max_new_tokens=max_new_tokens)
+    return tokens, {"chosen": method.history if method is not None else []}
 
 
 def decode(loaded, tokens: torch.Tensor) -> list[str]:

@@ -33,7 +33,7 @@ import torch
 
 from headlab.errors import InputError
 from headlab.interventions import intervene
-from headlab.interventions.z_site import ZCall, ZEdit
+from headlab.interventions.z_site import BoundZEdit, ZCall, ZEdit
 from headlab.probes.activations import _qkv_readers
 
 from .circuit_tasks import TaskBatch
@@ -104,14 +104,19 @@ class FinalZMix(ZEdit):
         self.clean_z, self.cf_z, self.patch, self.freeze = clean_z, cf_z, patch, freeze
         self.final_column = final_column  # the prompt's last column: a full prefill or a one-token step
 
-    def validate(self, arch) -> None:
-        touched = (self.patch | self.freeze).any(dim=(0, 2))
-        self._by_layer = {int(layer): list(range(arch.n_heads)) for layer in touched.nonzero().flatten()}
+    def layers(self) -> list[int]:
+        """The layers where some row patches or freezes a head."""
+        touched = (self.patch | self.freeze).any(dim=(0, 2))  # [layer]
+        return [int(layer) for layer in touched.nonzero().flatten()]
+
+    def bind(self, arch) -> BoundZEdit:
         if self.clean_z.shape[1:3] != (arch.n_layers, arch.n_heads):
             raise InputError(f"FinalZMix: z of shape {list(self.clean_z.shape)} does not fit a model with "
                              f"{arch.n_layers} layers and {arch.n_heads} heads")
+        # Every head of a touched layer: the masks pick heads per row, which one head list cannot say.
+        return BoundZEdit(self, {layer: list(range(arch.n_heads)) for layer in self.layers()})
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
         if call.seen + z.shape[1] - 1 != self.final_column:  # this call does not hold the final position
             return z
         layer = call.layer

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from headlab.batching import batches, check_max_tokens
 from headlab.errors import InputError
 from headlab.kernels import StatsRequest, distance_bin_edges
-from headlab.loading import LoadedModel
 from headlab.kernels.dispatch import backend_in_use
+from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe
 from headlab.probes.position import SEGMENTS, PositionProfile, head_mean_attention
 from headlab.prompts import as_prompt_list, hash_inputs
@@ -47,7 +47,6 @@ from .retrieval_task import (
     ABSENT,
     PLACEMENTS,
     RetrievalConfig,
-    is_language_model,
     retrieval_figure,
     run_retrieval,
 )
@@ -257,7 +256,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
         notes.append("rollout off (--rollout-tokens 0)")
 
     retrieval = None
-    if config.retrieval_trials and not is_language_model(loaded):
+    if config.retrieval_trials and not loaded.generates:
         notes.append(f"retrieval task skipped: {loaded.name} is not a causal language model")
     elif config.retrieval_trials:
         retrieval_config = RetrievalConfig(config.retrieval_trials, config.retrieval_pairs, config.seed,

@@ -24,7 +24,7 @@ import torch
 from headlab.interventions import paused
 from headlab.lvlm import LvlmSample, build_inputs
 
-from .vhd import capture_z, without_image
+from .no_image import capture_z, without_image
 
 
 class NoImageStream:

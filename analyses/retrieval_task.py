@@ -81,11 +81,6 @@ class RetrievalItem:
         return [f" {v}" for _, v in self.pairs]
 
 
-def is_language_model(loaded: LoadedModel) -> bool:
-    """A causal model with an output head: one that gives next-token log-probabilities."""
-    return loaded.arch.causal and loaded.model.get_output_embeddings() is not None
-
-
 def slot(placement: str, n_pairs: int) -> int:
     """Index of the queried pair for a placement: 0, n // 2 or n - 1."""
     return {"first": 0, "middle": n_pairs // 2, "last": n_pairs - 1}[placement]
@@ -265,7 +260,7 @@ def run_retrieval(loaded: LoadedModel, config: RetrievalConfig, progress=None,
                   absent: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
     """Score every item: (per-item table, accuracy and mean log-likelihood by placement, absent-key items,
     absent-key baseline); the last two are None without ``absent``."""
-    if not is_language_model(loaded):
+    if not loaded.generates:
         raise InputError(f"{loaded.name} is not a causal language model: the retrieval task needs next-token "
                          "log-probabilities")
     rows = []

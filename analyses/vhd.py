@@ -22,18 +22,19 @@ token), so the edit holds with a KV cache, and the model is bit-exact after the 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from headlab.errors import InputError
 from headlab.interventions.positions import Positions
-from headlab.interventions.z_site import HeadScale, ZCall
-from headlab.lvlm import LvlmInputs, LvlmSample, build_inputs
+from headlab.interventions.z_site import BoundZEdit, HeadScale, ZCall
+from headlab.lvlm import LvlmSample, build_inputs
 
-REMOVE_MODES = ("drop", "blank")
+from .generation import greedy_samples, padding_id
+from .no_image import REMOVE_MODES, append_continuation, capture_z, without_image
+
 AGGREGATIONS = ("topk_mean", "layer_topk_sum")
 
 
@@ -44,58 +45,6 @@ def vhr_layers(n_layers: int, n_last: int | None = None) -> list[int]:
     if not 0 < n_last <= n_layers:
         raise InputError(f"--vhr-last {n_last}: choose 1 … {n_layers} layers for a {n_layers}-layer model")
     return sorted({1, *range(n_layers - n_last, n_layers)} & set(range(n_layers)))
-
-
-@contextlib.contextmanager
-def capture_z(loaded, layers: Sequence[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Record z ``[batch, query, head, d_head]`` of ``layers`` on every call (a forward pre-hook on o_proj)."""
-    arch = loaded.arch
-    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    handles = []
-    for layer in layers:
-        def hook(module, args, layer=layer):
-            x = args[0]
-            store[layer].append(x.detach().reshape(*x.shape[:-1], arch.n_heads, -1).float())
-        handles.append(arch.o_proj(layer).register_forward_pre_hook(hook))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def without_image(samples: Sequence[LvlmSample], remove: str = "drop") -> list[LvlmSample]:
-    """The same samples with the image removed (``drop``) or replaced by a uniform grey image (``blank``)."""
-    from PIL import Image
-
-    from headlab.lvlm import load_image
-
-    if remove not in REMOVE_MODES:
-        raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
-    out = []
-    for s in samples:
-        if remove == "drop":
-            images = ()
-        else:
-            images = []
-            for im in s.images:
-                im = im if hasattr(im, "size") else load_image(im)
-                images.append(Image.new("RGB", im.size, (128, 128, 128)))
-        out.append(LvlmSample(s.prompt, images, s.system, s.answer))
-    return out
-
-
-def _append(inputs: LvlmInputs, continuation: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompt tensors followed by ``continuation`` ``[batch, n]`` (pad_id = padding)."""
-    if inputs.padding_side != "left":
-        raise InputError("VHD needs left-padded prompts (the generated tokens are appended on the right)")
-    t = dict(inputs.tensors)
-    cont_mask = (continuation != pad_id).long()
-    t["input_ids"] = torch.cat([t["input_ids"], continuation], dim=1)
-    t["attention_mask"] = torch.cat([t["attention_mask"], cont_mask], dim=1)
-    if "mm_token_type_ids" in t:
-        t["mm_token_type_ids"] = torch.cat([t["mm_token_type_ids"], torch.zeros_like(continuation)], dim=1)
-    return t
 
 
 @dataclass
@@ -119,13 +68,13 @@ def vhd_of(loaded, samples: Sequence[LvlmSample], continuation: torch.Tensor, *,
     attention is causal, so the row predicting y_t sees exactly y_<t."""
     arch = loaded.arch
     layers = list(range(arch.n_layers)) if layers is None else list(layers)
-    pad_id = pad_id if pad_id is not None else _pad_id(loaded)
+    pad_id = pad_id if pad_id is not None else padding_id(loaded)
     with_img = build_inputs(loaded, samples, padding_side="left")
     without = build_inputs(loaded, without_image(samples, remove), padding_side="left")
     n = continuation.shape[1]
     zs = []
     for inputs in (with_img, without):
-        tensors = {k: v.to(loaded.device) for k, v in _append(inputs, continuation, pad_id).items()}
+        tensors = {k: v.to(loaded.device) for k, v in append_continuation(inputs, continuation, pad_id).items()}
         with capture_z(loaded, layers) as store:
             loaded.model(**tensors, use_cache=False)
         p = inputs.input_ids.shape[1]
@@ -136,11 +85,6 @@ def vhd_of(loaded, samples: Sequence[LvlmSample], continuation: torch.Tensor, *,
     valid[:, 1:] = continuation[:, :-1] != pad_id  # the row predicting y_t exists when y_{t-1} was real
     valid &= torch.cat([torch.ones_like(valid[:, :1]), (continuation != pad_id)[:, :-1].cumprod(1).bool()], dim=1)
     return VhdTrace(vhd.cpu(), zs[1].norm(dim=-1).cpu(), valid.cpu(), continuation.cpu(), layers)
-
-
-def _pad_id(loaded) -> int:
-    tok = loaded.text_tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def outlier_mask(vhd: torch.Tensor, z_norm_without: torch.Tensor) -> torch.Tensor:
@@ -188,8 +132,8 @@ class VhrScale(HeadScale):
     per_step: bool = True
     chosen: dict = field(default_factory=dict)
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        if call.layer not in self._by_layer:
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        if call.layer not in bound.by_layer:
             return z
         rows = call.rows(Positions.of("last")).to(z.device)  # [batch, query]: the predicting row of each sample
         if bool((rows.sum(1) != 1).any()):
@@ -202,32 +146,9 @@ class VhrScale(HeadScale):
                 raise InputError(f"VHR: no no-image reference for layer {call.layer} at this step")
             self.chosen[call.layer] = above_median((current - ref.to(current.device)).norm(dim=-1))
         chosen = self.chosen[call.layer] & torch.isin(torch.arange(z.shape[2], device=z.device),
-                                                      torch.tensor(self.heads_of(call.layer), device=z.device))
+                                                      torch.tensor(bound.heads_of(call.layer), device=z.device))
         scale = torch.where(chosen, torch.tensor(float(self.alpha)), torch.tensor(1.0)).to(z.dtype)  # [batch, head]
         return torch.where(rows[:, :, None, None], z * scale[:, None, :, None], z)
-
-
-def generate(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32, vhr: bool = False,
-             alpha: float = 2.0, layers: Sequence[int] | None = None, per_step: bool = True,
-             remove: str = "drop", heads: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, dict]:
-    """Greedy generation ``[batch, n]`` (padded with pad id), optionally under VHR (``lvlm_fixes.Vhr``).
-
-    ``heads``: a fixed head list instead of the VHD selection (the random-heads control: plain HeadScale).
-    Returns the new tokens and ``{"chosen": [{layer: [batch, head] bool}] per step}`` under VHR."""
-    from .lvlm_fixes import Vhr, generate_fixed
-
-    if remove not in REMOVE_MODES:
-        raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
-    method = Vhr(alpha=alpha, layers=None if layers is None else list(layers), per_step=per_step, remove=remove,
-                 heads=heads) if vhr or heads is not None else None
-    tokens = generate_fixed(loaded, samples, [method] if method is not None else [], max_new_tokens=max_new_tokens)
-    return tokens, {"chosen": method.history if method is not None else []}
-
-
-def _new_tokens(out: torch.Tensor, inputs: LvlmInputs, pad_id: int) -> torch.Tensor:
-    new = out[:, inputs.input_ids.shape[1]:].cpu()
-    # After a sample's end-of-turn everything is padding (generate pads finished rows with pad_id already).
-    return new if new.numel() else torch.full((out.shape[0], 0), pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +187,7 @@ def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None 
     answers = []
     for start in range(0, len(samples), config.batch_size):
         chunk = list(samples[start:start + config.batch_size])
-        tokens, _ = generate(loaded, chunk, max_new_tokens=config.max_new_tokens)
+        tokens = greedy_samples(loaded, chunk, config.max_new_tokens)
         trace = vhd_of(loaded, chunk, tokens, remove=config.remove)
         z_norm = trace.z_norm_without if config.filter_outliers else None
         agg = {a: t_vhd(trace.vhd, k=config.k, aggregation=a, z_norm_without=z_norm) for a in AGGREGATIONS}

@@ -9,7 +9,6 @@ embedded models, aliases found in the local Hugging Face cache, never downloaded
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import threading
@@ -99,7 +98,6 @@ class LiveInput:
     raw_tokens: list[str]
     image_spans: list[tuple[int, int]] = field(default_factory=list)
     text_after: int = 0  # first position after the last image token (0 without an image)
-    eos_token_id: int | None = None
     pixels_digest: str | None = None  # sha256 of pixel_values (None without an image)
     sample: object | None = None  # LVLMs: the headlab.lvlm.LvlmSample the tensors came from (the LVLM fixes use it)
 
@@ -152,7 +150,7 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
     tok = loaded.text_tokenizer
     spans: list[tuple[int, int]] = []
     text_after = 0
-    eos = sample = None
+    sample = None
     if loaded.arch.is_multimodal:
         from headlab.lvlm import LvlmSample, build_inputs
 
@@ -161,7 +159,6 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
         tensors = {k: v.to(device) for k, v in inputs.tensors.items()}
         ids = inputs.input_ids[0].tolist()
         spans, text_after = list(inputs.image_spans[0]), inputs.text_after[0]
-        eos = _end_of_turn(tok)
     else:
         if image is not None:
             raise InputError(f"{loaded.name} is a text-only model: remove the image, or load an LVLM "
@@ -170,7 +167,6 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
             from headlab.analyses.generation import chat_ids
 
             ids = chat_ids(loaded, prompt)
-            eos = _end_of_turn(tok)
         else:
             ids = encode(loaded, prompt, max_tokens=1 << 30)
         check_known_tokens(loaded, [ids])
@@ -184,14 +180,8 @@ def build_input(loaded, prompt: str, image=None, chat: bool = False) -> LiveInpu
                          "it, or use `analyze` for long inputs (statistics without T x T patterns)")
     pixels = tensors.get("pixel_values")
     digest = None if pixels is None else hashlib.sha256(pixels.float().cpu().numpy().tobytes()).hexdigest()
-    return LiveInput(tensors, ids, display_tokens(tok, ids), raw_tokens(tok, ids), spans, text_after, eos, digest,
+    return LiveInput(tensors, ids, display_tokens(tok, ids), raw_tokens(tok, ids), spans, text_after, digest,
                      sample)
-
-
-def _end_of_turn(tok) -> int | None:
-    """``<|im_end|>`` when the vocabulary has it (chat turns end there, not at the tokenizer's EOS)."""
-    token_id = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-    return token_id if token_id is not None and token_id != tok.unk_token_id else None
 
 
 def prompt_statistics(loaded, inp: LiveInput) -> pd.DataFrame:
@@ -274,9 +264,7 @@ def greedy(loaded, inp: LiveInput, max_new_tokens: int, edits: Sequence = ()) ->
     (``live_fixes.greedy_fixed``: the prompt's image required, the other edits in the same block).
 
     The model is left bit-exact: ``intervene`` removes every edit on exit, on error too."""
-    import headlab
-
-    if not loaded.arch.causal:
+    if not loaded.generates:
         raise InputError(f"{loaded.name} is an encoder: it does not generate text (statistics and patterns only)")
     check_new_tokens(loaded, inp, max_new_tokens)
     if edits:
@@ -284,15 +272,9 @@ def greedy(loaded, inp: LiveInput, max_new_tokens: int, edits: Sequence = ()) ->
 
         if any(fix_of(edit) is not None for edit in edits):
             return greedy_fixed(loaded, inp, max_new_tokens, edits)
-    tok = loaded.text_tokenizer
-    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    if inp.eos_token_id is not None:
-        kwargs["eos_token_id"] = inp.eos_token_id
-    block = headlab.intervene(loaded, *edits) if edits else contextlib.nullcontext()
-    with torch.no_grad(), block:
-        out = loaded.model.generate(**inp.tensors, **kwargs)
-    return out[0, inp.n_tokens:].tolist()
+    from headlab.analyses.generation import greedy as greedy_tokens
+
+    return greedy_tokens(loaded, inp.tensors, max_new_tokens, edits=list(edits) if edits else None)[0].tolist()
 
 
 def decode(loaded, inp: LiveInput, new_ids: Sequence[int]) -> tuple[str, list[str]]:

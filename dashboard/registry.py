@@ -1,15 +1,14 @@
 """The view registry: each analysis contributes its dashboard page here, the app core never changes.
 
 A view renders one run of its analysis (and, optionally, compares two runs of it). Register one with
-``@register_view("<analysis>")`` on a ``View`` subclass in a module under ``headlab.dashboard.views``
-(every module there is imported when the app starts). Runs of an analysis without a view are shown by
-``GenericView``: their saved figures, tables and summary.
+``@register_view("<analysis>")`` on a ``View`` subclass in a module that the analysis registry
+(``headlab.analyses.registry``) names as the analysis's ``view``; the app imports those modules. Runs of an
+analysis without a view are shown by ``GenericView``: their saved figures, tables and summary.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Callable
 
 from headlab.errors import HeadlabError
@@ -83,15 +82,17 @@ def registered_views() -> dict[str, View]:
     return dict(_VIEWS)
 
 
-def load_views(package: str = "headlab.dashboard.views") -> None:
-    """Import every module of the views package so that their ``@register_view`` decorators run."""
-    module = importlib.import_module(package)
-    for info in pkgutil.iter_modules(module.__path__, prefix=f"{package}."):
+def load_views() -> None:
+    """Import the view module of every analysis in ``headlab.analyses.registry`` (their ``@register_view``
+    decorators run on import)."""
+    from headlab.analyses.registry import ANALYSES
+
+    for module in dict.fromkeys(a.view for a in ANALYSES.values() if a.view is not None):
         try:
-            importlib.import_module(info.name)
-            _BROKEN_VIEWS.pop(info.name, None)
+            importlib.import_module(module)
+            _BROKEN_VIEWS.pop(module, None)
         except Exception as err:  # one analysis's broken page must not take the other pages down
-            _BROKEN_VIEWS[info.name] = f"{type(err).__name__}: {err}"
+            _BROKEN_VIEWS[module] = f"{type(err).__name__}: {err}"
 
 
 def broken_views() -> dict[str, str]:

@@ -11,6 +11,7 @@ refuse_bare(__name__)  # headlab.bare_imports says why
 from .attention_call import ACTIVE_EDITS, ActiveEdits, AttentionCall, LayerPlan, run_edited
 from .attention_site import (
     AttentionOverride,
+    BoundAttentionEdit,
     KeyKnockout,
     ProbEdit,
     Redistribute,
@@ -19,12 +20,21 @@ from .attention_site import (
     ScoreEditPart,
     ScoreScale,
 )
-from .base import INTERVENTIONS, Intervention, every_head, head_list, register_intervention, resolve_heads
+from .base import (
+    INTERVENTIONS,
+    Bound,
+    Intervention,
+    every_head,
+    head_list,
+    register_intervention,
+    resolve_heads,
+    spec_layers,
+)
 from .context import Intervened, intervene, paused
 from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 from .residual_site import RESIDUAL_POINTS, ResidualAdd
-from .z_site import HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZEdit
+from .z_site import BoundZEdit, HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZAffine, ZEdit
 
 __all__ = [
     "ACTIVE_EDITS",
@@ -33,6 +43,9 @@ __all__ = [
     "ActiveEdits",
     "AttentionCall",
     "AttentionOverride",
+    "Bound",
+    "BoundAttentionEdit",
+    "BoundZEdit",
     "HeadMeanAblate",
     "HeadOffsets",
     "HeadPatch",
@@ -50,6 +63,7 @@ __all__ = [
     "ScoreEditPart",
     "ScoreScale",
     "SequenceLayout",
+    "ZAffine",
     "ZEdit",
     "every_head",
     "head_list",
@@ -60,4 +74,5 @@ __all__ = [
     "resolve_heads",
     "reweight_probs",
     "run_edited",
+    "spec_layers",
 ]

@@ -19,7 +19,7 @@ import torch
 from headlab.errors import InputError
 from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_probs, attention_with_stats
 
-from .attention_site import ProbEdit, ScoreEditPart
+from .attention_site import BoundAttentionEdit
 from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 
@@ -111,12 +111,12 @@ class PostPlan:
 
 
 class LayerPlan:
-    """The attention-site edits of one layer, compiled per call."""
+    """The attention-site edits of one layer (bound to the model, ``edit.bind(arch)``), compiled per call."""
 
-    def __init__(self, layer: int, edits: list, n_heads: int):
+    def __init__(self, layer: int, edits: list[BoundAttentionEdit], n_heads: int):
         self.layer = layer
-        self.pre: list[ScoreEditPart] = [e for e in edits if e.site == "scores"]
-        self.post: list[ProbEdit] = [e for e in edits if e.site == "probs"]
+        self.pre: list[BoundAttentionEdit] = [e for e in edits if e.site == "scores"]
+        self.post: list[BoundAttentionEdit] = [e for e in edits if e.site == "probs"]
         self.post_sets = [(i, j, Positions.of(spec)) for i, e in enumerate(self.post) for j, spec in
                           enumerate(e.key_specs())]
         if len(self.pre) > MAX_KEY_SETS or len(self.post_sets) > MAX_KEY_SETS:
@@ -315,7 +315,8 @@ def edited_pattern(query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale
 
 
 class ActiveEdits:
-    """The attention-site edits in force (``ACTIVE_EDITS``), by layer, and the backend they run on."""
+    """The attention-site edits in force (``ACTIVE_EDITS``), bound to ``arch``, by layer, and the backend they
+    run on."""
 
     def __init__(self, arch, edits: list, backend: str | None = None, tracker=None):
         self.arch = arch

@@ -11,6 +11,8 @@ proportion to their attention). They run as a recombination of the kernels' grou
 and masses (``recombine.py``): no second attention pass, no T x T.
 
 Keys and rows are ``Positions`` (counted from the first real token); heads are (layer, head) pairs.
+``edit.bind(arch)`` gives a ``BoundAttentionEdit`` (heads per layer and rows of that model); the compiled
+plans (``attention_call.LayerPlan``) read it, and through it the edit's coefficients and weights.
 """
 
 from __future__ import annotations
@@ -21,8 +23,45 @@ import torch
 
 from headlab.errors import InputError
 
-from .base import HeadSpec, Intervention, register_intervention, resolve_heads
+from .base import Bound, HeadSpec, Intervention, register_intervention, resolve_heads, spec_layers
 from .positions import Positions, PositionSpec
+
+
+class BoundAttentionEdit(Bound):
+    """An attention-site edit bound to one model: its heads per layer and its query rows (``row_positions``);
+    the rest (key groups, coefficients, weights) is read from the edit at each call, so an edit whose key sets
+    change while the forward runs (VAR's sinks) is seen as it is then."""
+
+    @property
+    def row_positions(self) -> Positions:
+        return self.state["rows"]
+
+    @property
+    def keys(self) -> PositionSpec:
+        return self.edit.keys
+
+    @property
+    def rows(self) -> PositionSpec:
+        return self.edit.rows
+
+    def key_specs(self) -> list[PositionSpec]:
+        return self.edit.key_specs()
+
+    def coefficients(self) -> tuple[float, float]:
+        return self.edit.coefficients()
+
+    def keeps_sign(self) -> bool:
+        return self.edit.keeps_sign()
+
+    def group_weights(self) -> list[float] | None:
+        return self.edit.group_weights()
+
+    def rest_weight(self) -> float:
+        return self.edit.rest_weight()
+
+    def dynamic_weights(self, masses: list[torch.Tensor],
+                        rest: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.edit.dynamic_weights(masses, rest)
 
 
 class AttentionEdit(Intervention):
@@ -31,21 +70,15 @@ class AttentionEdit(Intervention):
     heads: HeadSpec
     rows: PositionSpec
 
-    def validate(self, arch) -> None:
-        self._by_layer = resolve_heads(self.heads, arch, type(self).__name__)
-        self._rows = Positions.of(self.rows)
+    def bind(self, arch) -> BoundAttentionEdit:
+        by_layer = resolve_heads(self.heads, arch, type(self).__name__)
+        rows = Positions.of(self.rows)
         for spec in self.key_specs():
             Positions.of(spec)
+        return BoundAttentionEdit(self, by_layer, {"rows": rows})
 
     def layers(self) -> list[int]:
-        return list(self._by_layer)
-
-    def heads_of(self, layer: int) -> list[int]:
-        return self._by_layer.get(layer, [])
-
-    @property
-    def row_positions(self) -> Positions:
-        return self._rows
+        return spec_layers(self.heads)
 
     def key_specs(self) -> list[PositionSpec]:
         """The key groups this edit names, in order."""
@@ -131,11 +164,12 @@ class Reweight(ProbEdit):
     rest: float = 1.0
     rows: PositionSpec = "all"
 
-    def validate(self, arch) -> None:
-        super().validate(arch)
+    def bind(self, arch) -> BoundAttentionEdit:
+        bound = super().bind(arch)
         weights = [w for _, w in self.groups] + [self.rest]
         if any(float(w) < 0 for w in weights):
             raise InputError(f"{type(self).__name__}: weights must be >= 0, got {weights}")
+        return bound
 
     def key_specs(self) -> list[PositionSpec]:
         return [keys for keys, _ in self.groups]
@@ -201,10 +235,11 @@ class Redistribute(ProbEdit):
     rows: PositionSpec = "all"
     paper_semantics: bool = False
 
-    def validate(self, arch) -> None:
-        super().validate(arch)
+    def bind(self, arch) -> BoundAttentionEdit:
+        bound = super().bind(arch)
         if not 0.0 <= self.p <= 1.0:
             raise InputError(f"Redistribute: p must lie in [0, 1], got {self.p}")
+        return bound
 
     def key_specs(self) -> list[PositionSpec]:
         return [self.sources, self.targets]

@@ -6,12 +6,20 @@ An intervention is a small ``@dataclass`` with one job. Its ``site`` says where 
 - ``"probs"``: the post-softmax probabilities, as a recombination of group partial outputs;
 - ``"residual"``: the residual stream, MLP output or logits, through ordinary PyTorch hooks.
 ``headlab.intervene`` groups them by site and installs them together.
+
+Binding: an edit is a description, never tied to a model. ``edit.bind(arch)`` checks it against one model
+and returns a ``Bound``: the edit plus what a run on that model needs (per-layer heads, per-head alphas,
+means, …). The sites run the bound state; the edit itself is left as it was, so one edit object may be
+installed on two models in turn, or at once (nested ``intervene`` blocks), each with its own resolution.
+``validate(arch)`` only checks (it binds and drops the result).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+import dataclasses
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from headlab.errors import InputError
 
@@ -34,16 +42,66 @@ def register_intervention(name: str):
     return add
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bound:
+    """One intervention resolved against one model: what a run needs, held apart from the edit.
+
+    ``edit``: the intervention (read, never written); ``by_layer``: ``{layer: (head, ...)}`` sorted, the heads
+    it edits on this model (a ``None`` head expanded to the model's head count); ``state``: read-only
+    per-edit values resolved for this model (e.g. HeadScale's ``alpha`` ``{(layer, head): float}``).
+    Frozen, and compared by identity: two bindings of one edit are two objects.
+    """
+
+    edit: Intervention
+    by_layer: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Read-only views: a site must not change the resolution it was handed (nor the edit's own lists).
+        object.__setattr__(self, "by_layer", MappingProxyType({int(k): tuple(v) for k, v in self.by_layer.items()}))
+        object.__setattr__(self, "state", MappingProxyType(dict(self.state)))
+
+    @property
+    def site(self) -> str:
+        return self.edit.site
+
+    @property
+    def name(self) -> str:
+        return self.edit.name
+
+    def layers(self) -> list[int]:
+        """The layers this binding edits, ascending."""
+        return sorted(self.by_layer)
+
+    def heads_of(self, layer: int) -> list[int]:
+        """The heads edited on ``layer`` (ascending; empty when the layer is not edited)."""
+        return list(self.by_layer.get(layer, ()))
+
+    def describe(self) -> str:
+        return self.edit.describe()
+
+    def with_state(self, **values: Any) -> Bound:
+        """A copy with ``values`` added to ``state`` (the same class, edit and heads)."""
+        return dataclasses.replace(self, state={**self.state, **values})
+
+
 class Intervention:
-    """Base of every intervention: a site, a check against the model, and the layers it touches."""
+    """Base of every intervention: a site, a binding to a model (``bind``), and the layers it names."""
 
     site: ClassVar[str] = ""
     name: ClassVar[str] = ""
 
+    def bind(self, arch) -> Bound:
+        """Check the edit against ``arch`` and return what a run on that model needs; ``InputError`` when it does
+        not fit (before any compute). Must not change ``self``: everything resolved goes into the ``Bound``."""
+        return Bound(self)
+
     def validate(self, arch) -> None:
-        """Raise ``InputError`` when the intervention does not fit this model (before any compute)."""
+        """Raise ``InputError`` when the intervention does not fit this model; changes nothing (binds, drops)."""
+        self.bind(arch)
 
     def layers(self) -> list[int]:
+        """The layers the edit names, without a model (a bound edit's ``layers()`` are the resolved ones)."""
         return []
 
     def describe(self) -> str:
@@ -51,6 +109,14 @@ class Intervention:
         layers = self.layers()
         where = f" on layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if layers else ""
         return f"{type(self).__name__}{where}"
+
+
+def spec_layers(heads: HeadSpec) -> list[int]:
+    """The distinct layers a head spec names, ascending, without checking them against a model."""
+    if isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], int):
+        heads = [heads]  # one (layer, head) pair given bare
+    return sorted({item[0] for item in heads if isinstance(item, tuple | list) and len(item) == 2
+                   and isinstance(item[0], int)})
 
 
 def every_head(layers: Sequence[int]) -> list[tuple[int, None]]:

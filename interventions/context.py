@@ -4,6 +4,9 @@ Everything is checked before the first hook goes in: layers and heads exist, cac
 no two edits claim the same site in conflicting ways, headlab's attention function can be switched
 in when an attention-site edit needs it. Nothing touches the model's parameters, so the model is
 bit-exact after exit; the attention implementation in force before is restored.
+
+Each edit is bound to the model first (``edit.bind(arch)``); the hooks and plans hold those ``Bound``
+objects, never state written on the edits, so the edits come out of the block as they went in.
 """
 
 from __future__ import annotations
@@ -18,22 +21,25 @@ from headlab import arch as headlab_arch
 from headlab.errors import InputError
 
 from .attention_call import ACTIVE_EDITS, ActiveEdits
-from .base import Intervention
+from .base import Bound, Intervention
 from .layout import CallLayout, LayoutTracker
 from .positions import Positions
-from .z_site import HeadPatch, ZCall
+from .z_site import BoundZEdit, ZCall
 
 # z edits that replace a head's output: two of them on one head cannot both hold.
 _REPLACING = ("head_patch", "head_mean_ablate")
 
 
-def check_conflicts(edits: list[Intervention]) -> None:
-    """Raise ``InputError`` naming the two edits that claim one site in ways that do not compose."""
-    claims: dict[tuple, Intervention] = {}
+def check_conflicts(edits: list[Bound]) -> None:
+    """Raise ``InputError`` naming the two edits that claim one site in ways that do not compose.
 
-    def claim(key: tuple, edit: Intervention, why: str) -> None:
+    ``edits``: bound to one model (``edit.bind(arch)``); two bindings of one edit object (the same edit in an
+    outer and an inner block) are the same edit and do not conflict with each other."""
+    claims: dict[tuple, Bound] = {}
+
+    def claim(key: tuple, edit: Bound, why: str) -> None:
         other = claims.get(key)
-        if other is not None and other is not edit:
+        if other is not None and other.edit is not edit.edit:
             raise InputError(f"{other.describe()} and {edit.describe()} both {why} of layer {key[1]} head {key[2]}; "
                              "they cannot compose: use one, or split them over two intervene blocks run separately")
         claims[key] = edit
@@ -61,7 +67,7 @@ def check_conflicts(edits: list[Intervention]) -> None:
     _check_score_edits(edits)
 
 
-def _check_score_edits(edits: list[Intervention]) -> None:
+def _check_score_edits(edits: list[Bound]) -> None:
     """Pre-softmax edits of one layer become one ScoreEdit: they must share rows, and on keys that may overlap
     they must keep signs (then their order does not matter)."""
     by_layer: dict[int, list] = {}
@@ -86,7 +92,7 @@ def _check_score_edits(edits: list[Intervention]) -> None:
                                      "so their order would matter; use one edit there")
 
 
-def _needs_attention_function(edits: list[Intervention]) -> bool:
+def _needs_attention_function(edits: list[Bound]) -> bool:
     return any(edit.site in ("scores", "probs") for edit in edits)
 
 
@@ -110,10 +116,12 @@ def check_switchable(model, arch, layers: list[int]) -> None:
 
 
 class Intervened:
-    """What ``intervene`` yields: the edits in force, and the trainable parameters among them."""
+    """What ``intervene`` yields: the edits in force (as given), their bindings to this model (``bound``, in the
+    same order), and the trainable parameters among them."""
 
-    def __init__(self, edits: list[Intervention]):
+    def __init__(self, edits: list[Intervention], bound: list[Bound] | None = None):
         self.edits = edits
+        self.bound = bound if bound is not None else []
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for edit in self.edits if hasattr(edit, "parameters") for p in edit.parameters()]
@@ -141,7 +149,7 @@ def is_paused() -> bool:
     return _PAUSED.get()
 
 
-def _z_hook(layer: int, edits: list, arch, tracker: LayoutTracker):
+def _z_hook(layer: int, edits: list[BoundZEdit], arch, tracker: LayoutTracker):
     def hook(module, args):
         if _PAUSED.get():
             return None
@@ -157,7 +165,8 @@ def _z_hook(layer: int, edits: list, arch, tracker: LayoutTracker):
     return hook
 
 
-def _residual_hooks(edit, arch, tracker: LayoutTracker) -> list:
+def _residual_hooks(bound: Bound, arch, tracker: LayoutTracker) -> list:
+    edit = bound.edit  # ResidualAdd resolves nothing per model: its binding only checked it
     layer = arch.layers[edit.layer]
     positions = Positions.of(edit.positions)
 
@@ -198,51 +207,52 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
 
     arch, model = loaded.arch, loaded.model
     edits = list(edits)
+    bound: list[Bound] = []  # what this block runs: each edit resolved for this model, the edit left untouched
     for edit in edits:
         if not isinstance(edit, Intervention):
             raise InputError(f"intervene takes interventions (HeadScale, ScoreBoost, …), got {type(edit).__name__}")
-        edit.validate(arch)
+        bound.append(edit.bind(arch))
         if hasattr(edit, "check_model"):
             edit.check_model(loaded.name)
     outer = ACTIVE_EDITS.get()
     inherited = outer.edits if outer is not None and outer.arch is arch else []
-    check_conflicts(inherited + edits)
-    attention_edits = [e for e in edits if e.site in ("scores", "probs")]
+    check_conflicts(inherited + bound)
+    attention_edits = [b for b in bound if b.site in ("scores", "probs")]
     if attention_edits:
-        check_switchable(model, arch, sorted({layer for e in attention_edits for layer in e.layers()}))
+        check_switchable(model, arch, sorted({layer for b in attention_edits for layer in b.layers()}))
 
     tracker = LayoutTracker(model)
-    patches = [e for e in edits if isinstance(e, HeadPatch)]
+    z_edits = [b for b in bound if isinstance(b, BoundZEdit)]
 
     def check_call(call: CallLayout | None) -> None:
         if call is not None:
-            for patch in patches:
-                patch.check_call(call.batch, call.n_query, call.seen)
+            for z_edit in z_edits:  # HeadPatch checks the cache's shape; the others accept any call
+                z_edit.check_call(call.batch, call.n_query, call.seen)
 
     handles = []
     token = None
     switched, previous = False, model.config._attn_implementation if attention_edits else None
     try:
         tracker.install(check_call)
-        by_layer: dict[int, list] = {}
-        for edit in edits:
-            if edit.site == "z":
-                for layer in edit.layers():
-                    by_layer.setdefault(layer, []).append(edit)
+        by_layer: dict[int, list[BoundZEdit]] = {}
+        for b in bound:
+            if b.site == "z":
+                for layer in b.layers():
+                    by_layer.setdefault(layer, []).append(b)
         for layer, group in by_layer.items():
             hook = _z_hook(layer, group, arch, tracker)
             # prepend: edits run before any reader (a trace) hooked on the same o_proj.
             handles.append(arch.o_proj(layer).register_forward_pre_hook(hook, prepend=True))
-        for edit in edits:
-            if edit.site == "residual":
-                handles.extend(_residual_hooks(edit, arch, tracker))
+        for b in bound:
+            if b.site == "residual":
+                handles.extend(_residual_hooks(b, arch, tracker))
         if attention_edits:
             token = ACTIVE_EDITS.set(ActiveEdits(arch, inherited + attention_edits, backend, tracker))
         if attention_edits:
             register()
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
             switched = True
-        yield Intervened(edits)
+        yield Intervened(edits, bound)
     finally:
         for handle in reversed(handles):
             handle.remove()

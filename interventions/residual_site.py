@@ -8,7 +8,7 @@ import torch
 
 from headlab.errors import InputError
 
-from .base import Intervention, register_intervention
+from .base import Bound, Intervention, register_intervention
 from .positions import Positions, PositionSpec
 
 # Where a residual edit acts (TransformerLens names): the input of a layer, its output, its MLP's output.
@@ -31,7 +31,7 @@ class ResidualAdd(Intervention):
     positions: PositionSpec = "all"
     site = "residual"
 
-    def validate(self, arch) -> None:
+    def bind(self, arch) -> Bound:
         if not isinstance(self.layer, int) or not 0 <= self.layer < arch.n_layers:
             raise InputError(f"ResidualAdd: layer {self.layer} does not exist; this model has layers "
                              f"0..{arch.n_layers - 1}")
@@ -40,6 +40,7 @@ class ResidualAdd(Intervention):
         if tuple(self.vector.shape) != (arch.hidden_size,):
             raise InputError(f"ResidualAdd: vector has shape {list(self.vector.shape)}, expected [{arch.hidden_size}]")
         Positions.of(self.positions)
+        return Bound(self, {self.layer: ()})  # nothing per model to resolve: the hooks read the edit
 
     def layers(self) -> list[int]:
         return [self.layer]

@@ -3,6 +3,10 @@
 Each edit changes z of chosen (layer, head) pairs on chosen rows and returns a new tensor (no in-place
 writes, so gradients reach ``HeadOffsets``' parameters). They run in a forward pre-hook on
 ``arch.o_proj(layer)``, which reshapes its input ``[batch, query, head · d_head]``.
+
+``edit.bind(arch)`` gives a ``BoundZEdit``; its ``edit_z(z, call)`` is what every runtime applies (the local
+hook and the nnsight backend's local trace alike). ``z_affine`` gives the same edit as plain tensors for a
+runtime without headlab (NDIF): edits that are z <- scale · z + shift per element implement it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from headlab.errors import InputError
 
-from .base import HeadSpec, Intervention, register_intervention, resolve_heads
+from .base import Bound, HeadSpec, Intervention, register_intervention, resolve_heads, spec_layers
 from .positions import Positions, PositionSpec
 
 
@@ -32,26 +36,76 @@ class ZCall:
         return self.rows_of(positions)
 
 
+@dataclass
+class ZAffine:
+    """A z edit of one layer as plain tensors: z <- scale · z + shift on ``selected``, z elsewhere.
+
+    ``selected`` ``[batch, query, head]`` bool; ``scale`` and ``shift`` broadcast to ``[batch, query, head,
+    d_head]`` (``[head, d_head]`` or ``[batch, query, head, d_head]``), fp32 on the CPU; ``scale_is_offset``: the
+    factor is 1 + scale (LoFiT), added in z's dtype as ``edit_z`` does. ``remote_probe.edit_z`` applies it.
+    """
+
+    selected: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    scale_is_offset: bool = False
+
+    def as_tuple(self) -> tuple:
+        return self.selected, self.scale, self.shift, self.scale_is_offset
+
+
+class BoundZEdit(Bound):
+    """A z edit bound to one model; the sites call ``edit_z`` (and a runtime without headlab ``z_affine``)."""
+
+    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
+        """z ``[batch, query, head, d_head]`` -> edited z of the same shape, with this model's resolution."""
+        return self.edit.edit_z(z, call, self)
+
+    def z_affine(self, call: ZCall, shape: tuple[int, int, int, int]) -> ZAffine:
+        """The edit of ``call.layer`` for z of ``shape`` [batch, query, head, d_head], as plain tensors."""
+        return self.edit.z_affine(call, self, shape)
+
+    def check_call(self, batch: int, n_query: int, seen: int) -> None:
+        """Before the model computes: whatever the edit needs of the call's shape (HeadPatch: the cache's)."""
+        check = getattr(self.edit, "check_call", None)
+        if check is not None:
+            check(batch, n_query, seen)
+
+
 class ZEdit(Intervention):
-    """A z-site edit: ``heads`` [(layer, head or None)], rows ``positions`` (see ``Positions``)."""
+    """A z-site edit: ``heads`` [(layer, head or None)], rows ``positions`` (see ``Positions``).
+
+    Subclasses add to ``bind`` what they resolve per model (``bound.with_state(...)``) and read it back in
+    ``edit_z(z, call, bound)``; nothing is stored on the edit."""
 
     site = "z"
     heads: HeadSpec
     positions: PositionSpec
 
-    def validate(self, arch) -> None:
-        self._by_layer = resolve_heads(self.heads, arch, type(self).__name__)
+    def bind(self, arch) -> BoundZEdit:
+        by_layer = resolve_heads(self.heads, arch, type(self).__name__)
         Positions.of(self.positions)
+        return BoundZEdit(self, by_layer)
 
     def layers(self) -> list[int]:
-        return list(self._by_layer)
+        return spec_layers(self.heads)
 
-    def heads_of(self, layer: int) -> list[int]:
-        return self._by_layer.get(layer, [])
-
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        """z ``[batch, query, head, d_head]`` -> edited z of the same shape."""
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        """z ``[batch, query, head, d_head]`` -> edited z of the same shape; ``bound``: this edit on this model."""
         raise NotImplementedError
+
+    def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
+        """This edit as z <- scale · z + shift on the chosen rows and heads (prefill, ``call.seen`` 0); edits
+        that are not of that form cannot run where headlab does not (a remote nnsight trace)."""
+        raise InputError(f"{type(self).__name__} is not a per-element scale and shift of z, so it cannot run where "
+                         "headlab does not (a remote nnsight trace); use headlab.intervene or a local trace")
+
+    def _selected(self, call: ZCall, heads: list[int], shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """``[batch, query, head]`` bool: the chosen rows of ``heads`` (on the CPU)."""
+        rows = call.rows(Positions.of(self.positions)).cpu()  # [batch, query]
+        chosen = torch.zeros(shape[2], dtype=torch.bool)
+        chosen[heads] = True
+        return rows[:, :, None] & chosen[None, None, :]
 
     def _where(self, z: torch.Tensor, new: torch.Tensor, call: ZCall, heads: list[int]) -> torch.Tensor:
         """z with ``new`` ``[batch, query, len(heads), d_head]`` on the chosen rows of ``heads``."""
@@ -76,20 +130,29 @@ class HeadScale(ZEdit):
     alpha: float | Sequence[float] = 0.0
     positions: PositionSpec = "all"
 
-    def validate(self, arch) -> None:
-        super().validate(arch)
-        pairs = [(layer, h) for layer, hs in self._by_layer.items() for h in hs]
+    def bind(self, arch) -> BoundZEdit:
+        bound = super().bind(arch)
+        pairs = [(layer, h) for layer, hs in bound.by_layer.items() for h in hs]
         alphas = [float(self.alpha)] * len(pairs) if isinstance(self.alpha, int | float) else list(self.alpha)
         if len(alphas) != len(pairs):
             raise InputError(f"HeadScale: {len(alphas)} alphas for {len(pairs)} heads; give one float or one per head")
-        self._alpha = dict(zip(pairs, alphas, strict=True))
+        # One alpha per (layer, head) of this model: a None head expands to a different count on another model.
+        return bound.with_state(alpha=dict(zip(pairs, alphas, strict=True)))
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        heads = self.heads_of(call.layer)
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        heads = bound.heads_of(call.layer)
+        alpha = bound.state["alpha"]
         scale = torch.ones(z.shape[2], dtype=z.dtype, device=z.device)
-        scale[heads] = torch.tensor([self._alpha[(call.layer, h)] for h in heads], dtype=z.dtype, device=z.device)
+        scale[heads] = torch.tensor([alpha[(call.layer, h)] for h in heads], dtype=z.dtype, device=z.device)
         rows = call.rows(Positions.of(self.positions)).to(z.device)
         return torch.where(rows[:, :, None, None], z * scale[None, None, :, None], z)
+
+    def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
+        heads = bound.heads_of(call.layer)
+        scale = torch.ones(shape[2], shape[3])
+        for h in heads:
+            scale[h] = bound.state["alpha"][(call.layer, h)]
+        return ZAffine(self._selected(call, heads, shape), scale, torch.zeros(shape[2], shape[3]))
 
 
 def _hook_z(source, layer: int) -> torch.Tensor:
@@ -143,24 +206,23 @@ class HeadMeanAblate(ZEdit):
         if self.source is not None and not self.other_model:
             _check_source(self.source, None, "HeadMeanAblate", [], model_name)
 
-    def validate(self, arch) -> None:
-        super().validate(arch)
+    def bind(self, arch) -> BoundZEdit:
+        bound = super().bind(arch)
         if (self.mean is None) == (self.source is None):
             raise InputError("HeadMeanAblate: give either mean={(layer, head): tensor} or source=<trace or cache>")
+        means: dict[tuple[int, int], torch.Tensor] = {}  # (layer, head) -> [d_head] fp32
         if self.mean is None:
-            _check_source(self.source, arch, "HeadMeanAblate", self.layers())
+            _check_source(self.source, arch, "HeadMeanAblate", bound.layers())
             real = getattr(self.source, "attention_mask", None)
-            self._means = {}
-            for layer, hs in self._by_layer.items():
+            for layer, hs in bound.by_layer.items():
                 z = _hook_z(self.source, layer).float()
                 weight = torch.ones(z.shape[:2]) if real is None else real.float()
                 weight = weight.to(z.device)[:, :, None, None]
                 mean = (z * weight).sum(dim=(0, 1)) / weight.sum()  # [head, d_head]
                 for h in hs:
-                    self._means[(layer, h)] = mean[h]
+                    means[(layer, h)] = mean[h]
         else:
-            self._means = {}
-            for layer, hs in self._by_layer.items():
+            for layer, hs in bound.by_layer.items():
                 for h in hs:
                     if (layer, h) not in self.mean:
                         raise InputError(f"HeadMeanAblate: mean has no entry for head ({layer}, {h})")
@@ -168,12 +230,20 @@ class HeadMeanAblate(ZEdit):
                     if value.shape != (arch.head_dim,):
                         raise InputError(f"HeadMeanAblate: mean of ({layer}, {h}) has shape {list(value.shape)}, "
                                          f"expected [{arch.head_dim}]")
-                    self._means[(layer, h)] = value
+                    means[(layer, h)] = value
+        return bound.with_state(means=means)
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        heads = self.heads_of(call.layer)
-        means = torch.stack([self._means[(call.layer, h)] for h in heads]).to(z.device)  # [n, d_head]
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        heads = bound.heads_of(call.layer)
+        means = torch.stack([bound.state["means"][(call.layer, h)] for h in heads]).to(z.device)  # [n, d_head]
         return self._where(z, means.expand(z.shape[0], z.shape[1], -1, -1), call, heads)
+
+    def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
+        heads = bound.heads_of(call.layer)
+        shift = torch.zeros(shape[2], shape[3])
+        for h in heads:
+            shift[h] = bound.state["means"][(call.layer, h)].float().cpu()
+        return ZAffine(self._selected(call, heads, shape), torch.zeros(shape[2], shape[3]), shift)
 
 
 @register_intervention("head_patch")
@@ -191,11 +261,12 @@ class HeadPatch(ZEdit):
     positions: PositionSpec = "all"
     other_model: bool = False  # True: patch from a trace of another model of the same shape, on purpose
 
-    def validate(self, arch) -> None:
-        super().validate(arch)
+    def bind(self, arch) -> BoundZEdit:
+        bound = super().bind(arch)
         if self.source is None:
             raise InputError("HeadPatch needs source=<trace or cache of hook_z> from another run")
-        _check_source(self.source, arch, "HeadPatch", self.layers())
+        _check_source(self.source, arch, "HeadPatch", bound.layers())
+        return bound
 
     def check_model(self, model_name: str) -> None:
         if not self.other_model:
@@ -211,8 +282,8 @@ class HeadPatch(ZEdit):
                 raise InputError(f"HeadPatch: the cache of layer {layer} holds [batch, pos] = {list(z.shape[:2])}, "
                                  f"this input is [{batch}, {n_query}]; patch between runs of the same shape")
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        heads = self.heads_of(call.layer)
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        heads = bound.heads_of(call.layer)
         cached = _hook_z(self.source, call.layer)
         batch, n_q = z.shape[:2]
         new = z[:, :, heads].clone()
@@ -224,6 +295,15 @@ class HeadPatch(ZEdit):
         rows[:, stop:] = False
         return self._where(z, new, ZCall(call.layer, call.seen, lambda _p: rows), heads)
 
+    def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
+        batch, n_q, n_heads, d_head = shape
+        cached = _hook_z(self.source, call.layer)[:batch, :n_q].detach().float().cpu()
+        shift = torch.zeros(batch, n_q, n_heads, d_head)
+        shift[:, : cached.shape[1]] = cached
+        selected = self._selected(call, bound.heads_of(call.layer), shape)
+        selected[:, cached.shape[1]:] = False  # nothing cached past the recorded length
+        return ZAffine(selected, torch.zeros(n_heads, d_head), shift)
+
 
 @register_intervention("head_offsets")
 @dataclass(eq=False)  # holds tensors: identity, not elementwise comparison
@@ -234,7 +314,7 @@ class HeadOffsets(ZEdit):
     ``pairs`` (explicit (layer, head) pairs, in that order), so an optimiser can train them while the
     model stays frozen. Build with ``HeadOffsets.create(arch, pairs, init="zeros" | "normal")``.
     ``model_shape`` (layers, heads, d_head) of the model they were made for: offsets made for another
-    model are refused by ``validate`` (set by ``create``, kept by ``save``/``load``; None: not checked).
+    model are refused by ``bind`` (set by ``create``, kept by ``save``/``load``; None: not checked).
     """
 
     pairs: list[tuple[int, int]]
@@ -269,12 +349,12 @@ class HeadOffsets(ZEdit):
     def parameters(self) -> list[nn.Parameter]:
         return [self.A, self.v]
 
-    def validate(self, arch) -> None:
+    def bind(self, arch) -> BoundZEdit:
         mine = (arch.n_layers, arch.n_heads, arch.head_dim)
         if self.model_shape is not None and tuple(self.model_shape) != mine:
             raise InputError(f"HeadOffsets were made for a model with (layers, heads, d_head) = "
                              f"{tuple(self.model_shape)}, this model has {mine}: load the offsets trained on it")
-        super().validate(arch)
+        bound = super().bind(arch)
         if len(set(self.pairs)) != len(self.pairs):
             raise InputError("HeadOffsets: a (layer, head) pair appears twice")
         for name in ("A", "v"):
@@ -282,14 +362,23 @@ class HeadOffsets(ZEdit):
             if tuple(value.shape) != (len(self.pairs), arch.head_dim):
                 raise InputError(f"HeadOffsets.{name} has shape {list(value.shape)}, expected "
                                  f"[{len(self.pairs)}, {arch.head_dim}] (one row per (layer, head) pair)")
-        self._row = {pair: i for i, pair in enumerate(self.pairs)}
+        return bound.with_state(row={pair: i for i, pair in enumerate(self.pairs)})  # (layer, head) -> row of A, v
 
-    def edit_z(self, z: torch.Tensor, call: ZCall) -> torch.Tensor:
-        heads = self.heads_of(call.layer)
-        index = torch.tensor([self._row[(call.layer, h)] for h in heads], device=self.A.device)
+    def edit_z(self, z: torch.Tensor, call: ZCall, bound: BoundZEdit) -> torch.Tensor:
+        heads = bound.heads_of(call.layer)
+        index = torch.tensor([bound.state["row"][(call.layer, h)] for h in heads], device=self.A.device)
         a, v = self.A[index].to(z.device, z.dtype), self.v[index].to(z.device, z.dtype)  # [n, d_head]
         new = (1 + a) * z[:, :, heads] + v
         return self._where(z, new, call, heads)
+
+    def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
+        heads = bound.heads_of(call.layer)
+        scale, shift = torch.zeros(shape[2], shape[3]), torch.zeros(shape[2], shape[3])
+        for h in heads:
+            row = bound.state["row"][(call.layer, h)]
+            scale[h] = self.A.detach()[row].float().cpu()
+            shift[h] = self.v.detach()[row].float().cpu()
+        return ZAffine(self._selected(call, heads, shape), scale, shift, scale_is_offset=True)
 
     def save(self, path: str | Path) -> None:
         """Write A, v, the head pairs (and the model shape when known) to a safetensors file."""

@@ -1,14 +1,17 @@
 """One entry point, several backends: ``attention_with_stats`` picks one per call.
 
-Choice order: the ``backend`` argument, then ``HEADLAB_ATTN_BACKEND``, then the device
-(CUDA -> triton when triton is installed, anything else -> torch).
+Choice order: the ``backend`` argument, then the kernel chosen for a block of code (``using_kernel``: the
+CLI's ``--kernel``), then ``HEADLAB_ATTN_BACKEND``, then the device (CUDA -> triton when triton is installed,
+anything else -> torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 
@@ -45,6 +48,20 @@ BACKENDS: dict[str, BackendFn] = {
 if importlib.util.find_spec("triton") is not None:
     BACKENDS["triton"] = triton_attention_with_stats
 BACKEND_ENV = "HEADLAB_ATTN_BACKEND"
+# The kernel of a block of code (``using_kernel``); None: the environment decides.
+_CHOSEN: ContextVar[str | None] = ContextVar("headlab_kernel", default=None)
+
+
+@contextlib.contextmanager
+def using_kernel(name: str | None) -> Iterator[None]:
+    """Every attention call inside runs on kernel ``name`` unless it names its own (None or "auto": no choice)."""
+    if name not in (None, "auto"):
+        resolve_backend(torch.device("cpu"), name)  # an unknown kernel fails here, before any compute
+    token = _CHOSEN.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _CHOSEN.reset(token)
 
 
 def register_backend(name: str, fn: BackendFn) -> None:
@@ -53,7 +70,7 @@ def register_backend(name: str, fn: BackendFn) -> None:
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """``backend`` (or ``$HEADLAB_ATTN_BACKEND``): auto, eager, torch or triton -> the backend to run."""
-    name = backend or os.environ.get(BACKEND_ENV) or "auto"
+    name = backend or _CHOSEN.get() or os.environ.get(BACKEND_ENV) or "auto"
     if name == "auto":
         return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
     if name == "triton" and name not in BACKENDS:

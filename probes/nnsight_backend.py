@@ -11,9 +11,11 @@ trace body. So this backend reads what the model hands to its attention function
   them, so padding, sliding windows and the model's own mask rules hold as the model computed them.
 - ``remote_probe.attention_statistics`` (plain torch, whitelisted imports only) reduces them to the
   O(H·T) statistics in chunks of query rows; only those leave the server.
-- z-site edits (``HeadScale``, ``HeadMeanAblate``, ``HeadOffsets``, ``HeadPatch``) compile locally to
-  plain tensors (rows × heads selection, scale, shift) and run as ``remote_probe.edit_z`` on the
-  input of o_proj.
+- z-site edits are bound to the model (``edit.bind(arch)``) and applied to the input of o_proj by the
+  bound edit's own ``edit_z``, the method ``headlab.intervene``'s z hook calls, when the trace runs here.
+  A remote trace (NDIF, or ``"local"``'s dry run) cannot call headlab: there each bound edit gives its
+  plain-tensor form (``z_affine``: rows × heads selection, scale, shift) and ``remote_probe.edit_z`` applies
+  it. Either way this module names no edit class, so a new z edit needs no change here.
 
 Attention-site edits (``ScoreBoost``, ``KeyKnockout``, ``Redistribute`` …) need headlab's attention
 function and are refused here. Locally the backend wraps the loaded model (``NNsight``); with
@@ -128,30 +130,14 @@ def attention_op(envoy, path: str) -> str:
     return max(names, key=lambda name: int(_OP.match(name).group(1)))  # the binding is _0, the call the last
 
 
-@dataclass
-class ZPlan:
-    """One z edit of one layer as plain tensors: z <- scale · z + shift on ``selected`` [batch, query, head]."""
-
-    selected: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-    scale_is_offset: bool = False
-
-    def as_tuple(self) -> tuple:
-        return self.selected, self.scale, self.shift, self.scale_is_offset
-
-
-def compile_z_edits(loaded, edits: Sequence, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> dict[int, list[ZPlan]]:
-    """headlab's z-site edits -> ``{layer: [ZPlan, ...]}`` in the order ``headlab.intervene`` applies them.
-
-    Prefill only (no KV cache): rows resolve from the 2-D padding mask as in ``headlab.intervene``."""
+def bind_z_edits(loaded, edits: Sequence) -> list:
+    """headlab's z-site edits bound to ``loaded``'s model (``BoundZEdit``), checked as ``headlab.intervene``
+    checks them (model, conflicts); the edits themselves are left unchanged."""
     from headlab.interventions.base import Intervention
     from headlab.interventions.context import check_conflicts
-    from headlab.interventions.positions import Positions, SequenceLayout
-    from headlab.interventions.z_site import HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, _hook_z
 
     arch = loaded.arch
+    bound = []
     for edit in edits:
         if not isinstance(edit, Intervention):
             raise InputError(f"the nnsight backend takes interventions (HeadScale, …), got {type(edit).__name__}")
@@ -159,50 +145,49 @@ def compile_z_edits(loaded, edits: Sequence, input_ids: torch.Tensor,
             raise InputError(f"{type(edit).__name__} edits the {edit.site} site; the nnsight backend runs z-site edits "
                              "only (HeadScale, HeadMeanAblate, HeadOffsets, HeadPatch): attention-site edits need "
                              "headlab's attention function, which NDIF does not run. Use headlab.intervene locally")
-        edit.validate(arch)
+        bound.append(edit.bind(arch))
         if hasattr(edit, "check_model"):
             edit.check_model(loaded.name)
-    check_conflicts(list(edits))
+    check_conflicts(bound)
+    return bound
+
+
+@dataclass
+class ZEdits:
+    """The z edits of one traced forward (prefill only, no KV cache), by layer in the order ``headlab.intervene``
+    applies them: ``bound`` ``{layer: [BoundZEdit, ...]}``; ``call`` ``{layer: ZCall}`` whose rows resolve from
+    the 2-D padding mask as in ``headlab.intervene``; ``affine`` ``{layer: [ZAffine, ...]}`` (only for a remote
+    trace: the same edits as plain tensors, ``z_affine``)."""
+
+    bound: dict[int, list]
+    call: dict[int, object]
+    affine: dict[int, list] = field(default_factory=dict)
+
+
+def compile_z_edits(loaded, edits: Sequence, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    remote: bool | str = False) -> ZEdits:
+    """headlab's z-site edits bound and laid out per layer for one forward of ``input_ids`` ``[batch, position]``.
+
+    ``remote``: also their plain-tensor forms, for a trace that runs without headlab."""
+    from headlab.interventions.positions import SequenceLayout
+    from headlab.interventions.z_site import ZCall
+
+    arch = loaded.arch
+    bound = bind_z_edits(loaded, edits)
     batch, n_q = input_ids.shape
     layout = SequenceLayout.from_mask(attention_mask, batch, n_q, torch.device("cpu"))
-    n_heads, d_head = arch.n_heads, arch.v_head_dim
-    plans: dict[int, list[ZPlan]] = {}
-    for edit in edits:
-        rows = layout.choose(Positions.of(edit.positions), n_q, 0)  # [batch, query]
-        if isinstance(edit, HeadPatch):
-            edit.check_call(batch, n_q, 0)
-        for layer in edit.layers():
-            heads = edit.heads_of(layer)
-            chosen = torch.zeros(n_heads, dtype=torch.bool)
-            chosen[heads] = True
-            selected = rows[:, :, None] & chosen[None, None, :]
-            scale = torch.zeros(n_heads, d_head)
-            shift = torch.zeros(n_heads, d_head)
-            offset = False
-            if isinstance(edit, HeadScale):
-                scale[:] = 1.0
-                for h in heads:
-                    scale[h] = edit._alpha[(layer, h)]
-            elif isinstance(edit, HeadMeanAblate):
-                for h in heads:
-                    shift[h] = edit._means[(layer, h)].float().cpu()
-            elif isinstance(edit, HeadOffsets):
-                offset = True
-                for h in heads:
-                    row = edit._row[(layer, h)]
-                    scale[h] = edit.A.detach()[row].float().cpu()
-                    shift[h] = edit.v.detach()[row].float().cpu()
-            elif isinstance(edit, HeadPatch):
-                cached = _hook_z(edit.source, layer)[:batch, :n_q].detach().float().cpu()
-                shift = torch.zeros(batch, n_q, n_heads, d_head)
-                shift[:, : cached.shape[1]] = cached
-                selected = selected.clone()
-                selected[:, cached.shape[1]:] = False  # nothing cached past the recorded length
-            else:
-                raise InputError(f"{type(edit).__name__} is a z-site edit the nnsight backend does not know; "
-                                 "use headlab.intervene")
-            plans.setdefault(layer, []).append(ZPlan(selected, scale, shift, offset))
-    return plans
+    shape = (batch, n_q, arch.n_heads, arch.v_head_dim)  # z [batch, query, head, d_head]
+    out = ZEdits({}, {})
+    for b in bound:
+        b.check_call(batch, n_q, 0)  # HeadPatch: the cache must hold this input's [batch, position]
+        for layer in b.layers():
+            out.bound.setdefault(layer, []).append(b)
+    for layer in out.bound:
+        # seen 0: a trace is one prefill; rows on the CPU, moved to z's device by the edits themselves.
+        out.call[layer] = ZCall(layer, 0, lambda positions: layout.choose(positions, n_q, 0))
+        if remote:
+            out.affine[layer] = [b.z_affine(out.call[layer], shape) for b in out.bound[layer]]
+    return out
 
 
 @dataclass
@@ -280,13 +265,17 @@ def run_trace(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     for layer in stat_layers:
         if not 0 <= layer < arch.n_layers:
             raise InputError(f"layer {layer} does not exist; this model has layers 0..{arch.n_layers - 1}")
-    plans = compile_z_edits(loaded, edits, input_ids, attention_mask) if edits else {}
+    z_edits = compile_z_edits(loaded, edits, input_ids, attention_mask, remote) if edits else ZEdits({}, {})
+    plans = z_edits.bound
     envoy = envoy_of(loaded, remote)
     names = {id(module): name for name, module in loaded.model.named_modules()}
     attn = {layer: envoy_at(envoy, names[id(arch.attention(layer))]) for layer in stat_layers}
     ops = {layer: attention_op(envoy, names[id(arch.attention(layer))]) for layer in stat_layers}
     o_proj = {layer: envoy_at(envoy, names[id(arch.o_proj(layer))]) for layer in plans}
-    z_plans = {layer: [plan.as_tuple() for plan in group] for layer, group in plans.items()}
+    z_plans = {layer: [plan.as_tuple() for plan in group] for layer, group in z_edits.affine.items()}
+    # What the body reads of headlab objects stays empty remotely: a remote body travels without headlab.
+    z_bound = {} if remote else plans
+    z_calls = {} if remote else z_edits.call
     events = trace_events(loaded.model, {layer: arch.attention(layer) for layer in stat_layers},
                           {layer: arch.o_proj(layer) for layer in plans}, set(capture_inputs), set(capture_outputs))
     captured = [(kind, path) for kind, path in events if kind in ("input", "output")]
@@ -312,9 +301,15 @@ def run_trace(loaded, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                     call_args[1], call_args[2], call_mask, call_kwargs.get("scaling"), padding,
                     call_kwargs.get("s_aux"), bool(getattr(call_args[0], "is_causal", True)), distance, chunk_rows)
             elif kind == "z":
-                z = o_proj[key].input
-                for selected, scale, shift, scale_is_offset in z_plans[key]:
-                    z = remote_probe.edit_z(z, n_heads, selected, scale, shift, scale_is_offset)
+                z = o_proj[key].input  # [batch, query, head · d_head]
+                if remote:  # no headlab on the server: the edits' plain-tensor forms
+                    for selected, scale, shift, scale_is_offset in z_plans[key]:
+                        z = remote_probe.edit_z(z, n_heads, selected, scale, shift, scale_is_offset)
+                else:  # the bound edits' own edit_z, as headlab.intervene's z hook applies them
+                    z4 = z.view(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)  # [batch, query, head, d_head]
+                    for bound in z_bound[key]:
+                        z4 = bound.edit_z(z4, z_calls[key])
+                    z = z4.reshape(z.shape)
                 o_proj[key].input = z
             elif kind == "input":
                 saved["inputs"][key] = nodes[key].inputs

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import headlab
 from headlab.analyses.sinks import SinksConfig, analyze_sinks
 from headlab.arch import Arch
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.loading import LoadedModel
 from headlab.prompts import read_prompts
 from headlab.result import Result

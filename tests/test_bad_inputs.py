@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headlab.cli.app import analyze_app, headlab_app
+from headlab.cli import analyze_app, headlab_app
 from headlab.result import Result
 from headlab.zoo.tiny import build_tiny
 
@@ -211,7 +211,7 @@ def test_a_string_passed_as_prompts_in_python(load_model):
 SIGTERM_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from headlab.cli.app import _on_sigterm
+    from headlab.cli.apps import _on_sigterm
     from headlab.runs import write_run
 
     _on_sigterm()  # what every CLI command installs

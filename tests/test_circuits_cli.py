@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from headlab.analyses.circuit_tasks import CircuitExample, CircuitTask, write_jsonl
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.result import Result
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from headlab.cli.app import analyze_app, headlab_app
+from headlab.cli import analyze_app, headlab_app
 from headlab.result import Result
 from headlab.zoo.tiny import build_tiny
 
@@ -145,7 +145,7 @@ def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
 LAZY_CHECK = """
 import sys
 from typer.testing import CliRunner
-from headlab.cli.app import analyze_app, headlab_app
+from headlab.cli import analyze_app, headlab_app
 for app, args in ((headlab_app, ["--help"]), (analyze_app, ["--help"]), (analyze_app, ["sinks", "--help"]),
                   (headlab_app, ["models"])):
     result = CliRunner().invoke(app, args)

@@ -17,13 +17,13 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 from headlab.analyses import SinksConfig, analyze_sinks
-from headlab.cli.app import headlab_app
+from headlab.cli import headlab_app
 from headlab.dashboard import launch, registry
 from headlab.dashboard.discovery import discover_runs, load_run
 from headlab.dashboard.export import ExportError, figure_image, table_csv
+from headlab.dashboard.plots import difference_heatmap, layer_head_heatmap
 from headlab.dashboard.views.sinks import token_attention, token_html
 from headlab.errors import HeadlabError, RunStoreError
-from headlab.figures import difference_heatmap, layer_head_heatmap
 from headlab.prompts import bundled_prompts
 from headlab.result import Result
 
@@ -125,7 +125,7 @@ def test_views_register_through_the_decorator_and_unknown_analyses_fall_back(mon
     assert isinstance(registry.get_view("toy_analysis"), ToyView)
     assert registry.get_view("toy_analysis").title == "Toy"
     assert registry.get_view("toy_analysis").key_figures({}) == {"answer": 42}
-    assert "sinks" in registry.registered_views()  # found by importing headlab.dashboard.views
+    assert "sinks" in registry.registered_views()  # its view module is named in the analysis registry
     assert isinstance(registry.get_view("never_heard_of_it"), registry.GenericView)
     assert "headlab.dashboard.views.sinks" not in registry.broken_views()
 
@@ -149,7 +149,12 @@ def test_a_view_module_that_fails_to_import_is_reported_not_fatal(tmp_path, monk
     registry.load_views()  # register every real view first: the copy below is thrown away after the test
     monkeypatch.setattr(registry, "_VIEWS", dict(registry._VIEWS))
     monkeypatch.setattr(registry, "_BROKEN_VIEWS", {})
-    registry.load_views("more_views")
+    from headlab.analyses import registry as analyses
+
+    monkeypatch.setattr(analyses, "ANALYSES", {
+        "good_analysis": analyses.Analysis("good_analysis", "Good", "x:run", view="more_views.good"),
+        "bad_analysis": analyses.Analysis("bad_analysis", "Bad", "x:run", view="more_views.bad")})
+    registry.load_views()  # the views the analysis registry names, and only those
     assert registry._BROKEN_VIEWS == {"more_views.bad": "ImportError: needs a package that is not installed"}
     assert type(registry.get_view("good_analysis")).__name__ == "GoodView"
 
@@ -411,7 +416,7 @@ def test_head_view_shows_the_picked_heads_pattern_and_received_attention(app_env
 
 
 def test_clicks_on_the_alpha_heatmap_land_on_a_cell():
-    from headlab.figures import clicked_cell
+    from headlab.dashboard.plots import clicked_cell
 
     fig = layer_head_heatmap(torch.rand(5, 3), "t", "alpha", clickable=True)
     heat, cells = fig.data
@@ -423,7 +428,8 @@ def test_clicks_on_the_alpha_heatmap_land_on_a_cell():
 
 
 def test_empty_figures_say_nothing_found_and_long_legends_become_a_dropdown():
-    from headlab.figures import empty_figure, is_empty, limit_legend, model_title
+    from headlab.dashboard.plots import limit_legend
+    from headlab.figures import empty_figure, is_empty, model_title
 
     assert is_empty(go.Figure(go.Scatter(x=[], y=[]))) and not is_empty(go.Figure(go.Bar(x=[0], y=[1])))
     fig = empty_figure("m: profile")

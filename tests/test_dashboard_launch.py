@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from headlab.cli.app import headlab_app
+from headlab.cli import headlab_app
 from headlab.dashboard.discovery import comparison_warnings, discover_runs
 from headlab.dashboard.launch import check_port_free
 from headlab.errors import InputError

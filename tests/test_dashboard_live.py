@@ -617,7 +617,8 @@ def test_lvlm_fixes_on_llava_smol(page_models, load_model):
         assert alone[name] == fixed_text(fresh, picture, [method], 8)[0] != without, name
 
     # A plain edit mixed in: the same block as PAI's edits (oracle: by hand around model.generate).
-    from headlab.analyses.lvlm_fixes import FixContext, end_of_turn
+    from headlab.analyses.generation import end_of_turn
+    from headlab.analyses.lvlm_fixes import FixContext
     from headlab.lvlm import build_inputs
 
     at.multiselect(key="live-edits").set_value(["fix_pai", "head_ablation"]).run()
@@ -628,7 +629,8 @@ def test_lvlm_fixes_on_llava_smol(page_models, load_model):
     inputs = build_inputs(fresh, samples)
     ablate = HeadScale(every_head([3]), alpha=0.0, positions="all")
     with torch.no_grad(), headlab.intervene(fresh, *Pai().edits(FixContext(fresh, samples, inputs)), ablate):
-        out = fresh.model.generate(**inputs.tensors, max_new_tokens=8, do_sample=False, eos_token_id=end_of_turn(fresh),
+        out = fresh.model.generate(**inputs.tensors, max_new_tokens=8, do_sample=False,
+                                   eos_token_id=end_of_turn(fresh.tokenizer),
                                    pad_token_id=fresh.text_tokenizer.pad_token_id)[0].tolist()
     inp = live_model.build_input(fresh, live.IMAGE_PROMPT, picture)
     assert at.code[1].value == live_model.decode(fresh, inp, out[inp.n_tokens:])[0] != alone["fix_pai"]

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from headlab.analyses.hallucination_metrics import chair_from_coco, load_synonym_list, pope_eval
-from headlab.cli.app import analyze_app, headlab_app
+from headlab.cli import analyze_app, headlab_app
 from headlab.result import Result
 from headlab.training import lvlm_data as D
 

@@ -32,7 +32,7 @@ from headlab.analyses.lofit import (
 from headlab.analyses.lofit_data import DPOItem, SFTItem, completion_batch, pad_id, read_items, write_items
 from headlab.analyses.lofit_eval import exact_match, multiple_choice, read_mc_csv
 from headlab.analyses.lofit_export import export_offsets
-from headlab.cli.app import headlab_app
+from headlab.cli import headlab_app
 from headlab.errors import InputError
 from headlab.interventions import HeadOffsets, intervene
 from headlab.result import Result

@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.result import Result
 from headlab.training import lvlm_data as D
 

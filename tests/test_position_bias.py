@@ -25,7 +25,7 @@ from headlab.analyses.retrieval_task import (
     score_item,
 )
 from headlab.batching import batches
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.errors import InputError
 from headlab.kernels import distance_bins
 from headlab.probes.position import eager_attention, head_mean_attention, relative_bins, uniform_alpha

@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 import headlab
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.errors import InputError
 from headlab.kernels import StatsRequest
-from headlab.loading import check_placement, parse_device_map, parse_max_memory
+from headlab.placement import check_placement, parse_device_map, parse_max_memory
 from headlab.probes import AttentionProbe
 from headlab.result import Result
 from headlab.zoo.tiny import build_tiny
@@ -183,8 +183,8 @@ def _no_load(*args, **kwargs):
     (["--max-memory", "cpu=1GiB"], "add --device-map auto"),
     (["--device-map", "{oops"], "not valid JSON"),
     (["--device-map", json.dumps(SPLIT)], "--offload-folder"),
-    (["--remote"], "add --backend nnsight"),
-    (["--remote", "--backend", "nnsight"], "NDIF_API_KEY"),
+    (["--remote"], "add --runtime nnsight"),
+    (["--remote", "--runtime", "nnsight"], "NDIF_API_KEY"),
 ])
 def test_bad_scale_options_fail_before_loading(tmp_path, monkeypatch, extra, says):
     monkeypatch.setattr("headlab.loading.load", _no_load)
@@ -200,7 +200,7 @@ def test_bad_scale_options_fail_before_loading(tmp_path, monkeypatch, extra, say
 def test_remote_refuses_what_runs_only_locally(tmp_path, monkeypatch):
     monkeypatch.setattr("headlab.loading.load", _no_load)
     monkeypatch.setenv("NDIF_API_KEY", "k-123")
-    remote = ["--model", "org/some-model", "--backend", "nnsight", "--remote", "--out", str(tmp_path)]
+    remote = ["--model", "org/some-model", "--runtime", "nnsight", "--remote", "--out", str(tmp_path)]
     for command, extra, says in (("sinks", ["--generate", "4"], "drop --generate"),
                                  ("position-bias", [], "--rollout-tokens 0 --retrieval-trials 0"),
                                  ("sinks", ["--device-map", "auto"], "drop --device-map")):
@@ -225,7 +225,7 @@ def test_cli_nnsight_backend_run_equals_native(tmp_path):
     args = ["sinks", "--model", "tiny-llama", "--n-prompts", "3", "--max-tokens", "24", "--quiet", "--out",
             str(tmp_path)]
     native = runner.invoke(analyze_app, [*args, "--name", "native"])
-    through = runner.invoke(analyze_app, [*args, "--name", "nnsight", "--backend", "nnsight"])
+    through = runner.invoke(analyze_app, [*args, "--name", "nnsight", "--runtime", "nnsight"])
     assert native.exit_code == 0 and through.exit_code == 0, native.output + through.output
     a, b = Result.load(tmp_path / "native"), Result.load(tmp_path / "nnsight")
     torch.testing.assert_close(b.tensors["alpha"], a.tensors["alpha"], rtol=0, atol=1e-6, equal_nan=True)

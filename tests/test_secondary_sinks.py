@@ -226,7 +226,7 @@ def test_generation_mode_analyses_prompt_and_continuation():
 def test_cli_flags_switch_parts_and_set_bounds(tmp_path):
     from typer.testing import CliRunner
 
-    from headlab.cli.app import analyze_app
+    from headlab.cli import analyze_app
 
     base = ["sinks", "--model", "tiny-qwen3", "--n-prompts", "2", "--max-tokens", "16", "--quiet", "--out",
             str(tmp_path)]

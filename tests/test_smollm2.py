@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import headlab
 from headlab.analyses import SinksConfig, analyze_sinks
 from headlab.arch import Arch
-from headlab.cli.app import analyze_app
+from headlab.cli import analyze_app
 from headlab.errors import ModelFilesError, UnsupportedArchitectureError
 from headlab.loading import LoadedModel
 from headlab.prompts import bundled_prompts

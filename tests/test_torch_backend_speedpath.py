@@ -250,9 +250,7 @@ def test_post_softmax_edits_ask_only_for_the_groups_they_read(load_model):
     loaded = load_model("tiny-llama")
 
     def needed(*edits):
-        for edit in edits:
-            edit.validate(loaded.arch)
-        return LayerPlan(1, list(edits), loaded.arch.n_heads).needed_cells
+        return LayerPlan(1, [edit.bind(loaded.arch) for edit in edits], loaded.arch.n_heads).needed_cells
 
     assert needed(AttentionOverride([(1, 0)], keys=[0, 1])) == [0]
     assert needed(KeyKnockout([(1, 0)], keys=[0])) == [1]

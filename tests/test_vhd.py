@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import headlab
+from headlab.analyses.lvlm_fixes import generate_with_vhr
 from headlab.analyses.vhd import (
     VhrScale,
     above_median,
     capture_z,
-    generate,
     outlier_mask,
     t_vhd,
     vhd_of,
@@ -147,8 +147,8 @@ def test_vhr_layer_by_layer_selection_and_exact_logits(lvlm, samples):
 
 def test_vhr_generation_per_step_and_once(lvlm, samples):
     n = 4
-    base, _ = generate(lvlm, samples, max_new_tokens=n)
-    tokens, log = generate(lvlm, samples, max_new_tokens=n, vhr=True, alpha=2.0)
+    base, _ = generate_with_vhr(lvlm, samples, max_new_tokens=n)
+    tokens, log = generate_with_vhr(lvlm, samples, max_new_tokens=n, vhr=True, alpha=2.0)
     assert len(log["chosen"]) == tokens.shape[1]
     # Layer 1 is the first reinforced layer: its z in the image stream is never changed by VHR, so the
     # per-step selection there equals the unreinforced teacher-forced VHD's, at every KV-cached step.
@@ -156,11 +156,11 @@ def test_vhr_generation_per_step_and_once(lvlm, samples):
     for t, chosen in enumerate(log["chosen"]):
         assert torch.equal(chosen[1], above_median(trace.vhd[:, t, 0])), t
     # Once: the first step's heads reused = plain HeadScale on those heads, one sample at a time.
-    once, log_once = generate(lvlm, samples[:1], max_new_tokens=n, vhr=True, per_step=False)
+    once, log_once = generate_with_vhr(lvlm, samples[:1], max_new_tokens=n, vhr=True, per_step=False)
     first = log_once["chosen"][0]
     heads = [(layer, h) for layer, c in first.items() for h in range(lvlm.arch.n_heads) if c[0, h]]
-    fixed, _ = generate(lvlm, samples[:1], max_new_tokens=n, heads=heads, alpha=2.0)
+    fixed, _ = generate_with_vhr(lvlm, samples[:1], max_new_tokens=n, heads=heads, alpha=2.0)
     assert torch.equal(once, fixed)
     assert all(torch.equal(step[layer], first[layer]) for step in log_once["chosen"] for layer in first)
-    again, _ = generate(lvlm, samples, max_new_tokens=n)
+    again, _ = generate_with_vhr(lvlm, samples, max_new_tokens=n)
     assert torch.equal(again, base)  # nothing left installed

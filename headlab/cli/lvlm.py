@@ -1,46 +1,63 @@
-"""``analyze vhd --model M --images DIR --prompts FILE``: VHD heatmaps and T-VHD of hallucinated vs correct
-object tokens (with ``--annotations``: a COCO instances file naming each image's objects).
+"""The vision-language commands: ``analyze vhd``, ``analyze hallucination`` and ``headlab fix``.
 
-Every image is asked every prompt (one prompt a line). Bad inputs (folder, files, options) are one
-``error:`` line with exit code 2, checked before the model loads; the run is written atomically.
+- ``analyze vhd --images DIR --prompts FILE``: VHD heatmaps and T-VHD of hallucinated vs correct object
+  tokens (with ``--annotations``: a COCO instances file naming each image's objects);
+- ``analyze hallucination --bench chair|pope --data DIR --methods none,vhr,var,pai,paint,vaf``: one run with
+  the method × metric table (bootstrap CIs), the captions or answers, and a dashboard page;
+- ``headlab fix --method none --method pai … --image IMG --prompt "…"``: each fix's generation side by side.
+
+Method options: ``--set pai.alpha=0.5 --set var.tau=15`` (the fields of each method's dataclass). Every
+input file is read before the model loads.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import typer
 
-from headlab.cli.app import (
-    DEVICE_OPTION,
-    DTYPE_OPTION,
-    OFFLINE_OPTION,
-    QUIET_OPTION,
-    THREADS_OPTION,
-    console,
-    print_written,
-    quiet_hub_progress,
-    reported_errors,
-    use_threads,
-)
+from headlab.cli import options
+from headlab.cli.model_args import ModelArgs, Runtime, open_model, takes_model
+from headlab.cli.output import console, reported_errors, say
+from headlab.cli.skeleton import Prepared, quiet_hub_progress, run_and_save
 from headlab.errors import InputError
 
-
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InputError(f"--prompts {path}: no such file; pass a text file with one prompt a line")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as err:
-        raise InputError(f"--prompts {path} is not UTF-8 text") from err
-    if not lines:
-        raise InputError(f"--prompts {path} is empty: one prompt a line")
-    return lines
+LVLM_HELP = "an LVLM: llava-smol, tiny-llava, tiny-qwen2-vl, llava-1.5-7b (local), …"
+# The fixes generate with the model's KV cache and hooks on the local modules.
+LOCAL = (Runtime.local,)
+SET_OPTION = typer.Option(None, "--set", help="a method option, METHOD.FIELD=VALUE (e.g. pai.alpha=0.5, "
+                                              "var.tau=15, vhr.layers=[20,21]); repeat for several")
 
 
+def parse_settings(items: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """``["pai.alpha=0.5", …]`` -> ``{"pai": {"alpha": 0.5}}``; values are JSON (numbers, lists, true) or text."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        name, dot, option = key.strip().partition(".")
+        if not sep or not dot or not option:
+            raise InputError(f"--set {item!r}: write METHOD.FIELD=VALUE, e.g. pai.alpha=0.5")
+        if name not in methods:
+            raise InputError(f"--set {item!r}: {name} is not among the methods ({', '.join(methods)})")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[option] = value
+    return out
+
+
+def split_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise InputError("--methods is empty: name at least one of none, vhr, var, pai, paint, vaf")
+    return methods
+
+
+@takes_model("llava-smol", LVLM_HELP)
 def vhd(
-    model: str = typer.Option("llava-smol", help="an LVLM: llava-smol, tiny-llava, tiny-qwen2-vl, llava-1.5-7b, …"),
     images: Path = typer.Option(..., help="folder of image files"),
     prompts: Path = typer.Option(..., help="text file, one prompt a line (every image gets every prompt)"),
     annotations: Path = typer.Option(None, help="COCO instances JSON: objects per image, to label hallucinations"),
@@ -52,22 +69,21 @@ def vhd(
                                             "recomputed) or blank (a grey image of the same size)"),
     k: int = typer.Option(8, help="top-k heads of the T-VHD aggregations"),
     batch_size: int = typer.Option(8, help="samples per forward"),
-    dtype: str = DTYPE_OPTION,
-    device: str = DEVICE_OPTION,
-    out: Path = typer.Option(None, help="run directory (default: the runs folder + vhd-<model>-<time>)"),
-    offline: bool = OFFLINE_OPTION,
-    quiet: bool = QUIET_OPTION,
-    threads: int = THREADS_OPTION,
+    out: Path = options.run_directory("vhd"),
+    quiet: bool = options.QUIET,
+    *,
+    model_args: ModelArgs,
 ) -> None:
     """VHD (He et al., 2025): how much each head's output changes without the image, per generated token."""
-    from headlab.analyses.hallucination_metrics import load_coco_objects, load_synonyms
-    from headlab.analyses.vhd import VhdConfig, analyze_vhd
-    from headlab.lvlm import LvlmSample, image_files, load_image
-    from headlab.runs import run_target
 
-    started = time.perf_counter()
-    quiet_hub_progress(quiet)
-    with reported_errors(model, "lower --batch-size or --max-images, or use --dtype bfloat16"):
+    def prepare(args: ModelArgs) -> Prepared:
+        from headlab.analyses.hallucination_metrics import load_coco_objects, load_synonyms
+        from headlab.analyses.vhd import VhdConfig
+        from headlab.lvlm import LvlmSample, image_files, load_image
+        from headlab.prompts import read_prompts
+        from headlab.provenance import describe_source
+        from headlab.runs import run_target
+
         config = VhdConfig(max_new_tokens=max_new_tokens, remove=remove, k=k, batch_size=batch_size)
         config.check()
         if max_images < 1:
@@ -85,20 +101,126 @@ def vhd(
             truth = [objects[f.name] for f in files for _ in texts]
             names = sorted({o for objs in objects.values() for o in objs})
             table = load_synonyms(synonyms) if synonyms is not None else {n.lower(): n for n in names}
-        runs_dir, run_name = run_target(out, "vhd", model)
-        used_threads = use_threads(threads)
-        from headlab.loading import load
-
-        loaded = load(model, dtype=dtype, device=device, local_files_only=offline)
         samples = [LvlmSample(text, [picture]) for picture in pictures for text in texts]
-        result = analyze_vhd(loaded, samples, config, truth=truth, synonyms=table)
-        result.prompts = texts
-        path = result.save(runs_dir, run_name)
-    summary = result.summary
-    console.print(f"VHD on {model}: {summary['samples']} samples, {summary['tokens']} tokens; top heads "
-                  + ", ".join(f"L{h['layer']}H{h['head']} {h['vhd']:.3g}" for h in summary["top_heads"]),
-                  highlight=False, soft_wrap=True)
-    for status, entry in summary["object_tokens"].items():
-        console.print(f"  {status} object tokens: {entry['tokens']}, mean T-VHD (layer top-{k} sum) "
-                      f"{entry['mean_t_vhd_layer_topk_sum']:.4g}", highlight=False, soft_wrap=True)
-    print_written(path, used_threads, time.perf_counter() - started)
+        return Prepared(*run_target(out, "vhd", args.model), texts=texts, source=describe_source(str(prompts)),
+                        extra=(config, samples, truth, table))
+
+    def run(loaded, prepared: Prepared):
+        from headlab.analyses.vhd import analyze_vhd
+
+        config, samples, truth, table = prepared.extra
+        return analyze_vhd(loaded, samples, config, truth=truth, synonyms=table)
+
+    def show(result, path: Path) -> None:
+        summary = result.summary
+        say(f"VHD on {model_args.model}: {summary['samples']} samples, {summary['tokens']} tokens; top heads "
+            + ", ".join(f"L{h['layer']}H{h['head']} {h['vhd']:.3g}" for h in summary["top_heads"]))
+        for status, entry in summary["object_tokens"].items():
+            say(f"  {status} object tokens: {entry['tokens']}, mean T-VHD (layer top-{k} sum) "
+                f"{entry['mean_t_vhd_layer_topk_sum']:.4g}")
+
+    run_and_save(model_args, command="analyze vhd", prepare=prepare, run=run, show=show, quiet=quiet,
+                 runtimes=LOCAL, advice="lower --batch-size or --max-images, or use --dtype bfloat16")
+
+
+@takes_model("llava-smol", LVLM_HELP)
+def hallucination(
+    bench: str = typer.Option("chair", help="chair (captions against COCO annotations) or pope (yes/no questions)"),
+    data: Path = typer.Option(..., help="folder with COCO annotations + images (chair) or pope_{split}.jsonl + "
+                                        "images (pope); `python -m headlab.training.lvlm_data DIR` writes a "
+                                        "synthetic one"),
+    methods: str = typer.Option("none,vhr,var,pai,paint,vaf", help="comma-separated fixes; none is the baseline"),
+    controls: bool = typer.Option(False, help="also run each method's random control (random keys/patches/heads)"),
+    settings: list[str] = SET_OPTION,
+    n: int = typer.Option(500, help="chair: images (a seeded random draw, stored in the run); pope: questions per "
+                                    "split"),
+    batch_size: int = typer.Option(16, help="samples per generate call"),
+    max_new_tokens: int = typer.Option(None, help="greedy tokens (default 64 for captions, 8 for answers)"),
+    prompt: str = typer.Option("Describe the image.", help="the caption prompt (chair)"),
+    pope_suffix: str = typer.Option("", help="text appended to every POPE question"),
+    splits: str = typer.Option("random,popular,adversarial", help="POPE splits"),
+    parser: str = typer.Option("official", help="POPE answer parser: official (the POPE repository's rule) or exact"),
+    synonyms: Path = typer.Option(None, help="CHAIR synonym list in the reference format (default: the data "
+                                             "folder's synonyms.txt, else headlab's own COCO list)"),
+    resamples: int = typer.Option(2000, help="bootstrap resamples"),
+    seed: int = typer.Option(0, help="seed of the image draw, the controls and the bootstrap"),
+    t_vhd: bool = typer.Option(False, "--t-vhd", help="chair: also the T-VHD of every caption token (two "
+                                                       "teacher-forced passes per batch and method)"),
+    out: Path = options.run_directory("hallucination"),
+    quiet: bool = options.QUIET,
+    *,
+    model_args: ModelArgs,
+) -> None:
+    """CHAIR or POPE of several hallucination fixes on the same images, with bootstrap CIs and controls."""
+
+    def prepare(args: ModelArgs) -> Prepared:
+        from headlab.analyses.hallucination_eval import HallucinationConfig, chair_images, pope_questions
+        from headlab.runs import run_target
+
+        chosen = split_methods(methods)
+        config = HallucinationConfig(bench=bench, methods=chosen, options=parse_settings(settings, chosen),
+                                     controls=controls, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     prompt=prompt, pope_suffix=pope_suffix,
+                                     splits=[s.strip() for s in splits.split(",") if s.strip()], parser=parser,
+                                     synonyms=str(synonyms) if synonyms is not None else None, resamples=resamples,
+                                     seed=seed, t_vhd=t_vhd)
+        config.check()
+        if synonyms is not None and not synonyms.is_file():
+            raise InputError(f"--synonyms {synonyms}: no such file")
+        # Every input file is read before the model loads.
+        if bench == "chair":
+            chair_images(data, n, seed)
+        else:
+            pope_questions(data, config.splits, n)
+        return Prepared(*run_target(out, "hallucination", args.model), extra=config)
+
+    def run(loaded, prepared: Prepared):
+        from headlab.analyses.hallucination_eval import analyze_hallucination
+
+        return analyze_hallucination(loaded, data, prepared.extra, progress=not quiet)
+
+    run_and_save(model_args, command="analyze hallucination", prepare=prepare, run=run, quiet=quiet,
+                 runtimes=LOCAL, show=lambda result, path: say(result.report),
+                 advice="lower --batch-size or --n, or use --dtype bfloat16")
+
+
+@takes_model("llava-smol", LVLM_HELP)
+def fix(
+    method: list[str] = typer.Option(["none", "pai"], help="a fix to run (repeat): none, vhr, var, pai, paint, vaf"),
+    image: Path = typer.Option(..., help="an image file"),
+    prompt: str = typer.Option("Describe the image.", help="the user prompt"),
+    settings: list[str] = SET_OPTION,
+    max_new_tokens: int = typer.Option(48, help="greedy tokens per generation"),
+    quiet: bool = options.QUIET,
+    *,
+    model_args: ModelArgs,
+) -> None:
+    """Generate with each fix on one image and print the answers side by side."""
+    from rich.table import Table
+
+    quiet_hub_progress(quiet)
+    with reported_errors(model_args.model, "lower --max-new-tokens or use --dtype bfloat16"):
+        from headlab.analyses.hallucination_eval import HallucinationConfig
+        from headlab.lvlm import LvlmSample, load_image
+
+        args = model_args.check(command="headlab fix", runtimes=LOCAL)
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        methods = list(dict.fromkeys(method))
+        config = HallucinationConfig(methods=methods, options=parse_settings(settings, methods))
+        config.check()
+        picture = load_image(image)
+        from headlab.analyses.lvlm_fixes import decode, generate_fixed
+
+        loaded = open_model(args)
+        table = Table(title=f"{args.model}: {prompt!r} on {image.name}", show_lines=True)
+        table.add_column("method")
+        table.add_column("generation")
+        table.add_column("seconds", justify="right")
+        with args.kernel_in_use():
+            for name in methods:
+                started = time.perf_counter()
+                tokens = generate_fixed(loaded, [LvlmSample(prompt, [picture])], [config.make(name, False)],
+                                        max_new_tokens=max_new_tokens)
+                table.add_row(name, decode(loaded, tokens)[0], f"{time.perf_counter() - started:.1f}")
+    console.print(table)

@@ -1,0 +1,121 @@
+"""``headlab models``, ``headlab dashboard``, ``headlab runs clean`` and ``headlab zoo train``: everything
+that is not an analysis of a model."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from headlab.cli.output import console, fail
+from headlab.errors import HeadlabError
+from headlab.runs import default_runs_dir
+
+
+def models() -> None:
+    """List model aliases and the tiny offline models."""
+    from headlab.zoo.catalog import ALIASES, BUNDLED_MODELS, EMBEDDED, TINY_DESCRIPTIONS
+
+    table = Table(title="headlab models")
+    table.add_column("name")
+    table.add_column("what")
+
+    for alias, hub_id in ALIASES.items():
+        table.add_row(alias, BUNDLED_MODELS.get(alias, hub_id))
+    for tiny, description in TINY_DESCRIPTIONS.items():
+        table.add_row(tiny, description)
+    for name, description in EMBEDDED.items():
+        table.add_row(name, description)
+    console.print(table)
+    console.print("Also: any Hugging Face id (org/name), a local folder in Hugging Face format, or a .gguf file.")
+
+
+
+def dashboard(
+    runs: Path = typer.Option(None, help="runs folder to browse (default: $HEADLAB_RUNS or ./runs)"),
+    port: int = typer.Option(8501, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; 0.0.0.0 exposes the dashboard to the network"),
+) -> None:
+    """Browse saved runs in a Streamlit app (localhost only unless --host says otherwise)."""
+    from headlab.dashboard.launch import (
+        check_dashboard_runs,
+        check_port_free,
+        dashboard_url,
+        run_child,
+        streamlit_command,
+    )
+
+    try:
+        runs_dir = check_dashboard_runs(runs or default_runs_dir())
+        command = streamlit_command(runs_dir, host, port)
+        check_port_free(host, port)  # before printing a URL that might serve another process
+    except HeadlabError as err:
+        fail(str(err))
+    console.print(f"headlab dashboard on {dashboard_url(host, port)} (runs: {runs_dir}); Ctrl+C stops it",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit(code=run_child(command))
+
+
+def runs_clean(
+    runs: Path = typer.Option(None, help="runs folder (default: $HEADLAB_RUNS or ./runs)"),
+    dry_run: bool = typer.Option(False, help="list what would be removed, remove nothing"),
+) -> None:
+    """Remove the leftovers of killed runs (hidden .<name>.tmp-* folders); runs still being written are kept."""
+    from headlab.runs import clean_leftovers
+
+    try:
+        removed, spared = clean_leftovers(runs or default_runs_dir(), dry_run=dry_run)
+    except HeadlabError as err:
+        fail(str(err))
+    verb = "would remove" if dry_run else "removed"
+    for path in removed:
+        console.print(f"{verb} {path}", highlight=False, soft_wrap=True)
+    for item in spared:
+        console.print(f"kept {item.path}: still being written ({item.writer})", highlight=False, soft_wrap=True)
+    console.print(f"{len(removed)} leftover(s) {verb}, {len(spared)} kept", highlight=False)
+
+
+class ZooModel(str, Enum):
+    backcopy = "backcopy"
+    backcopy_nobos = "backcopy-nobos"
+    llava_smol = "llava-smol"
+
+
+def zoo_train(
+    model: ZooModel = typer.Argument(ZooModel.backcopy, help="backcopy (sequences start with BOS) or backcopy-nobos"),
+    out: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
+    steps: int = typer.Option(4600, help="optimizer steps"),
+    batch_size: int = typer.Option(64, help="sequences per step (T = 64 tokens each)"),
+    lr: float = typer.Option(3e-3, help="peak learning rate (after 100 warmup steps)"),
+    final_lr_ratio: float = typer.Option(0.1, help="cosine decay to this fraction of --lr (1: constant)"),
+    weight_decay: float = typer.Option(0.5, help="AdamW weight decay on matrices"),
+    seed: int = typer.Option(0, help="seed of the init, the data stream and the evaluation set"),
+    threads: int = typer.Option(2, help="CPU threads (results are deterministic for a given seed and count)"),
+    eval_every: int = typer.Option(200, help="evaluate and write the checkpoint every N steps"),
+) -> None:
+    """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks.
+
+    llava-smol: the vision tower + projector of an LVLM on frozen smollm2-135m, with its own recipe
+    (headlab/training/llava_smol.py; only --out and --seed apply; one thread, about 80 minutes)."""
+    import dataclasses
+
+    if model == ZooModel.llava_smol:
+        from headlab.training.llava_smol import train_llava_smol_cli
+
+        return train_llava_smol_cli(out, seed, fail)
+
+    from headlab.training.backcopy import BackcopyTask
+    from headlab.training.backcopy_training import TrainConfig, train_backcopy
+
+    folder = out or Path("models") / model.value
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, final_lr_ratio=final_lr_ratio,
+                         weight_decay=weight_decay, seed=seed,
+                         threads=threads, eval_every=eval_every,
+                         task=dataclasses.replace(BackcopyTask(), use_bos=model == ZooModel.backcopy))
+    try:
+        train_backcopy(config, folder, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except HeadlabError as err:
+        fail(str(err))
+    console.print(f"checkpoint written to {folder}", highlight=False, soft_wrap=True)

@@ -1,0 +1,50 @@
+"""What the command line prints: results on stdout, one ``warning:`` or ``error:`` line on stderr.
+
+Bad input and out of memory become one ``error:`` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from headlab.errors import HeadlabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line of output, as written (no markup guessing, no wrapping)."""
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def reported_errors(model: str, out_of_memory_advice: str) -> Iterator[None]:
+    """``HeadlabError`` and out of memory inside become one ``error:`` line and exit code 2."""
+    import torch
+
+    try:
+        yield
+    except HeadlabError as err:
+        fail(str(err))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory running {model}: {out_of_memory_advice}")
+
+
+def print_written(path: Path, threads: int, seconds: float) -> None:
+    say(f"run written to {path} ({threads} CPU thread{'s' if threads != 1 else ''}, --threads sets it; "
+        f"{seconds:.0f} s)")

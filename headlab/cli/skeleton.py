@@ -1,0 +1,119 @@
+"""The one shape of a command that writes a run: check → load → run → save → print.
+
+Every check that needs no model runs first (the model options, the command's own, the inputs, the run's
+target), so a bad flag never waits for a model to load; the run is written atomically (``Result.save``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headlab.cli.model_args import ModelArgs, Runtime, open_model
+from headlab.cli.output import print_written, reported_errors, warn
+from headlab.errors import InputError
+from headlab.runs import check_new_run, check_runs_dir, check_writable, default_run_name, default_runs_dir
+
+# Below this many tokens per prompt, per-prompt statistics (Sink_1, position profiles) describe almost nothing.
+MIN_USEFUL_TOKENS = 8
+
+
+@dataclass
+class Prepared:
+    """What the checks produced for the run step: the target, the inputs and the command's own values."""
+
+    runs_dir: Path
+    run_name: str
+    texts: list[str] | None = None
+    source: dict | None = None
+    extra: Any = None
+
+
+def runs_folder_target(analysis: str, model: str, out: Path | None, name: str | None) -> tuple[Path, str]:
+    """``--out`` is the runs folder and ``--name`` the run (default: ``<analysis>-<model>-<time>``)."""
+    runs_dir = check_writable(check_runs_dir(out or default_runs_dir()))
+    run_name = name if name is not None else default_run_name(analysis, model)
+    check_new_run(runs_dir, run_name)
+    return runs_dir, run_name
+
+
+def read_prompt_set(model: str, prompts: str | None, n_prompts: int | None) -> tuple[list[str], dict]:
+    """The prompts (the model's bundled set unless given; ``-`` reads stdin) and where they came from."""
+    from headlab.prompts import read_prompts
+    from headlab.provenance import describe_source
+    from headlab.zoo.catalog import default_prompt_file
+
+    if n_prompts is not None and n_prompts <= 0:
+        raise InputError(f"--n-prompts must be positive, got {n_prompts}")
+    default = default_prompt_file(model)
+    return read_prompts(prompts if prompts is not None else default)[:n_prompts], describe_source(prompts, default)
+
+
+def check_max_tokens(max_tokens: int) -> None:
+    from headlab.batching import check_positive_tokens
+
+    check_positive_tokens(max_tokens)
+    if max_tokens < MIN_USEFUL_TOKENS:
+        warn(f"--max-tokens {max_tokens} is below {MIN_USEFUL_TOKENS} tokens per prompt: the statistics describe "
+             "the first few positions only and say little about the model")
+
+
+def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
+    """The mean prompt length in tokens (after the --max-tokens cut); warns when it is too short to mean much."""
+    from headlab.batching import check_max_tokens as fits_context
+    from headlab.batching import encode
+
+    fits_context(loaded, max_tokens)
+    mean = sum(len(encode(loaded, text, max_tokens)) for text in texts) / len(texts)
+    if mean < MIN_USEFUL_TOKENS:
+        warn(f"prompts average {mean:.1f} tokens: statistics over fewer than {MIN_USEFUL_TOKENS} tokens per prompt "
+             "say little about the model; use longer prompts")
+    return mean
+
+
+def record_provenance(result, loaded, args: ModelArgs, prepared: Prepared) -> None:
+    """The prompts, where they came from and how the model ran, into the run's manifest."""
+    from headlab.kernels.dispatch import backend_in_use
+    from headlab.provenance import model_settings
+
+    requested = "nnsight" if args.runtime == Runtime.nnsight else args.kernel_name
+    settings = model_settings(loaded, dtype=args.dtype, device=args.device, threads=args.threads_used(),
+                              backend=requested, backend_used=backend_in_use(loaded.device, requested))
+    if args.placement is not None:
+        settings.update(**args.placement, placement=loaded.placement)
+    if args.remote:
+        settings["remote"] = "ndif"
+    provenance = {**result.provenance, "settings": settings}
+    if prepared.texts is not None:
+        result.prompts = prepared.texts
+        provenance["prompt_source"] = prepared.source
+    result.provenance = provenance
+
+
+def quiet_hub_progress(quiet: bool) -> None:
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs], Prepared],
+                 run: Callable[[Any, Prepared], Any], show: Callable[[Any, Path], None], advice: str,
+                 quiet: bool = False, runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> None:
+    """The skeleton: ``args.check`` → ``prepare(args)`` (the command's checks, inputs and target) → load →
+    ``run(loaded, prepared)`` under ``--kernel`` → provenance → atomic save → ``show(result, path)``."""
+    started = time.perf_counter()
+    quiet_hub_progress(quiet)
+    with reported_errors(args.model, advice):
+        args = args.check(command=command, runtimes=runtimes)
+        prepared = prepare(args)
+        loaded = open_model(args)
+        with args.kernel_in_use():
+            result = run(loaded, prepared)
+        record_provenance(result, loaded, args, prepared)
+        path = result.save(prepared.runs_dir, prepared.run_name)
+    show(result, path)
+    print_written(path, args.threads_used(), time.perf_counter() - started)
