@@ -215,7 +215,7 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
         outputs[label] = generate_all(loaded, jobs, method, batch_size=config.batch_size,
                                       max_new_tokens=config.new_tokens, progress=bar.update, token_rows=rows)
         token_rows += [{"method": label, **row} for row in rows or []]
-        described[label] = method.describe()
+        described[label] = method.settings()
     bar.close()
     if config.bench == "chair":
         result = _chair_result(loaded, data, config, images, outputs, described)

@@ -33,26 +33,37 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
 from headlab.errors import InputError
-from headlab.interventions import Intervention, Positions, ProbEdit, ScoreBoost, ScoreScale, register_intervention
+from headlab.interventions import INTERVENTIONS, Intervention, Positions, ScoreBoost, ScoreScale, register_intervention
 from headlab.interventions.context import is_paused
+from headlab.interventions.visual_redistribute import VisualRedistribute
 from headlab.lvlm import LvlmInputs, LvlmSample, build_inputs
 
-FIXES: dict[str, type[FixMethod]] = {}
 
+class _Fixes(Mapping):
+    """The fixes among ``INTERVENTIONS``, by name: one registry for every edit, read here as the fixes' table."""
 
-def register_fix(name: str):
-    def add(cls):
-        cls.name = name
-        FIXES[name] = cls
+    def __getitem__(self, name: str) -> type[FixMethod]:
+        cls = INTERVENTIONS.get(name)
+        if not (isinstance(cls, type) and issubclass(cls, FixMethod)):
+            raise KeyError(name)
         return cls
-    return add
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, c in list(INTERVENTIONS.items()) if isinstance(c, type) and issubclass(c, FixMethod))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+FIXES: Mapping[str, type[FixMethod]] = _Fixes()
+register_fix = register_intervention  # a fix is an intervention of the "composed" site
 
 
 @dataclass
@@ -91,10 +102,12 @@ class FixContext:
         return Positions.per_sample(specs)
 
 
-class FixMethod:
-    """A fix: the interventions it installs for a batch, and what else it needs while generating."""
+class FixMethod(Intervention):
+    """A fix: a composed intervention. Per batch of images it names the edits it installs (``edits``), and what
+    else it needs while generating (hooks, a no-image reference stream, a logits processor); ``generate_fixed``
+    runs it. ``headlab.intervene`` takes its edits, not the fix itself, which needs the batch's images."""
 
-    name: ClassVar[str] = ""
+    site: ClassVar[str] = "composed"
     needs_reference: ClassVar[bool] = False
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
@@ -124,7 +137,7 @@ class FixMethod:
             raise InputError(f"{self.name.upper()}: layers {bad} do not exist in a {n_layers}-layer model")
         return layers
 
-    def describe(self) -> dict:
+    def settings(self) -> dict:
         """The settings (the dataclass fields shown in its repr; per-batch state is hidden from it)."""
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.repr}}
 
@@ -324,47 +337,6 @@ class Vaf(FixMethod):
 # VAR
 
 
-@register_intervention("visual_redistribute")
-@dataclass
-class VisualRedistribute(ProbEdit):
-    """VAR on one layer: key groups text sinks, visual sinks, image non-sinks (per sample, set at prefill by
-    ``Var``); rows are selected per head from their unedited masses (image ≥ summ, non-sink share ≥ rho)."""
-
-    layer: int
-    rows: Positions
-    p: float = 0.6
-    summ: float = 0.2
-    rho: float = 0.5
-    paper_semantics: bool = False
-    text_sinks: Positions = field(default_factory=lambda: Positions.of([]))
-    visual_sinks: Positions = field(default_factory=lambda: Positions.of([]))
-    image_rest: Positions = field(default_factory=lambda: Positions.of([]))
-    n_image: torch.Tensor | None = None  # [batch] image tokens per sample
-    has_visual_sink: torch.Tensor | None = None  # [batch] bool
-
-    def __post_init__(self):
-        self.heads = [(self.layer, None)]
-
-    def key_specs(self):
-        return [self.text_sinks, self.visual_sinks, self.image_rest]
-
-    def group_weights(self):
-        return None
-
-    def dynamic_weights(self, masses, rest):
-        text_sink, visual_sink, image_rest = masses
-        image = visual_sink + image_rest
-        n_image = self.n_image.to(image.device)[:, None, None].to(image.dtype)
-        share = image_rest / (image + 1e-6 * n_image)
-        chosen = (image >= self.summ) & (share >= self.rho) & self.has_visual_sink.to(image.device)[:, None, None]
-        keep = 1.0 - self.p if self.paper_semantics else self.p
-        budget = (1.0 - keep) * (text_sink + visual_sink)
-        boost = torch.where(image_rest > 0, 1.0 + budget / image_rest.clamp_min(1e-30), 1.0)
-        one = torch.ones_like(rest)
-        sink_weight = torch.where(chosen, keep, one)
-        return [sink_weight, sink_weight, torch.where(chosen, boost, one)], one
-
-
 @register_fix("var")
 @dataclass
 class Var(FixMethod):
@@ -401,8 +373,8 @@ class Var(FixMethod):
             self.found_dims[key] = dims
         return list(self.found_dims[key])
 
-    def describe(self) -> dict:
-        out = super().describe()
+    def settings(self) -> dict:
+        out = super().settings()
         if self.dims is None and len(self.found_dims) == 1:
             out["dims"] = next(iter(self.found_dims.values()))  # the dims in force, as a report shows them
         return out

@@ -31,6 +31,7 @@ from .base import (
     spec_layers,
 )
 from .context import Intervened, intervene, paused
+from .hook_site import Hook
 from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 from .residual_site import RESIDUAL_POINTS, ResidualAdd
@@ -50,6 +51,7 @@ __all__ = [
     "HeadOffsets",
     "HeadPatch",
     "HeadScale",
+    "Hook",
     "Intervened",
     "Intervention",
     "KeyKnockout",
@@ -64,6 +66,7 @@ __all__ = [
     "ScoreScale",
     "SequenceLayout",
     "ZAffine",
+    "VisualRedistribute",
     "ZEdit",
     "every_head",
     "head_list",

@@ -1,7 +1,8 @@
 """One attention call with edits: positions resolved, edits compiled, the kernel run once, outputs recombined.
 
-``probes/attention.py``'s attention function asks ``ACTIVE_EDITS`` whether a layer has attention-site
-edits; if so it hands the call to ``run_edited``:
+headlab's attention function (``headlab.kernels.attention_function``) asks the editor in force, an
+``ActiveEdits`` that ``headlab.intervene`` installs through the kernels' switch, whether a layer has
+attention-site edits (``plan_for``); if so it hands the call to ``ActiveEdits.run``, i.e. ``run_edited``:
 1. resolve the edits' rows and key groups for this call (``AttentionCall``: absolute positions from
    the padding mask and the call's offsets, so the same edit holds at prefill and while decoding);
 2. compile the pre-softmax edits into one ``ScoreEdit`` (keys labelled by which edits cover them);
@@ -11,13 +12,13 @@ edits; if so it hands the call to ``run_edited``:
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 
 import torch
 
 from headlab.errors import InputError
 from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_probs, attention_with_stats
+from headlab.kernels.attention_function import _EDITOR
 
 from .attention_site import BoundAttentionEdit
 from .positions import Positions, SequenceLayout
@@ -315,8 +316,11 @@ def edited_pattern(query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale
 
 
 class ActiveEdits:
-    """The attention-site edits in force (``ACTIVE_EDITS``), bound to ``arch``, by layer, and the backend they
-    run on."""
+    """The attention-site edits in force, bound to ``arch``, by layer, and the backend they run on.
+
+    It is the ``AttentionEditor`` of ``headlab.kernels.attention_function``: ``intervene`` hands it to
+    ``headlab_attention(model, editor=...)`` and the attention function calls ``plan_for``, ``run`` and
+    ``pattern``."""
 
     def __init__(self, arch, edits: list, backend: str | None = None, tracker=None):
         self.arch = arch
@@ -334,6 +338,20 @@ class ActiveEdits:
         plan = self.plans.get(layer) if layer is not None else None
         return (layer, plan) if plan is not None else (None, None)
 
+    def run(self, layer: int, plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask, mask: MaskSpec, scale: float | None, sinks: torch.Tensor | None, backend: str | None,
+            request: StatsRequest | None) -> tuple[torch.Tensor, AttentionStats, EditedCall]:
+        """One edited call: q ``[batch, head, query, dim]`` -> output ``[batch, head, query, dim_v]``, the edited
+        call's statistics and what ``pattern`` needs. ``attention_mask``: the model's (a LazyMask, dense, None)."""
+        call = AttentionCall.of(layer, query, key, attention_mask, self.tracker)
+        return run_edited(plan, call, query, key, value, mask, scale, sinks, backend, request)
 
-ACTIVE_EDITS: contextvars.ContextVar[ActiveEdits | None] = contextvars.ContextVar("headlab_attention_edits",
-                                                                                   default=None)
+    def pattern(self, query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale: float | None,
+                sinks: torch.Tensor | None, edited: EditedCall) -> torch.Tensor:
+        """``[batch, head, query, key]`` fp32 probabilities of a call ``run`` edited."""
+        return edited_pattern(query, key, mask, scale, sinks, edited)
+
+
+# The editor in force, held by the kernels' switch; the old name stays for code that reads it
+# (``headlab_attention(editor=...)`` sets it, ``paused()`` clears it).
+ACTIVE_EDITS = _EDITOR

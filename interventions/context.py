@@ -19,8 +19,9 @@ import torch
 
 from headlab import arch as headlab_arch
 from headlab.errors import InputError
+from headlab.kernels.attention_function import active_editor, headlab_attention, without_editor
 
-from .attention_call import ACTIVE_EDITS, ActiveEdits
+from .attention_call import ActiveEdits
 from .base import Bound, Intervention
 from .layout import CallLayout, LayoutTracker
 from .positions import Positions
@@ -136,11 +137,10 @@ def paused() -> Iterator[None]:
     """Run forwards inside an ``intervene`` block as if no edit were installed (a reference stream that must
     stay unedited: the no-image branch of PAI's guidance, VHR's no-image z). Hooks stay in place."""
     token = _PAUSED.set(True)
-    edits_token = ACTIVE_EDITS.set(None)
     try:
-        yield
+        with without_editor():
+            yield
     finally:
-        ACTIVE_EDITS.reset(edits_token)
         _PAUSED.reset(token)
 
 
@@ -203,19 +203,20 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
     ``backend`` picks the attention kernel for attention-site edits (default: the device's; an active
     ``AttentionProbe``'s backend wins). Nested ``intervene`` blocks add their edits to the outer ones.
     """
-    from headlab.probes.attention import ATTN_IMPLEMENTATION, register
-
     arch, model = loaded.arch, loaded.model
     edits = list(edits)
     bound: list[Bound] = []  # what this block runs: each edit resolved for this model, the edit left untouched
     for edit in edits:
         if not isinstance(edit, Intervention):
             raise InputError(f"intervene takes interventions (HeadScale, ScoreBoost, …), got {type(edit).__name__}")
+        if edit.site == "composed":
+            raise InputError(f"{type(edit).__name__} composes its edits per batch of images: run it with "
+                             "headlab.analyses.lvlm_fixes.generate_fixed (or `headlab fix`), or pass its edits")
         bound.append(edit.bind(arch))
         if hasattr(edit, "check_model"):
             edit.check_model(loaded.name)
-    outer = ACTIVE_EDITS.get()
-    inherited = outer.edits if outer is not None and outer.arch is arch else []
+    outer = active_editor()
+    inherited = outer.edits if isinstance(outer, ActiveEdits) and outer.arch is arch else []
     check_conflicts(inherited + bound)
     attention_edits = [b for b in bound if b.site in ("scores", "probs")]
     if attention_edits:
@@ -229,11 +230,13 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
             for z_edit in z_edits:  # HeadPatch checks the cache's shape; the others accept any call
                 z_edit.check_call(call.batch, call.n_query, call.seen)
 
-    handles = []
-    token = None
-    switched, previous = False, model.config._attn_implementation if attention_edits else None
-    try:
+    handles: list = []
+    with contextlib.ExitStack() as stack:
+        # Cleanups go in before what they undo, so a failure halfway through installing undoes what went in;
+        # they run last in, first out: the switch, then the hooks, then the tracker.
+        stack.callback(tracker.remove)
         tracker.install(check_call)
+        stack.callback(lambda: [handle.remove() for handle in reversed(handles)])
         by_layer: dict[int, list[BoundZEdit]] = {}
         for b in bound:
             if b.site == "z":
@@ -247,17 +250,8 @@ def intervene(loaded, *edits: Intervention, backend: str | None = None) -> Itera
             if b.site == "residual":
                 handles.extend(_residual_hooks(b, arch, tracker))
         if attention_edits:
-            token = ACTIVE_EDITS.set(ActiveEdits(arch, inherited + attention_edits, backend, tracker))
-        if attention_edits:
-            register()
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
-            switched = True
+            # The one switch: sets the editor, switches to headlab's attention function unless an enclosing
+            # probe or block already did, and gives back both on exit, on error too.
+            editor = ActiveEdits(arch, inherited + attention_edits, backend, tracker)
+            stack.enter_context(headlab_attention(model, editor=editor))
         yield Intervened(edits, bound)
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
-        tracker.remove()
-        if token is not None:
-            ACTIVE_EDITS.reset(token)
-        if switched:
-            model.set_attn_implementation(previous)

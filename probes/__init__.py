@@ -4,16 +4,17 @@ from headlab.bare_imports import refuse_bare
 
 refuse_bare(__name__)  # headlab.bare_imports says why
 
-from .accumulators import KeyImportance, RowMeans
-from .activations import VALID_PATTERNS, Trace, trace
-from .attention import (
+from headlab.kernels.attention_function import (  # the attention function lives in kernels; names kept here
     ATTN_IMPLEMENTATION,
-    AttentionProbe,
     LazyMask,
     PatternReader,
     headlab_attention_forward,
     register,
 )
+
+from .accumulators import KeyImportance, RowMeans
+from .activations import VALID_PATTERNS, Trace, trace
+from .attention import AttentionProbe
 from .layer_parts import PARTS, LayerPartsProbe, LayerPartsSummary
 from .residual import ResidualProbe, ResidualSummary, hidden_state_median, summarize_hidden
 

@@ -19,39 +19,18 @@ after any edit of ``headlab.intervene`` on the same module, so a trace shows the
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from headlab.errors import InputError
+from headlab.hook_names import ATTN_HOOKS, BLOCK_HOOKS, VALID_PATTERNS, all_names, parse_name  # noqa: F401 (names of trace)
 from headlab.interventions.layout import LayoutTracker
+from headlab.kernels.attention_function import PatternReader, headlab_attention
 
-from .attention import _PATTERN_READER, ATTN_IMPLEMENTATION, AttentionProbe, PatternReader, register
+from .attention import AttentionProbe
 
-BLOCK_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-ATTN_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_pattern")
-VALID_PATTERNS = [f"blocks.{{l}}.{h}" for h in BLOCK_HOOKS] + [f"blocks.{{l}}.attn.{h}" for h in ATTN_HOOKS]
-_NAME = re.compile(r"^blocks\.(\d+)\.(?:(attn)\.)?(hook_\w+)$")
 DEFAULT_MAX_PATTERN_TOKENS = 1024
-
-
-def all_names(n_layers: int) -> list[str]:
-    return [pattern.replace("{l}", str(layer)) for layer in range(n_layers) for pattern in VALID_PATTERNS]
-
-
-def parse_name(name: str, n_layers: int) -> tuple[int, str]:
-    """``"blocks.3.attn.hook_z"`` -> (3, "hook_z"); ``InputError`` listing the valid patterns otherwise."""
-    match = _NAME.match(name)
-    hook = match.group(3) if match else None
-    valid = match is not None and (hook in ATTN_HOOKS if match.group(2) else hook in BLOCK_HOOKS)
-    if not valid:
-        raise InputError(f"unknown hook name {name!r}; valid names: {', '.join(VALID_PATTERNS)} "
-                         f"(l = 0..{n_layers - 1})")
-    layer = int(match.group(1))
-    if layer >= n_layers:
-        raise InputError(f"hook name {name!r}: layer {layer} does not exist; this model has layers 0..{n_layers - 1}")
-    return layer, hook
 
 
 class Trace:
@@ -244,21 +223,8 @@ def trace(loaded, names: Sequence[str] | Callable[[str], bool] | None = None, *,
         if probe is not None:
             stack.enter_context(probe)
         if pattern_layers:
-            if probe is None:  # patterns alone still need headlab's attention function in the model
-                stack.enter_context(_headlab_attention(loaded.model))
+            # Patterns need headlab's attention function too; inside the probe's switch this one switches nothing.
             reader = PatternReader(arch, pattern_layers, max_pattern_tokens, on_pattern)
-            stack.callback(_PATTERN_READER.reset, _PATTERN_READER.set(reader))
+            stack.enter_context(headlab_attention(loaded.model, patterns=reader))
         result.stats = probe.last if probe is not None else {}
         yield result
-
-
-@contextlib.contextmanager
-def _headlab_attention(model) -> Iterator[None]:
-    """Switch ``model`` to headlab's attention function and back."""
-    register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)

@@ -41,9 +41,15 @@ from torch import nn
 
 from headlab.errors import InputError
 from headlab.kernels import AttentionStats, StatsRequest
+from headlab.kernels.attention_function import (
+    ATTN_IMPLEMENTATION,
+    active_editor,
+    active_patterns,
+    active_reader,
+    other_attention,
+)
 
 from . import remote_probe
-from .attention import _ACTIVE_PROBE, _PATTERN_READER
 
 NDIF_KEY_ENV = "NDIF_API_KEY"
 _OP = re.compile(r"^attention_interface_(\d+)$")
@@ -410,13 +416,11 @@ class NnsightModel(nn.Module):
         self.inner.set_attn_implementation(implementation)
 
     def _forward(self, *args, **kwargs):
-        probe = _ACTIVE_PROBE.get()
-        probing = probe is not None and probe.model is self
+        probe = active_reader()
+        probing = probe is not None and getattr(probe, "model", None) is self
         if not probing and not self._remote:
             return self.inner(*args, **kwargs)
-        from headlab.interventions.attention_call import ACTIVE_EDITS
-
-        if ACTIVE_EDITS.get() is not None or _PATTERN_READER.get() is not None:
+        if active_editor() is not None or active_patterns() is not None:
             raise InputError("the nnsight backend reads statistics from the model's own attention call, so "
                              "attention-site edits and full patterns (hook_pattern) cannot run through it; use "
                              "the native backend for them")
@@ -427,12 +431,12 @@ class NnsightModel(nn.Module):
         layers = sorted(probe.layers) if probing else []
         request = probe.request if probing else None
         if not self._remote:
-            with self._native_attention(), _without_probe():
+            with self._native_attention():
                 run = run_trace(self._loaded, input_ids, attention_mask, layers=layers, request=request,
                                 chunk_rows=self._chunk_rows, **kwargs)
         else:
             pre, post = self._hooked()
-            with self._native_attention(), _without_probe(), _hooks_off(self.inner):
+            with self._native_attention(), _hooks_off(self.inner):
                 run = run_trace(self._loaded, input_ids, attention_mask, layers=layers, request=request,
                                 remote=self._remote, chunk_rows=self._chunk_rows, capture_inputs=pre,
                                 capture_outputs=post, keep_output=self._keep_output, **kwargs)
@@ -469,18 +473,11 @@ class NnsightModel(nn.Module):
                     kw = key in module._forward_hooks_with_kwargs
                     _refuse_edit(hook(module, args, kwargs, output) if kw else hook(module, args, output), path)
 
-    @contextlib.contextmanager
-    def _native_attention(self) -> Iterator[None]:
-        # The probe switched the model to headlab's attention function; nnsight reads the model's own call.
-        current = self.inner.config._attn_implementation
-        switch = current != self._native
-        if switch:
-            self.inner.set_attn_implementation(self._native)
-        try:
-            yield
-        finally:
-            if switch:
-                self.inner.set_attn_implementation(current)
+    def _native_attention(self) -> contextlib.AbstractContextManager:
+        """The wrapped model on its own attention implementation, with no headlab participant in force: the
+        probe switched the model to headlab's attention function, and nnsight reads the model's own call (the
+        statistics then go to the probe from ``_forward``)."""
+        return other_attention(self.inner, self._native, detached=True)
 
 
 def _refuse_edit(result, path: str) -> None:
@@ -504,21 +501,12 @@ def _hooks_off(model: nn.Module) -> Iterator[None]:
             module._forward_pre_hooks, module._forward_hooks = pre, post
 
 
-@contextlib.contextmanager
-def _without_probe() -> Iterator[None]:
-    token = _ACTIVE_PROBE.set(None)
-    try:
-        yield
-    finally:
-        _ACTIVE_PROBE.reset(token)
-
-
 def with_nnsight(loaded, remote: bool | str = False, chunk_rows: int = remote_probe.DEFAULT_CHUNK_ROWS,
                  keep_output: bool | None = None):
     """``loaded`` with its model wrapped in ``NnsightModel``: analyses then read statistics through nnsight
     (``remote``: on NDIF, or ``"local"`` for nnsight's dry run of the remote path)."""
     if isinstance(loaded.model, NnsightModel):
         return loaded
-    if loaded.model.config._attn_implementation in ("headlab", None):
+    if loaded.model.config._attn_implementation in (ATTN_IMPLEMENTATION, None):
         raise InputError("the nnsight backend needs the model on its own attention implementation (sdpa or eager)")
     return replace(loaded, model=NnsightModel(loaded, remote, chunk_rows, keep_output))

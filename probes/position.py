@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from headlab.kernels import AttentionStats
+from headlab.kernels.attention_function import other_attention
 from headlab.kernels.stats import n_distance_bins
 
 SEGMENTS = ("first token", "first third", "middle third", "last third")
@@ -168,13 +169,12 @@ class PositionProfile:
 
 @contextmanager
 def eager_attention(model) -> Iterator[None]:
-    """Run ``model`` with transformers' eager attention inside the block; the previous one comes back, on error too."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    """Run ``model`` with transformers' eager attention inside the block; the previous one comes back, on error too.
+
+    The one switch of ``headlab.kernels.attention_function`` does it, so a rollout inside a probe or an
+    ``intervene`` block gives back exactly the implementation they set."""
+    with other_attention(model, "eager"):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def head_mean_attention(loaded, input_ids: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def runs(tmp_path_factory, load_model):
 
     def generate_all(loaded, jobs, method, **kwargs):  # the real generations, one caption replaced by the plant
         texts = real(loaded, jobs, method, **kwargs)
-        if method.describe()["method"] == "none" and jobs[0][1] == E.CAPTION_PROMPT:
+        if method.settings()["method"] == "none" and jobs[0][1] == E.CAPTION_PROMPT:
             texts = [caption if path.name == image else text for (path, _), text in zip(jobs, texts, strict=True)]
         return texts
 

@@ -33,8 +33,8 @@ from headlab.interventions import (
     reweight_probs,
 )
 from headlab.kernels import StatsRequest
+from headlab.kernels.attention_function import headlab_attention_forward, headlab_mask
 from headlab.probes import AttentionProbe
-from headlab.probes.attention import headlab_attention_forward, headlab_mask
 
 # The tests run on CPU tensors; the Triton backend joins with HEADLAB_TEST_TRITON=1 TRITON_INTERPRET=1 set before
 # the run (the interpreter must be chosen before the kernels are first imported, so it cannot be switched on here).
