@@ -497,7 +497,7 @@ class Vhr(FixMethod):
                 rng = ctx.rng(self.seed, "vhr")
                 heads = [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads),
                                                                                    arch.n_heads // 2))]
-            return [HeadScale(heads, alpha=self.alpha, positions="last")]
+            return [HeadScale(heads, alpha=self.alpha, rows="last")]
         self._edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=self.alpha,
                               per_step=self.per_step)
         return [self._edit]

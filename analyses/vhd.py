@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from headlab.errors import InputError
-from headlab.interventions.positions import Positions
 from headlab.interventions.z_site import BoundZEdit, HeadScale, ZCall
+from headlab.kernels.positions import Positions
 from headlab.lvlm import LvlmSample, build_inputs
 
 from .generation import greedy_samples, padding_id

@@ -165,9 +165,9 @@ def head_ablation_form(ctx: LiveContext, key: str) -> list[Intervention]:
                    format_func={"zero": "zero (z = 0)", "mean": "the mean z over this prompt's tokens"}.get)
     rows = ctx.positions_widget(key, "positions")
     if how == "zero":
-        return [HeadScale(heads, alpha=0.0, positions=rows)]
+        return [HeadScale(heads, alpha=0.0, rows=rows)]
     layers = [layer for layer, _ in heads]
-    return [HeadMeanAblate(heads, source=ctx.z_trace(layers), positions=rows)]
+    return [HeadMeanAblate(heads, source=ctx.z_trace(layers), rows=rows)]
 
 
 @register_live_intervention("head_scale", "Head scale", "z <- alpha z for chosen heads (VHR-style: alpha = 2)")
@@ -175,7 +175,7 @@ def head_scale_form(ctx: LiveContext, key: str) -> list[Intervention]:
     heads = ctx.heads_widget(key)
     alpha = st.number_input("alpha", min_value=-4.0, max_value=10.0, value=2.0, step=0.5, key=f"{key}-alpha")
     rows = ctx.positions_widget(key, "positions")
-    return [HeadScale(heads, alpha=float(alpha), positions=rows)]
+    return [HeadScale(heads, alpha=float(alpha), rows=rows)]
 
 
 @register_live_intervention("attention_override", "Attention override",

@@ -8,6 +8,8 @@ from headlab.bare_imports import refuse_bare
 
 refuse_bare(__name__)  # headlab.bare_imports says why
 
+from headlab.kernels.positions import Positions, SequenceLayout
+
 from .attention_call import ACTIVE_EDITS, ActiveEdits, AttentionCall, LayerPlan, run_edited
 from .attention_site import (
     AttentionOverride,
@@ -32,7 +34,6 @@ from .base import (
 )
 from .context import Intervened, intervene, paused
 from .hook_site import Hook
-from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 from .residual_site import RESIDUAL_POINTS, ResidualAdd
 from .z_site import BoundZEdit, HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZAffine, ZEdit

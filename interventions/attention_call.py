@@ -19,9 +19,9 @@ import torch
 from headlab.errors import InputError
 from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_probs, attention_with_stats
 from headlab.kernels.attention_function import _EDITOR
+from headlab.kernels.positions import Positions, SequenceLayout
 
 from .attention_site import BoundAttentionEdit
-from .positions import Positions, SequenceLayout
 from .recombine import recombine, reweight_probs
 
 # Bit labels give 2^n - 1 groups for n key sets; this bounds the groups a kernel call accumulates.

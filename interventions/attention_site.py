@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from headlab.errors import InputError
+from headlab.kernels.positions import Positions, PositionSpec
 
 from .base import Bound, HeadSpec, Intervention, register_intervention, resolve_heads, spec_layers
-from .positions import Positions, PositionSpec
 
 
 class BoundAttentionEdit(Bound):

@@ -20,11 +20,11 @@ import torch
 from headlab import arch as headlab_arch
 from headlab.errors import InputError
 from headlab.kernels.attention_function import active_editor, headlab_attention, without_editor
+from headlab.kernels.layout import CallLayout, LayoutTracker
+from headlab.kernels.positions import Positions
 
 from .attention_call import ActiveEdits
 from .base import Bound, Intervention
-from .layout import CallLayout, LayoutTracker
-from .positions import Positions
 from .z_site import BoundZEdit, ZCall
 
 # z edits that replace a head's output: two of them on one head cannot both hold.
@@ -168,7 +168,7 @@ def _z_hook(layer: int, edits: list[BoundZEdit], arch, tracker: LayoutTracker):
 def _residual_hooks(bound: Bound, arch, tracker: LayoutTracker) -> list:
     edit = bound.edit  # ResidualAdd resolves nothing per model: its binding only checked it
     layer = arch.layers[edit.layer]
-    positions = Positions.of(edit.positions)
+    positions = Positions.of(edit.rows)
 
     def rows(x):
         return tracker.rows(positions, x.shape[0], x.shape[1], x.device)

@@ -15,9 +15,9 @@ import torch
 
 from headlab.errors import InputError
 from headlab.hook_names import _NAME, parse_name
+from headlab.kernels.positions import Positions, PositionSpec
 
 from .base import Bound, Intervention, register_intervention
-from .positions import Positions, PositionSpec
 from .z_site import BoundZEdit, ZCall
 
 # hook name -> (site, the residual site's point)
@@ -46,11 +46,6 @@ class Hook(Intervention):
         # Where it acts follows from the name: the residual site's hooks or the z site's pre-hook on o_proj.
         self.site, self.point = EDITABLE[hook]
         self.layer = int(match.group(1))
-
-    @property
-    def positions(self) -> PositionSpec:
-        """The residual and z sites' name for the query rows."""
-        return self.rows
 
     def bind(self, arch) -> Bound:
         parse_name(self.hook, arch.n_layers)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from headlab.errors import InputError
+from headlab.kernels.positions import Positions, PositionSpec
 
 from .base import Bound, Intervention, register_intervention
-from .positions import Positions, PositionSpec
 
 # Where a residual edit acts (TransformerLens names): the input of a layer, its output, its MLP's output.
 RESIDUAL_POINTS = ("resid_pre", "resid_post", "mlp_out")
@@ -28,7 +28,7 @@ class ResidualAdd(Intervention):
     vector: torch.Tensor
     point: str = "resid_post"
     scale: float = 1.0
-    positions: PositionSpec = "all"
+    rows: PositionSpec = "all"
     site = "residual"
 
     def bind(self, arch) -> Bound:
@@ -39,7 +39,7 @@ class ResidualAdd(Intervention):
             raise InputError(f"ResidualAdd: point must be one of {', '.join(RESIDUAL_POINTS)}, got {self.point!r}")
         if tuple(self.vector.shape) != (arch.hidden_size,):
             raise InputError(f"ResidualAdd: vector has shape {list(self.vector.shape)}, expected [{arch.hidden_size}]")
-        Positions.of(self.positions)
+        Positions.of(self.rows)
         return Bound(self, {self.layer: ()})  # nothing per model to resolve: the hooks read the edit
 
     def layers(self) -> list[int]:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from headlab.kernels.positions import Positions
+
 from .attention_site import ProbEdit
 from .base import register_intervention
-from .positions import Positions
 
 
 @register_intervention("visual_redistribute")

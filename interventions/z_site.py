@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from headlab.errors import InputError
+from headlab.kernels.positions import Positions, PositionSpec
 
 from .base import Bound, HeadSpec, Intervention, register_intervention, resolve_heads, spec_layers
-from .positions import Positions, PositionSpec
 
 
 @dataclass
@@ -73,18 +73,18 @@ class BoundZEdit(Bound):
 
 
 class ZEdit(Intervention):
-    """A z-site edit: ``heads`` [(layer, head or None)], rows ``positions`` (see ``Positions``).
+    """A z-site edit: ``heads`` [(layer, head or None)], query ``rows`` (see ``Positions``).
 
     Subclasses add to ``bind`` what they resolve per model (``bound.with_state(...)``) and read it back in
     ``edit_z(z, call, bound)``; nothing is stored on the edit."""
 
     site = "z"
     heads: HeadSpec
-    positions: PositionSpec
+    rows: PositionSpec
 
     def bind(self, arch) -> BoundZEdit:
         by_layer = resolve_heads(self.heads, arch, type(self).__name__)
-        Positions.of(self.positions)
+        Positions.of(self.rows)
         return BoundZEdit(self, by_layer)
 
     def layers(self) -> list[int]:
@@ -102,14 +102,14 @@ class ZEdit(Intervention):
 
     def _selected(self, call: ZCall, heads: list[int], shape: tuple[int, int, int, int]) -> torch.Tensor:
         """``[batch, query, head]`` bool: the chosen rows of ``heads`` (on the CPU)."""
-        rows = call.rows(Positions.of(self.positions)).cpu()  # [batch, query]
+        rows = call.rows(Positions.of(self.rows)).cpu()  # [batch, query]
         chosen = torch.zeros(shape[2], dtype=torch.bool)
         chosen[heads] = True
         return rows[:, :, None] & chosen[None, None, :]
 
     def _where(self, z: torch.Tensor, new: torch.Tensor, call: ZCall, heads: list[int]) -> torch.Tensor:
         """z with ``new`` ``[batch, query, len(heads), d_head]`` on the chosen rows of ``heads``."""
-        rows = call.rows(Positions.of(self.positions)).to(z.device)  # [batch, query]
+        rows = call.rows(Positions.of(self.rows)).to(z.device)  # [batch, query]
         index = torch.tensor(heads, device=z.device)
         chosen = torch.zeros(z.shape[2], dtype=torch.bool, device=z.device)
         chosen[index] = True
@@ -128,7 +128,7 @@ class HeadScale(ZEdit):
 
     heads: HeadSpec
     alpha: float | Sequence[float] = 0.0
-    positions: PositionSpec = "all"
+    rows: PositionSpec = "all"
 
     def bind(self, arch) -> BoundZEdit:
         bound = super().bind(arch)
@@ -144,7 +144,7 @@ class HeadScale(ZEdit):
         alpha = bound.state["alpha"]
         scale = torch.ones(z.shape[2], dtype=z.dtype, device=z.device)
         scale[heads] = torch.tensor([alpha[(call.layer, h)] for h in heads], dtype=z.dtype, device=z.device)
-        rows = call.rows(Positions.of(self.positions)).to(z.device)
+        rows = call.rows(Positions.of(self.rows)).to(z.device)
         return torch.where(rows[:, :, None, None], z * scale[None, None, :, None], z)
 
     def z_affine(self, call: ZCall, bound: BoundZEdit, shape: tuple[int, int, int, int]) -> ZAffine:
@@ -199,7 +199,7 @@ class HeadMeanAblate(ZEdit):
     heads: HeadSpec
     source: object = None
     mean: dict | None = None
-    positions: PositionSpec = "all"
+    rows: PositionSpec = "all"
     other_model: bool = False  # True: means from a trace of another model of the same shape, on purpose
 
     def check_model(self, model_name: str) -> None:
@@ -258,7 +258,7 @@ class HeadPatch(ZEdit):
 
     heads: HeadSpec
     source: object = None
-    positions: PositionSpec = "all"
+    rows: PositionSpec = "all"
     other_model: bool = False  # True: patch from a trace of another model of the same shape, on purpose
 
     def bind(self, arch) -> BoundZEdit:
@@ -291,7 +291,7 @@ class HeadPatch(ZEdit):
         if stop <= 0:
             return z
         new[:, :stop] = cached[:batch, call.seen : call.seen + stop][:, :, heads].to(device=z.device, dtype=z.dtype)
-        rows = call.rows(Positions.of(self.positions)).clone()
+        rows = call.rows(Positions.of(self.rows)).clone()
         rows[:, stop:] = False
         return self._where(z, new, ZCall(call.layer, call.seen, lambda _p: rows), heads)
 
@@ -320,7 +320,7 @@ class HeadOffsets(ZEdit):
     pairs: list[tuple[int, int]]
     A: nn.Parameter
     v: nn.Parameter
-    positions: PositionSpec = "all"
+    rows: PositionSpec = "all"
     model_shape: tuple[int, int, int] | None = None
     heads: HeadSpec = field(init=False)
 
@@ -330,7 +330,7 @@ class HeadOffsets(ZEdit):
 
     @classmethod
     def create(cls, arch, pairs: HeadSpec, init: str = "zeros", std: float = 1e-3,
-               generator: torch.Generator | None = None, positions: PositionSpec = "all") -> HeadOffsets:
+               generator: torch.Generator | None = None, rows: PositionSpec = "all") -> HeadOffsets:
         """Zeros (identity) or N(0, std) (LoFiT's init) parameters for ``pairs``, in their order
         (a None head expands to every head of its layer)."""
         resolve_heads(pairs, arch, "HeadOffsets")  # names the valid range of a bad pair
@@ -343,7 +343,7 @@ class HeadOffsets(ZEdit):
             a, v = (torch.randn(shape, generator=generator) * std for _ in range(2))
         else:
             raise InputError(f"HeadOffsets init must be 'zeros' or 'normal', got {init!r}")
-        return cls(explicit, nn.Parameter(a), nn.Parameter(v), positions,
+        return cls(explicit, nn.Parameter(a), nn.Parameter(v), rows,
                    (arch.n_layers, arch.n_heads, arch.head_dim))
 
     def parameters(self) -> list[nn.Parameter]:
@@ -395,7 +395,7 @@ class HeadOffsets(ZEdit):
         return out
 
     @classmethod
-    def load(cls, path: str | Path, positions: PositionSpec = "all") -> HeadOffsets:
+    def load(cls, path: str | Path, rows: PositionSpec = "all") -> HeadOffsets:
         """From a file written by ``save``, or a run directory holding them (``tensors.safetensors``)."""
         from safetensors.torch import load_file
 
@@ -410,4 +410,4 @@ class HeadOffsets(ZEdit):
             raise InputError(f"{path} holds no HeadOffsets (it needs tensors A, v and pairs)")
         pairs = [tuple(int(x) for x in p) for p in data["pairs"].tolist()]
         shape = tuple(int(x) for x in data["model_shape"].tolist()) if "model_shape" in data else None
-        return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), positions, shape)
+        return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), rows, shape)

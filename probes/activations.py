@@ -25,8 +25,8 @@ import torch
 
 from headlab.errors import InputError
 from headlab.hook_names import ATTN_HOOKS, BLOCK_HOOKS, VALID_PATTERNS, all_names, parse_name  # noqa: F401 (names of trace)
-from headlab.interventions.layout import LayoutTracker
 from headlab.kernels.attention_function import PatternReader, headlab_attention
+from headlab.kernels.layout import LayoutTracker
 
 from .attention import AttentionProbe
 

@@ -175,8 +175,8 @@ def compile_z_edits(loaded, edits: Sequence, input_ids: torch.Tensor, attention_
     """headlab's z-site edits bound and laid out per layer for one forward of ``input_ids`` ``[batch, position]``.
 
     ``remote``: also their plain-tensor forms, for a trace that runs without headlab."""
-    from headlab.interventions.positions import SequenceLayout
     from headlab.interventions.z_site import ZCall
+    from headlab.kernels.positions import SequenceLayout
 
     arch = loaded.arch
     bound = bind_z_edits(loaded, edits)

@@ -162,12 +162,10 @@ def test_probes_and_interventions_do_not_import_each_other():
                 if b.startswith(target)}
 
     assert between("headlab.interventions", "headlab.probes") == set()
-    # What probes still take from interventions is not attention switching: the trace's call layout, and the
-    # nnsight backend's z-site edits (it binds and applies headlab's edit classes itself).
-    allowed = {("headlab.probes.activations", "headlab.interventions.layout"),
-               ("headlab.probes.nnsight_backend", "headlab.interventions.base"),
+    # Only the nnsight runtime takes from interventions, and not for attention switching: it binds and applies
+    # headlab's z edits itself, as intervene does locally. The call layout and positions live in kernels.
+    allowed = {("headlab.probes.nnsight_backend", "headlab.interventions.base"),
                ("headlab.probes.nnsight_backend", "headlab.interventions.context"),
-               ("headlab.probes.nnsight_backend", "headlab.interventions.positions"),
                ("headlab.probes.nnsight_backend", "headlab.interventions.z_site")}
     assert between("headlab.probes", "headlab.interventions") <= allowed
     # The attention function and the switch sit below both and import neither.

@@ -140,7 +140,7 @@ def test_activation_patching_equals_head_patch_one_head_at_a_time(loaded):
     for i, head in enumerate([(0, 0), (1, 1)]):
         with torch.no_grad(), headlab.trace(loaded, names=[f"blocks.{head[0]}.attn.hook_z"], stats=False) as cf:
             loaded.model(input_ids=batch.cf_ids, attention_mask=batch.attention_mask)
-        with torch.no_grad(), headlab.intervene(loaded, HeadPatch([head], cf, positions="last")):
+        with torch.no_grad(), headlab.intervene(loaded, HeadPatch([head], cf, rows="last")):
             logits = loaded.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits[:, -1]
         rows = torch.arange(len(batch))
         ld = logits[rows, batch.answer_ids] - logits[rows, batch.cf_answer_ids]

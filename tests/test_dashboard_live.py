@@ -627,7 +627,7 @@ def test_lvlm_fixes_on_llava_smol(page_models, load_model):
     at.button(key="live-generate").click().run()
     samples = [LvlmSample(live.IMAGE_PROMPT, [picture])]
     inputs = build_inputs(fresh, samples)
-    ablate = HeadScale(every_head([3]), alpha=0.0, positions="all")
+    ablate = HeadScale(every_head([3]), alpha=0.0, rows="all")
     with torch.no_grad(), headlab.intervene(fresh, *Pai().edits(FixContext(fresh, samples, inputs)), ablate):
         out = fresh.model.generate(**inputs.tensors, max_new_tokens=8, do_sample=False,
                                    eos_token_id=end_of_turn(fresh.tokenizer),

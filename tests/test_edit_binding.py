@@ -77,7 +77,7 @@ def _builders(loaded) -> dict[str, Callable[[], object]]:
     return {
         "head_scale": lambda: HeadScale([(1, None), (2, 3)], alpha=0.5),
         "head_mean_ablate": lambda: HeadMeanAblate([(1, 1), (3, None)], source=source),
-        "head_patch": lambda: HeadPatch([(2, 0), (3, None)], source=source, positions=(1, 5)),
+        "head_patch": lambda: HeadPatch([(2, 0), (3, None)], source=source, rows=(1, 5)),
         "head_offsets": lambda: HeadOffsets.create(arch, [(1, 0), (3, None)], init="normal", std=0.3,
                                                    generator=torch.Generator().manual_seed(0)),
         "score_boost": lambda: ScoreBoost([(1, None)], keys=[0, 1], alpha=0.5, rows="from:2"),
@@ -161,7 +161,7 @@ def test_bind_returns_the_resolution_and_validate_only_checks(load_model):
     per_head.bind(llama.arch)
     with pytest.raises(InputError, match="4 alphas for 12 heads"):
         per_head.validate(minilm.arch)
-    assert vars(per_head) == {"heads": [(0, None)], "alpha": [1.0, 2.0, 3.0, 4.0], "positions": "all"}
+    assert vars(per_head) == {"heads": [(0, None)], "alpha": [1.0, 2.0, 3.0, 4.0], "rows": "all"}
 
 
 def _fresh_edits() -> list[Callable[[], object]]:
@@ -193,7 +193,7 @@ def test_one_edit_on_two_models_in_turn(load_model, which):
 # z edits: their hooks sit on each model's own modules. (Attention-site edits of two models cannot be nested:
 # ACTIVE_EDITS holds the attention edits of one model at a time, whatever the binding.)
 NESTED = [lambda: HeadScale([(1, None), (0, 2)], alpha=0.0),
-          lambda: HeadScale([(2, None)], alpha=-1.5, positions="from:2")]
+          lambda: HeadScale([(2, None)], alpha=-1.5, rows="from:2")]
 
 
 @pytest.mark.parametrize("which", range(len(NESTED)))
@@ -244,10 +244,10 @@ def _nnsight_edits(loaded) -> list[list]:
     offsets = HeadOffsets.create(loaded.arch, [(1, 0), (2, 3), (3, None)], init="normal", std=0.3,
                                  generator=torch.Generator().manual_seed(0))
     return [[HeadScale([(0, 1), (2, None)], alpha=0.0)],
-            [HeadScale([(1, 2), (3, 0)], alpha=[2.5, -1.0], positions="last")],
+            [HeadScale([(1, 2), (3, 0)], alpha=[2.5, -1.0], rows="last")],
             [offsets],
-            [HeadPatch([(2, 0), (3, None)], source=source, positions=(1, 5))],
-            [HeadScale([(0, 1)], alpha=3.0), offsets, HeadPatch([(3, 1)], source=source, positions="from:2")]]
+            [HeadPatch([(2, 0), (3, None)], source=source, rows=(1, 5))],
+            [HeadScale([(0, 1)], alpha=3.0), offsets, HeadPatch([(3, 1)], source=source, rows="from:2")]]
 
 
 @pytest.mark.parametrize("remote", [False, "local"])
@@ -268,8 +268,8 @@ def test_nnsight_z_edits_equal_intervene_and_leave_the_edits_unchanged(load_mode
 class Negate(ZEdit):
     """A z edit nnsight_backend has never heard of: z <- -z on the chosen heads and rows."""
 
-    def __init__(self, heads, positions="all"):
-        self.heads, self.positions = heads, positions
+    def __init__(self, heads, rows="all"):
+        self.heads, self.rows = heads, rows
 
     def edit_z(self, z: torch.Tensor, call: ZCall, bound: Bound) -> torch.Tensor:
         heads = bound.heads_of(call.layer)
@@ -278,7 +278,7 @@ class Negate(ZEdit):
 
 def test_a_new_z_edit_runs_through_nnsight_by_its_own_method(load_model):
     loaded = load_model("tiny-llama")
-    edit = Negate([(1, None), (3, 2)], positions="last")
+    edit = Negate([(1, None), (3, 2)], rows="last")
     with headlab.intervene(loaded, edit):
         expected = _output(loaded, IDS, MASK)
     assert not torch.equal(expected, _output(loaded, IDS, MASK))

@@ -26,7 +26,7 @@ def _logits(loaded, *edits):
 def test_resid_post_hook_equals_residual_add(loaded):
     vector = torch.randn(loaded.arch.hidden_size, generator=torch.Generator().manual_seed(0))
     hooked = _logits(loaded, Hook("blocks.2.hook_resid_post", lambda x: x + 2.0 * vector, rows="last"))
-    added = _logits(loaded, ResidualAdd(2, vector, point="resid_post", scale=2.0, positions="last"))
+    added = _logits(loaded, ResidualAdd(2, vector, point="resid_post", scale=2.0, rows="last"))
     assert torch.equal(hooked, added)
     assert not torch.equal(hooked, _logits(loaded))
 

@@ -444,7 +444,7 @@ def test_head_scale_is_o_proj_of_scaled_z(load_model):
     loaded = load_model("tiny-llama")
     enc = encode(loaded, TEXT[:2])
     z, _ = z_and_attn_out(loaded, enc, 2)
-    edit = HeadScale([(2, 1), (2, 3)], alpha=[2.0, -0.5], positions="from:4")
+    edit = HeadScale([(2, 1), (2, 3)], alpha=[2.0, -0.5], rows="from:4")
     _, out = z_and_attn_out(loaded, enc, 2, edit)
     scaled = z.clone()
     chosen = enc.attention_mask.bool()[..., None]  # positions >= 4 of real tokens only (right padding)
@@ -520,7 +520,7 @@ def test_head_patch_same_input_changes_nothing_and_other_input_is_hand_computed(
             same = loaded.model(**clean).logits
     assert torch.equal(plain, same)
 
-    patch = HeadPatch([(2, 1), (2, 3)], corrupt_cache, positions=[(2, 5)])
+    patch = HeadPatch([(2, 1), (2, 3)], corrupt_cache, rows=[(2, 5)])
     z_clean, _ = z_and_attn_out(loaded, clean, 2)
     _, out = z_and_attn_out(loaded, clean, 2, patch)
     want = z_clean.clone()
@@ -557,8 +557,8 @@ def test_residual_add_steers_the_chosen_rows(load_model):
     with torch.no_grad():
         with headlab.trace(loaded, names, stats=False) as plain:
             loaded.model(**enc)
-        edits = [ResidualAdd(1, vector, "resid_post", scale=2.0, positions="last"),
-                 ResidualAdd(2, vector, "mlp_out", positions=[0])]
+        edits = [ResidualAdd(1, vector, "resid_post", scale=2.0, rows="last"),
+                 ResidualAdd(2, vector, "mlp_out", rows=[0])]
         with headlab.intervene(loaded, *edits), headlab.trace(loaded, names, stats=False) as steered:
             loaded.model(**enc)
     last = torch.zeros(enc.input_ids.shape, dtype=torch.bool)
@@ -673,7 +673,7 @@ def test_attention_edit_needs_a_switchable_model(load_model):
 
 def test_many_spans_select_as_the_span_loop():
     """Scattered positions (> 4 spans) go through a lookup table; it must pick exactly what the loop picks."""
-    from headlab.interventions.positions import Positions
+    from headlab.kernels.positions import Positions
 
     gen = torch.Generator().manual_seed(0)
     picks = sorted(set(torch.randint(0, 40, (15,), generator=gen).tolist()))

@@ -92,9 +92,9 @@ def test_patching_every_head_at_the_last_row_gives_the_flipped_run(smollm2):
             runs[key] = trace
         clean = _logits(smollm2, example.prompt)
         patched = _logits(smollm2, example.prompt, HeadPatch(every_head(layers), source=runs["flipped"],
-                                                             positions="last"))
+                                                             rows="last"))
         torch.testing.assert_close(patched, _logits(smollm2, flipped.prompt), atol=2e-4, rtol=1e-5)
-        same = _logits(smollm2, example.prompt, HeadPatch(every_head(layers), source=runs["same"], positions="last"))
+        same = _logits(smollm2, example.prompt, HeadPatch(every_head(layers), source=runs["same"], rows="last"))
         assert torch.equal(same, clean)
         right, wrong = (smollm2.tokenizer(name).input_ids[0] for name in (example.correct, example.wrong))
         assert float(clean[right] - clean[wrong]) > 0 > float(patched[right] - patched[wrong])

@@ -165,11 +165,11 @@ def _edit_sets(loaded, source_trace):
                                  generator=torch.Generator().manual_seed(0))
     return [
         [HeadScale([(0, 1), (2, None)], alpha=0.0)],
-        [HeadScale([(1, 2), (3, 0)], alpha=[2.5, -1.0], positions="last")],
+        [HeadScale([(1, 2), (3, 0)], alpha=[2.5, -1.0], rows="last")],
         [HeadMeanAblate([(1, 1), (3, 2)], source=source_trace)],
         [offsets],
-        [HeadPatch([(2, 0), (3, None)], source=source_trace, positions=(1, 5))],
-        [HeadScale([(0, 1)], alpha=3.0), offsets, HeadPatch([(3, 1)], source=source_trace, positions="from:2")],
+        [HeadPatch([(2, 0), (3, None)], source=source_trace, rows=(1, 5))],
+        [HeadScale([(0, 1)], alpha=3.0), offsets, HeadPatch([(3, 1)], source=source_trace, rows="from:2")],
     ]
 
 
@@ -322,7 +322,7 @@ def test_smollm2_statistics_and_z_edits_through_nnsight(load_model):
     run = nb.run_trace(loaded, ids, mask, layers=range(30), request=StatsRequest(distance=True))
     _assert_same_stats(native, run.stats, range(30), atol=2e-5)
     torch.testing.assert_close(run.logits, logits, rtol=0, atol=1e-4)
-    edits = [HeadScale([(23, 0), (23, 1), (29, None)], alpha=0.0), HeadScale([(12, 4)], alpha=2.0, positions="last")]
+    edits = [HeadScale([(23, 0), (23, 1), (29, None)], alpha=0.0), HeadScale([(12, 4)], alpha=2.0, rows="last")]
     with torch.no_grad(), headlab.intervene(loaded, *edits):
         expected = loaded.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(nb.z_edited_logits(loaded, *edits, input_ids=ids, attention_mask=mask), expected)
@@ -351,7 +351,7 @@ def test_an_encoder_through_nnsight(load_model, remote):
     native, _ = _native(loaded, ids, mask)
     run = nb.run_trace(loaded, ids, mask, layers=range(6), remote=remote)
     _assert_same_stats(native, run.stats, range(6), atol=1e-5)
-    edits = [HeadScale([(1, 2), (4, None)], alpha=0.0), HeadScale([(2, 1)], alpha=3.0, positions="last")]
+    edits = [HeadScale([(1, 2), (4, None)], alpha=0.0), HeadScale([(2, 1)], alpha=3.0, rows="last")]
     with torch.no_grad(), headlab.intervene(loaded, *edits):
         expected = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(nb.z_edited_logits(loaded, *edits, input_ids=ids, attention_mask=mask, remote=remote),

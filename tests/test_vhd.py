@@ -127,7 +127,7 @@ def test_vhr_layer_by_layer_selection_and_exact_logits(lvlm, samples):
     # Oracle, layer by layer: HeadScale on the earlier layers' choices, then the median rule on this layer.
     for i, layer in enumerate(layers):
         earlier = [(lay, h) for lay in layers[:i] for h in range(arch.n_heads) if chosen[lay][h]]
-        with torch.no_grad(), headlab.intervene(lvlm, *([HeadScale(earlier, alpha=2.0, positions="last")]
+        with torch.no_grad(), headlab.intervene(lvlm, *([HeadScale(earlier, alpha=2.0, rows="last")]
                                                           if earlier else [])):
             with capture_z(lvlm, [layer]) as zs:
                 lvlm.model(**inputs.tensors)
@@ -135,7 +135,7 @@ def test_vhr_layer_by_layer_selection_and_exact_logits(lvlm, samples):
         assert torch.equal(above_median(vhd), chosen[layer]), layer
     assert all(0 < int(c.sum()) < arch.n_heads for c in chosen.values())
     heads = [(layer, h) for layer in layers for h in range(arch.n_heads) if chosen[layer][h]]
-    with torch.no_grad(), headlab.intervene(lvlm, HeadScale(heads, alpha=2.0, positions="last")):
+    with torch.no_grad(), headlab.intervene(lvlm, HeadScale(heads, alpha=2.0, rows="last")):
         oracle = lvlm.model(**inputs.tensors).logits
     assert torch.allclose(edited, oracle, atol=1e-5)
     assert not torch.allclose(edited[:, -1], before[:, -1], atol=1e-4)  # the edit does something

@@ -156,7 +156,7 @@ def apply(
     with reported_errors(model_args.model or "the model", "use --dtype bfloat16"):
         import torch
 
-        from headlab.interventions import intervene
+        from headlab.analyses.generation import greedy
 
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -165,14 +165,12 @@ def apply(
         loaded = open_model(args)
         edit.validate(loaded.arch)
         tok = loaded.text_tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with args.kernel_in_use(), torch.no_grad():
+        with args.kernel_in_use():
             for text in prompt:
                 ids = tok(text, return_tensors="pt").input_ids.to(loaded.device)
-                kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-                before = loaded.model.generate(ids, **kwargs)[0, ids.shape[1]:]
-                with intervene(loaded, edit):
-                    after = loaded.model.generate(ids, **kwargs)[0, ids.shape[1]:]
+                tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                before = greedy(loaded, tensors, max_new_tokens)[0]
+                after = greedy(loaded, tensors, max_new_tokens, edits=[edit])[0]
                 say(f"prompt: {text!r}")
                 say(f"  without offsets: {tok.decode(before, skip_special_tokens=True)!r}")
                 say(f"  with offsets:    {tok.decode(after, skip_special_tokens=True)!r}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .positions import Positions, SequenceLayout
+from headlab.kernels.positions import Positions, SequenceLayout
 
 
 @dataclass
