@@ -1,4 +1,4 @@
-"""llava-smol: the bundled vision tower + projector on frozen smollm2-135m (headlab/llava_smol.py).
+"""llava-smol: the bundled vision tower + projector on frozen smollm2-135m (headlab/zoo/llava_smol.py).
 
 The language model must be exactly smollm2-135m (same tensors, so the same text-only prior:
 P(" ball" | "The image shows a bat and a") = 0.93 under the chat template, measured with

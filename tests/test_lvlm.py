@@ -1,4 +1,4 @@
-"""LVLM adapters (headlab/lvlm.py) and the synthetic icon data (headlab/lvlm_data.py), on the tiny twins.
+"""LVLM adapters (headlab/lvlm.py) and the synthetic icon data (headlab/training/lvlm_data.py), on the tiny twins.
 
 Oracles: the image spans are checked against the processor's own token count (CLIP: (size/patch)²;
 Qwen2-VL: grid_t·grid_h·grid_w / merge²) and against the tokens themselves; the system span against

@@ -24,7 +24,7 @@ ALIASES: dict[str, str] = {
 }
 
 # Trained checkpoints shipped inside the package (HF format, safetensors): small causal LMs with real
-# attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/backcopy.py).
+# attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/training/backcopy.py).
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 BUNDLED_MODELS: dict[str, str] = {
     "backcopy": "Llama-style, 4 layers x 4 heads, d=128, trained on Bigram-Backcopy with BOS (real first-token sink)",

@@ -2,7 +2,7 @@
 
 A small CLIP vision tower (hidden 192, 4 layers, 4 heads, MLP 768; 64×64 images, patch 16 → 16 image
 tokens; feature layer −2, CLS dropped) and LLaVA's 2-layer GELU projector 192→576→576 are trained on
-headlab's synthetic icons (headlab/lvlm_data.py) while every language-model weight stays frozen, so the
+headlab's synthetic icons (headlab/training/lvlm_data.py) while every language-model weight stays frozen, so the
 LVLM keeps SmolLM2's co-occurrence prior and names absent partners ("a bat and a ball") from it.
 
 The bundled checkpoint holds only the vision tower, the projector and the config; :func:`assemble`
