@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from headlab.errors import InputError
-from headlab.zoo.gguf import headlab_home
+from headlab.home import headlab_home
 
 log = logging.getLogger(__name__)
 FUSED_ENV = "HEADLAB_FUSED_ROWS"

