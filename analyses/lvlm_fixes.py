@@ -202,14 +202,13 @@ class Paint(FixMethod):
     layers: list[int] | None = None
     control: bool = False
     seed: int = 0
-    chosen: list = field(default_factory=list, repr=False)
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
         layers = self.layers_for(ctx.n_layers)
         first, second_last = cls_attention(ctx)
         local_specs, summary_specs = [], []
         rng = ctx.rng(self.seed, "paint")
-        self.chosen = []
+        chosen = ctx.runs.setdefault(id(self), {}).setdefault("found", [])  # per sample: the tokens it boosts
         for b in range(len(ctx.samples)):
             spans = ctx.inputs.image_spans[b]
             local_pos, summary_pos = [], []
@@ -225,7 +224,7 @@ class Paint(FixMethod):
                     local, summary = sorted(shuffled[:n_local]), sorted(shuffled[n_local:n_local + len(summary)])
                 local_pos += [start + p for p in local]
                 summary_pos += [start + p for p in summary]
-            self.chosen.append({"local": local_pos, "summary": summary_pos})
+            chosen.append({"local": local_pos, "summary": summary_pos})
             local_specs.append(_spans(sorted(local_pos)))
             summary_specs.append(_spans(sorted(summary_pos)))
         heads = [(layer, None) for layer in layers]
@@ -352,7 +351,6 @@ class Var(FixMethod):
     layers: list[int] | None = None
     control: bool = False
     seed: int = 0
-    sinks: dict = field(default_factory=dict, repr=False)  # layer -> [(text sinks, visual sinks)] per sample
     # Sink dimensions found (``dims`` None) per model: found on a model's first batch and kept for its later
     # batches, never written into ``dims``, so another model finds its own.
     found_dims: dict = field(default_factory=dict, repr=False, compare=False)
@@ -387,8 +385,8 @@ class Var(FixMethod):
         edits = {layer: VisualRedistribute(layer, rows, self.p, self.summ, self.rho, self.paper_semantics,
                                            n_image=n_image, has_visual_sink=torch.zeros(len(n_image), dtype=bool))
                  for layer in layers}
-        ctx.runs[id(self)] = {"dims": dims, "edits": edits}
-        self.sinks = {}
+        # "found": per layer, per sample, the (text, visual) sink positions found at prefill
+        ctx.runs[id(self)] = {"dims": dims, "edits": edits, "found": {}}
         return list(edits.values())
 
     @contextlib.contextmanager
@@ -406,7 +404,7 @@ class Var(FixMethod):
         from .visual_sinks import phi
 
         run = ctx.runs[id(self)]
-        edit, dims = run["edits"][layer], run["dims"]
+        edit, dims, found_sinks = run["edits"][layer], run["dims"], run["found"]
         real = ctx.inputs.real_mask.to(ctx.loaded.device)
         first = ctx.inputs.first_real.tolist()
         rng = ctx.rng(self.seed, f"var:{layer}")
@@ -414,7 +412,7 @@ class Var(FixMethod):
 
         def find(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, dim]
-            if is_paused() or layer in self.sinks or hidden.shape[1] != real.shape[1]:
+            if is_paused() or layer in found_sinks or hidden.shape[1] != real.shape[1]:
                 return None  # decoding steps reuse the prefill's sinks; the reference stream is not VAR's
             sink = (phi(hidden, dims) > self.tau) & real  # [batch, column]
             text, visual, rest, found = [], [], [], []
@@ -432,7 +430,7 @@ class Var(FixMethod):
             edit.text_sinks, edit.visual_sinks = Positions.per_sample(text), Positions.per_sample(visual)
             edit.image_rest = Positions.per_sample(rest)
             edit.has_visual_sink = torch.tensor(found)
-            self.sinks[layer] = list(zip(text, visual, strict=True))
+            found_sinks[layer] = list(zip(text, visual, strict=True))
             return None
 
         return find
@@ -469,7 +467,6 @@ class Vhr(FixMethod):
     heads: list[tuple[int, int]] | None = None
     control: bool = False
     seed: int = 0
-    history: list = field(default_factory=list, repr=False)
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]
@@ -490,7 +487,6 @@ class Vhr(FixMethod):
 
         arch = ctx.loaded.arch
         layers = self.layers_for(ctx.n_layers)
-        self.history = []
         if not self.needs_reference:
             heads = self.heads
             if heads is None:
@@ -498,23 +494,26 @@ class Vhr(FixMethod):
                 heads = [(layer, h) for layer in layers for h in sorted(rng.sample(range(arch.n_heads),
                                                                                    arch.n_heads // 2))]
             return [HeadScale(heads, alpha=self.alpha, rows="last")]
-        self._edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=self.alpha,
-                              per_step=self.per_step)
-        return [self._edit]
+        edit = VhrScale([(layer, h) for layer in layers for h in range(arch.n_heads)], alpha=self.alpha,
+                        per_step=self.per_step)
+        # "found": per generation step, {layer: [batch, head] bool} of the heads reinforced
+        ctx.runs[id(self)] = {"edit": edit, "found": []}
+        return [edit]
 
-    def on_reference(self, stream) -> None:
+    def on_reference(self, ctx: FixContext, stream) -> None:
         if self.needs_reference:
-            self._edit.reference = {layer: stream.z[layer] for layer in stream.z_layers}
+            ctx.runs[id(self)]["edit"].reference = {layer: stream.z[layer] for layer in stream.z_layers}
 
     @contextlib.contextmanager
     def active(self, ctx: FixContext, stream) -> Iterator[None]:
         if not self.needs_reference:
             yield
             return
+        run = ctx.runs[id(self)]
 
         def record(module, args, kwargs, output):
             if not stream.busy:  # an image-stream step, not the reference's own forward
-                self.history.append({k: v.cpu().clone() for k, v in self._edit.chosen.items()})
+                run["found"].append({k: v.cpu().clone() for k, v in run["edit"].chosen.items()})
 
         handle = ctx.loaded.model.register_forward_hook(record, with_kwargs=True)
         try:
@@ -579,11 +578,14 @@ def check_fix(method: FixMethod) -> None:
 
 
 def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixMethod] = (), *,
-                   max_new_tokens: int = 32, backend: str | None = None, return_scores: bool = False):
+                   max_new_tokens: int = 32, backend: str | None = None, return_scores: bool = False,
+                   found: dict | None = None):
     """Greedy generation ``[batch, n]`` (new tokens, padded with the pad id) with ``methods`` together.
 
     Without methods (or only ``NoFix``) this is plain ``model.generate`` on the model's own attention (sdpa).
-    ``return_scores``: also the scores each step chose from ``[batch, n, vocab]`` (after guidance)."""
+    ``return_scores``: also the scores each step chose from ``[batch, n, vocab]`` (after guidance).
+    ``found``: a dict that receives, per method name, what the method found on this batch (PAINT: the tokens
+    it boosts per sample; VAR: the sinks per layer; VHR: the heads per step); the methods keep nothing."""
     from .generation import greedy
     from .reference_stream import NoImageStream
 
@@ -604,12 +606,15 @@ def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixM
         def on_step(s):
             for m in methods:
                 if hasattr(m, "on_reference"):
-                    m.on_reference(s)
+                    m.on_reference(ctx, s)
         stream = NoImageStream(loaded, samples, remove=removes.pop(), z_layers=layers, on_step=on_step)
     processors = [p for m in methods if (p := m.logits_processor(ctx, stream)) is not None]
     contexts = ([stream.running()] if stream is not None else []) + [m.active(ctx, stream) for m in methods]
-    return greedy(loaded, inputs.tensors, max_new_tokens, edits=edits, contexts=contexts,
-                  logits_processors=processors, backend=backend, return_scores=return_scores)
+    out = greedy(loaded, inputs.tensors, max_new_tokens, edits=edits, contexts=contexts,
+                 logits_processors=processors, backend=backend, return_scores=return_scores)
+    if found is not None:
+        found.update({m.name: ctx.runs[id(m)]["found"] for m in methods if "found" in ctx.runs.get(id(m), {})})
+    return out
 
 
 def generate_with_vhr(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: int = 32, vhr: bool = False,
@@ -625,8 +630,10 @@ def generate_with_vhr(loaded, samples: Sequence[LvlmSample], *, max_new_tokens: 
         raise InputError(f"unknown image removal {remove!r}: use one of {', '.join(REMOVE_MODES)}")
     method = Vhr(alpha=alpha, layers=None if layers is None else list(layers), per_step=per_step, remove=remove,
                  heads=heads) if vhr or heads is not None else None
-    tokens = generate_fixed(loaded, samples, [method] if method is not None else [], max_new_tokens=max_new_tokens)
-    return tokens, {"chosen": method.history if method is not None else []}
+    found: dict = {}
+    tokens = generate_fixed(loaded, samples, [method] if method is not None else [], max_new_tokens=max_new_tokens,
+                            found=found)
+    return tokens, {"chosen": found.get("vhr", [])}
 
 
 def decode(loaded, tokens: torch.Tensor) -> list[str]:

@@ -302,8 +302,12 @@ def test_paint_matches_eager_reimplementation_with_the_towers_own_attention(lvlm
 
     method = Paint(alpha=40.0, beta=20.0)
     _assert_changes_and_matches(lvlm, batch, [method], edit_of)
+    found: dict = {}
+    generate_fixed(lvlm, batch, [method], max_new_tokens=1, found=found)
+    assert len(found["paint"]) == len(batch)
     assert all(len(c["local"]) == 4 - len(set(c["local"]) & set(c["summary"])) or len(c["local"]) <= 4
-               for c in method.chosen)
+               for c in found["paint"])
+    assert "chosen" not in vars(method)  # what a run found is the run's, not the method's
 
 
 def test_paint_token_sets_by_hand():
@@ -328,7 +332,10 @@ def test_var_matches_eager_reimplementation(lvlm):
     edit = _assert_changes_and_matches(lvlm, batch, [method], lambda inputs: VarOracle(inputs, lvlm.arch.n_layers,
                                                                                         dims, tau), hooks=hooks)
     assert edit.selected > 0
-    assert any(visual for layer in method.sinks.values() for _, visual in layer)
+    found: dict = {}
+    generate_fixed(lvlm, batch, [method], max_new_tokens=1, found=found)
+    assert any(visual for layer in found["var"].values() for _, visual in layer)
+    assert "sinks" not in vars(method)  # what a run found is the run's, not the method's
 
 
 def test_var_paper_semantics_and_no_visual_sink_means_no_edit(lvlm):
@@ -383,11 +390,13 @@ def test_pai_guidance_matches_two_uncached_passes(lvlm):
 def test_controls_change_the_choice_not_its_size(lvlm):
     batch = samples()
     real, control = Paint(), Paint(control=True, seed=3)
-    generate_fixed(lvlm, batch, [real], max_new_tokens=1)
-    generate_fixed(lvlm, batch, [control], max_new_tokens=1)
-    for a, b in zip(real.chosen, control.chosen, strict=True):
+    found_real: dict = {}
+    found_control: dict = {}
+    generate_fixed(lvlm, batch, [real], max_new_tokens=1, found=found_real)
+    generate_fixed(lvlm, batch, [control], max_new_tokens=1, found=found_control)
+    for a, b in zip(found_real["paint"], found_control["paint"], strict=True):
         assert len(a["local"]) == len(b["local"]) and len(a["summary"]) == len(b["summary"])
-    assert [c["local"] for c in real.chosen] != [c["local"] for c in control.chosen]
+    assert [c["local"] for c in found_real["paint"]] != [c["local"] for c in found_control["paint"]]
     base = headlab_scores(lvlm, batch, [NoFix()])
     for method in (Pai(control=True), Vaf(control=True), Vhr(control=True)):
         assert (headlab_scores(lvlm, batch, [method]) - base).abs().max() > 1e-4, type(method).__name__
