@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from headlab.batching import encode
+from headlab.bundled import DATA_DIR
 from headlab.errors import InputError
-from headlab.tasks import DATA
 
 IOI_TEMPLATES = [
     "When {A} and {B} went to the {place}, {C} gave a {object} to",
@@ -97,7 +97,7 @@ class TaskBatch:
 def read_words(filename: str, section: str | None = None) -> list[str]:
     """Words of a bundled ``headlab/data/circuits_*.txt`` list (``#`` comments; ``[section]`` headers)."""
     words, current = [], None
-    for line in (DATA / filename).read_text(encoding="utf-8").splitlines():
+    for line in (DATA_DIR / filename).read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

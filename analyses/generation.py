@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 
 import torch
 from tqdm.auto import tqdm
@@ -34,11 +33,6 @@ def end_of_turn(tokenizer) -> int | None:
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if not getattr(tok, "chat_template", None):
         return None
-    return _end_of_turn(tok)
-
-
-@lru_cache(maxsize=32)
-def _end_of_turn(tok) -> int | None:
     try:
         text = tok.apply_chat_template([{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": _TURN_PROBE}], tokenize=False)

@@ -61,10 +61,6 @@ def register_analysis(analysis: Analysis) -> Analysis:
     return analysis
 
 
-def analysis_named(name: str) -> Analysis | None:
-    return ANALYSES.get(name)
-
-
 _A = "headlab.analyses."
 _V = "headlab.dashboard.views."
 for _entry in (

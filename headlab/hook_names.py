@@ -20,15 +20,22 @@ def all_names(n_layers: int) -> list[str]:
     return [pattern.replace("{l}", str(layer)) for layer in range(n_layers) for pattern in VALID_PATTERNS]
 
 
-def parse_name(name: str, n_layers: int) -> tuple[int, str]:
-    """``"blocks.3.attn.hook_z"`` -> (3, "hook_z"); ``InputError`` listing the valid patterns otherwise."""
+def match_name(name: object) -> tuple[int, str] | None:
+    """``"blocks.3.attn.hook_z"`` -> (3, "hook_z"), or None when ``name`` follows none of the patterns."""
     match = _NAME.match(name) if isinstance(name, str) else None
     hook = match.group(3) if match else None
-    valid = match is not None and (hook in ATTN_HOOKS if match.group(2) else hook in BLOCK_HOOKS)
-    if not valid:
+    if match is None or hook not in (ATTN_HOOKS if match.group(2) else BLOCK_HOOKS):
+        return None
+    return int(match.group(1)), hook
+
+
+def parse_name(name: str, n_layers: int) -> tuple[int, str]:
+    """``match_name`` checked against a model of ``n_layers``; ``InputError`` listing the valid patterns."""
+    matched = match_name(name)
+    if matched is None:
         raise InputError(f"unknown hook name {name!r}; valid names: {', '.join(VALID_PATTERNS)} "
                          f"(l = 0..{n_layers - 1})")
-    layer = int(match.group(1))
+    layer, hook = matched
     if layer >= n_layers:
         raise InputError(f"hook name {name!r}: layer {layer} does not exist; this model has layers 0..{n_layers - 1}")
     return layer, hook

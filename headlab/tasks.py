@@ -7,8 +7,6 @@ from pathlib import Path
 
 from headlab.bundled import DATA_DIR
 
-DATA = DATA_DIR
-
 
 @dataclass(frozen=True)
 class TaskExample:
@@ -34,4 +32,4 @@ def read_task(path: Path) -> list[TaskExample]:
 
 def ioi_prompts() -> list[TaskExample]:
     """24 indirect-object prompts (12 name pairs, both orders): correct = the indirect object."""
-    return read_task(DATA / "ioi.tsv")
+    return read_task(DATA_DIR / "ioi.tsv")

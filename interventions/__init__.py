@@ -10,7 +10,7 @@ refuse_bare(__name__)  # headlab.bare_imports says why
 
 from headlab.kernels.positions import Positions, SequenceLayout
 
-from .attention_call import ACTIVE_EDITS, ActiveEdits, AttentionCall, LayerPlan, run_edited
+from .attention_call import ActiveEdits, AttentionCall, LayerPlan, run_edited
 from .attention_site import (
     AttentionOverride,
     BoundAttentionEdit,
@@ -39,7 +39,6 @@ from .residual_site import RESIDUAL_POINTS, ResidualAdd
 from .z_site import BoundZEdit, HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZAffine, ZEdit
 
 __all__ = [
-    "ACTIVE_EDITS",
     "INTERVENTIONS",
     "RESIDUAL_POINTS",
     "ActiveEdits",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from headlab.errors import InputError
-from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_probs, attention_with_stats
-from headlab.kernels.attention_function import _EDITOR
+from headlab.kernels import AttentionStats, MaskSpec, StatsRequest, attention_with_stats
+from headlab.kernels.attention_function import eager_pattern
 from headlab.kernels.positions import Positions, SequenceLayout
 
 from .attention_site import BoundAttentionEdit
@@ -304,13 +304,10 @@ def _reweight_stats(stats: AttentionStats, post: PostPlan, weights: torch.Tensor
 
 
 def edited_pattern(query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale: float | None,
-                   sinks: torch.Tensor | None, edited: EditedCall | None) -> torch.Tensor:
+                   sinks: torch.Tensor | None, edited: EditedCall) -> torch.Tensor:
     """Full probabilities ``[batch, head, query, key]`` (fp32) with the call's edits, via the eager backend."""
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    score_edit = edited.score_edit if edited is not None else None
-    edit_args = (score_edit,) if score_edit is not None else ()
-    probs, _, _ = attention_probs(query, key, mask, scale, sinks, *edit_args)
-    if edited is not None and edited.post is not None and edited.post.weights is not None:
+    probs = eager_pattern(query, key, mask, scale, sinks, edited.score_edit)
+    if edited.post is not None and edited.post.weights is not None:
         probs = reweight_probs(probs, edited.post.labels.to(probs.device), edited.post.weights)
     return probs
 
@@ -351,7 +348,3 @@ class ActiveEdits:
         """``[batch, head, query, key]`` fp32 probabilities of a call ``run`` edited."""
         return edited_pattern(query, key, mask, scale, sinks, edited)
 
-
-# The editor in force, held by the kernels' switch; the old name stays for code that reads it
-# (``headlab_attention(editor=...)`` sets it, ``paused()`` clears it).
-ACTIVE_EDITS = _EDITOR

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from headlab.errors import InputError
-from headlab.hook_names import _NAME, parse_name
+from headlab.hook_names import match_name, parse_name
 from headlab.kernels.positions import Positions, PositionSpec
 
 from .base import Bound, Intervention, register_intervention
@@ -35,9 +35,8 @@ class Hook(Intervention):
     rows: PositionSpec = "all"
 
     def __post_init__(self) -> None:
-        match = _NAME.match(self.hook) if isinstance(self.hook, str) else None
-        hook = match.group(3) if match else None
-        if hook not in EDITABLE or bool(match.group(2)) != (hook == "hook_z"):
+        layer, hook = match_name(self.hook) or (None, None)
+        if hook not in EDITABLE:
             raise InputError(f"Hook({self.hook!r}): edits act at blocks.{{l}}.hook_resid_pre, hook_resid_post, "
                              "hook_mlp_out and blocks.{l}.attn.hook_z; the other names can be read (headlab.trace), "
                              "not replaced")
@@ -45,7 +44,7 @@ class Hook(Intervention):
             raise InputError(f"Hook({self.hook!r}): fn must be a function of the value, got {type(self.fn).__name__}")
         # Where it acts follows from the name: the residual site's hooks or the z site's pre-hook on o_proj.
         self.site, self.point = EDITABLE[hook]
-        self.layer = int(match.group(1))
+        self.layer = layer
 
     def bind(self, arch) -> Bound:
         parse_name(self.hook, arch.n_layers)

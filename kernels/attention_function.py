@@ -41,6 +41,7 @@ from headlab.errors import InputError
 
 from .dispatch import attention_with_stats
 from .eager import attention_probs
+from .edits import ScoreEdit
 from .stats import AttentionStats, MaskSpec, StatsRequest
 
 ATTN_IMPLEMENTATION = "headlab"
@@ -277,18 +278,18 @@ def headlab_attention_forward(
         if edited is not None:
             probs = editor.pattern(query, key, spec, scaling, s_aux, edited)
         else:
-            probs = plain_pattern(query, key, spec, scaling, s_aux)
+            probs = eager_pattern(query, key, spec, scaling, s_aux)
         patterns.on_pattern(pattern_layer, probs)
     if layer is not None:
         reader.record(layer, stats)
     return out.transpose(1, 2).contiguous(), None
 
 
-def plain_pattern(query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale: float | None,
-                  sinks: torch.Tensor | None) -> torch.Tensor:
-    """Full probabilities ``[batch, head, query, key]`` (fp32) of an unedited call, via the eager backend."""
+def eager_pattern(query: torch.Tensor, key: torch.Tensor, mask: MaskSpec, scale: float | None,
+                  sinks: torch.Tensor | None, score_edit: ScoreEdit | None = None) -> torch.Tensor:
+    """Full probabilities ``[batch, head, query, key]`` (fp32) of a call, its score edit applied, via eager."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    probs, _, _ = attention_probs(query, key, mask, scale, sinks)
+    probs, _, _ = attention_probs(query, key, mask, scale, sinks, *((score_edit,) if score_edit is not None else ()))
     return probs
 
 

@@ -191,7 +191,7 @@ def test_one_edit_on_two_models_in_turn(load_model, which):
 
 
 # z edits: their hooks sit on each model's own modules. (Attention-site edits of two models cannot be nested:
-# ACTIVE_EDITS holds the attention edits of one model at a time, whatever the binding.)
+# the editor in force, kernels.attention_function.active_editor(), holds one model's attention edits at a time.)
 NESTED = [lambda: HeadScale([(1, None), (0, 2)], alpha=0.0),
           lambda: HeadScale([(2, None)], alpha=-1.5, rows="from:2")]
 

@@ -14,10 +14,9 @@ from headlab.cli import options
 from headlab.cli.model_args import ModelArgs, Runtime, takes_model
 from headlab.cli.output import err_console, reported_errors, warn
 from headlab.cli.skeleton import (
-    MIN_USEFUL_TOKENS,
     Prepared,
-    check_max_tokens,
     check_prompt_lengths,
+    check_token_count,
     read_prompt_set,
     run_and_save,
     runs_folder_target,
@@ -61,7 +60,7 @@ def sinks(
         from headlab.analyses.secondary_sinks import SecondarySinksConfig
         from headlab.analyses.sinks import SinksConfig
 
-        check_max_tokens(max_tokens)
+        check_token_count(max_tokens)
         if (lifetime_low is None) != (lifetime_high is None):
             raise InputError("give both --lifetime-low and --lifetime-high, or neither")
         if generate < 0:
@@ -148,7 +147,7 @@ def position_bias(
     def prepare(args: ModelArgs) -> Prepared:
         from headlab.analyses.position_bias import PositionBiasConfig
 
-        check_max_tokens(max_tokens)
+        check_token_count(max_tokens)
         config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,
                                     rollout_tokens=rollout_tokens, rollout_prompts=rollout_prompts,
                                     retrieval_trials=retrieval_trials, retrieval_pairs=retrieval_pairs, seed=seed,
@@ -226,5 +225,3 @@ def circuits(
     run_and_save(model_args, command="analyze circuits", prepare=prepare, run=run, show=show, quiet=quiet,
                  runtimes=(Runtime.local,), advice="lower --batch-size or --senders-per-pass, or use --dtype bfloat16")
 
-
-__all__ = ["DEFAULT_MODEL", "MIN_USEFUL_TOKENS", "circuits", "fit_generation", "position_bias", "sinks"]

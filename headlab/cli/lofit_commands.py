@@ -207,7 +207,6 @@ def evaluate(
     model_args: ModelArgs,
 ) -> None:
     """Exact match (completion JSONL) or MC1/MC2 (TruthfulQA CSV), clean and with the offsets."""
-    edit_and_model: dict = {}
 
     def prepare(args: ModelArgs) -> Prepared:
         from headlab.analyses.lofit_data import read_items
@@ -220,18 +219,16 @@ def evaluate(
         return Prepared(*run_target(out, "lofit-eval", args.model), extra=(is_csv, items))
 
     def run(loaded, prepared: Prepared):
-        edit = edit_and_model["edit"]
-        if edit is not None:
+        if edit is not None:  # read from the offsets run below, before anything else
             edit.validate(loaded.arch)
         is_csv, items = prepared.extra
         return _evaluate(loaded, items, is_csv, edit, batch_size, max_tokens, data, offsets)
 
     with reported_errors(model_args.model or "the model", "lower --batch-size"):
         edit, trained_on = _offsets_run(offsets) if offsets is not None else (None, None)
-        edit_and_model["edit"] = edit
         args = _with_model(model_args, trained_on, "smollm2-135m")
     run_and_save(args, command="headlab lofit eval", prepare=prepare, run=run, runtimes=LOCAL,
-                 show=lambda result, path: [say(line) for line in result.report.splitlines()[2:]],
+                 show=lambda result, path: say("\n".join(result.report.splitlines()[2:])),
                  advice="lower --batch-size")
 
 

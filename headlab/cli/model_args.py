@@ -93,11 +93,14 @@ class ModelArgs:
         check_environment()
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be at least 1, got {self.threads}")
-        resolve_dtype(self.dtype, resolve_device(self.device))
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype, device)
         if self.kernel_name is not None:
+            import torch
+
             from headlab.kernels.dispatch import resolve_backend
 
-            resolve_backend(resolve_device_type(self.device), self.kernel_name)
+            resolve_backend(torch.device(device), self.kernel_name)
         if self.runtime not in runtimes:
             raise InputError(f"--runtime {self.runtime.value}: `{command}` runs with "
                              f"{' or '.join(r.value for r in runtimes)} only")
@@ -125,14 +128,6 @@ class ModelArgs:
         import torch
 
         return torch.get_num_threads()
-
-
-def resolve_device_type(device: str):
-    import torch
-
-    from headlab.placement import resolve_device
-
-    return torch.device(resolve_device(device))
 
 
 def open_model(args: ModelArgs, *, weights: bool | None = None):

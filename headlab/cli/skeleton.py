@@ -52,7 +52,7 @@ def read_prompt_set(model: str, prompts: str | None, n_prompts: int | None) -> t
     return read_prompts(prompts if prompts is not None else default)[:n_prompts], describe_source(prompts, default)
 
 
-def check_max_tokens(max_tokens: int) -> None:
+def check_token_count(max_tokens: int) -> None:
     from headlab.batching import check_positive_tokens
 
     check_positive_tokens(max_tokens)
@@ -63,10 +63,9 @@ def check_max_tokens(max_tokens: int) -> None:
 
 def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
     """The mean prompt length in tokens (after the --max-tokens cut); warns when it is too short to mean much."""
-    from headlab.batching import check_max_tokens as fits_context
-    from headlab.batching import encode
+    from headlab.batching import check_max_tokens, encode
 
-    fits_context(loaded, max_tokens)
+    check_max_tokens(loaded, max_tokens)
     mean = sum(len(encode(loaded, text, max_tokens)) for text in texts) / len(texts)
     if mean < MIN_USEFUL_TOKENS:
         warn(f"prompts average {mean:.1f} tokens: statistics over fewer than {MIN_USEFUL_TOKENS} tokens per prompt "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from headlab.bundled import DATA_DIR
+
 ALIASES: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "qwen3-1.7b": "Qwen/Qwen3-1.7B",
@@ -25,7 +27,7 @@ ALIASES: dict[str, str] = {
 
 # Trained checkpoints shipped inside the package (HF format, safetensors): small causal LMs with real
 # attention sinks, trained by `headlab zoo train` on the Bigram-Backcopy task (headlab/training/backcopy.py).
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+BUNDLED_DIR = DATA_DIR / "models"
 BUNDLED_MODELS: dict[str, str] = {
     "backcopy": "Llama-style, 4 layers x 4 heads, d=128, trained on Bigram-Backcopy with BOS (real first-token sink)",
     "backcopy-nobos": "the same model and recipe trained without BOS (where the sink goes without one)",
@@ -55,4 +57,4 @@ EMBEDDED: dict[str, str] = {
 def default_prompt_file(model: str) -> Path | None:
     """The bundled prompt file that goes with ``model``, or None (then the general bundled set is used)."""
     name = DEFAULT_PROMPTS.get(model)
-    return Path(__file__).resolve().parent.parent / "data" / name if name else None
+    return DATA_DIR / name if name else None
