@@ -78,3 +78,31 @@ def test_bad_layer_and_bad_output_are_input_errors(loaded):
         _logits(loaded, Hook("blocks.9.hook_resid_post", lambda x: x))
     with pytest.raises(InputError, match="expected a tensor of shape"):
         _logits(loaded, Hook("blocks.1.hook_resid_post", lambda x: x[..., :3]))
+
+
+@pytest.mark.slow
+def test_hooks_on_smollm2_equal_the_head_and_residual_edits(load_model):
+    """On real weights: the unedited model is the control (the edits move the logits), and each Hook equals the
+    edit it spells out, on the IOI prompt's last row."""
+    smol = load_model("smollm2-135m")
+    enc = smol.tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt")
+
+    def logits(*edits):
+        with torch.no_grad(), headlab.intervene(smol, *edits):
+            return smol.model(**enc).logits[0, -1]
+
+    clean = logits()
+    vector = torch.randn(smol.arch.hidden_size, generator=torch.Generator().manual_seed(0))
+    steered = logits(Hook("blocks.12.hook_resid_post", lambda x: x + 4.0 * vector, rows="last"))
+    assert torch.equal(steered, logits(ResidualAdd(12, vector, point="resid_post", scale=4.0, rows="last")))
+
+    def silence(z):  # [batch, query, head, d_head]: heads 0-2 of layer 23
+        z = z.clone()
+        z[:, :, :3] = 0
+        return z
+
+    silenced = logits(Hook("blocks.23.attn.hook_z", silence))
+    torch.testing.assert_close(silenced, logits(HeadScale([(23, 0), (23, 1), (23, 2)], alpha=0.0)), rtol=0,
+                               atol=1e-5)
+    assert (steered - clean).abs().max() > 1e-2 and (silenced - clean).abs().max() > 1e-3
+    assert torch.equal(logits(), clean)  # bit-exact after every block
