@@ -20,50 +20,22 @@ import contextlib
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
+from headlab.analyses.configs import LofitConfig
 from headlab.errors import InputError
 from headlab.interventions import HeadOffsets, intervene
 from headlab.result import Result
 
-from .lofit_data import DPOItem, Item, SFTItem, check_objective, completion_batch, data_hash
+from .lofit_batches import completion_batch
+from .lofit_data import DPOItem, Item, SFTItem, data_hash
 
 Head = tuple[int, int]
-
-
-@dataclass
-class LofitConfig:
-    """Hyperparameters of one LoFiT step (paper defaults: batch 8, 5 epochs, AdamW, seed 42;
-    select lr 5e-3, λ 5e-4; train lr 1e-2, λ 0). ``weight_decay`` 0 as in Hugging Face's Trainer defaults."""
-
-    objective: str = "sft"
-    lr: float = 5e-3
-    lambda_l1: float = 5e-4
-    epochs: int = 5
-    batch_size: int = 8
-    seed: int = 42
-    beta: float = 0.5
-    init_std: float = 1e-3
-    weight_decay: float = 0.0
-    max_tokens: int = 512
-
-    def check(self) -> None:
-        check_objective(self.objective)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError(f"--epochs and --batch-size must be at least 1, got {self.epochs} and {self.batch_size}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
-        if self.lambda_l1 < 0:
-            raise InputError(f"--lambda-l1 must be 0 or more, got {self.lambda_l1}")
-        if not self.beta > 0:
-            raise InputError(f"--beta must be positive, got {self.beta}")
-        if self.max_tokens < 2:
-            raise InputError(f"--max-tokens must be at least 2, got {self.max_tokens}")
 
 
 def check_items(items: list[Item], objective: str) -> None:

@@ -25,7 +25,8 @@ from headlab.interventions import HeadOffsets, intervene
 from headlab.result import Result
 
 from .lofit import binomial_summary, completion_logprobs
-from .lofit_data import SFTItem, completion_batch
+from .lofit_batches import completion_batch
+from .lofit_data import SFTItem
 
 MC_COLUMNS = ("Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source")
 

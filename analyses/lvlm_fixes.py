@@ -535,6 +535,11 @@ def make_fix(name: str, **options) -> FixMethod:
     """A fix by its registered name with ``options`` (its dataclass fields), checked before any compute."""
     if name not in FIXES:
         raise InputError(f"unknown fix {name!r}: use one of {', '.join(sorted(FIXES))}")
+    settings = sorted(f.name for f in fields(FIXES[name]) if f.init and f.name != "control")
+    unknown = sorted(set(options) - {*settings, "control"})
+    if unknown:
+        raise InputError(f"fix {name} has no setting {', '.join(unknown)}; its settings are {', '.join(settings)} "
+                         f"(--set {name}.FIELD=VALUE)")
     try:
         method = FIXES[name](**options)
     except TypeError as err:

@@ -9,10 +9,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from headlab.analyses.configs import REMOVE_MODES
 from headlab.errors import InputError
 from headlab.lvlm import LvlmInputs, LvlmSample
-
-REMOVE_MODES = ("drop", "blank")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from headlab.analyses.configs import PositionBiasConfig
 from headlab.batching import batches, check_max_tokens
 from headlab.errors import InputError
 from headlab.kernels import StatsRequest, distance_bin_edges
@@ -51,37 +52,7 @@ from .retrieval_task import (
     run_retrieval,
 )
 
-ROLLOUT_LIMIT = 1024  # the rollout holds [layer, head, T, T] of one prompt: 40 x 40 x 1024² fp32 is 6.7 GB
 SIDES = ("before", "after")  # keys at or before the query (d = i - j), keys after it (d = j - i)
-
-
-@dataclass
-class PositionBiasConfig:
-    max_tokens: int = 512
-    batch_size: int = 8
-    n_relative: int = 10  # bins of relative key position for the lost-in-the-middle curve
-    fit_skip_first: int = 1  # key positions left out of the trend fit: the first token is a sink
-    rollout_tokens: int = 128  # rollout on each prompt's first N tokens (0: no rollout)
-    rollout_prompts: int = 8
-    retrieval_trials: int = 12  # 0: no retrieval task
-    retrieval_pairs: int = 8
-    seed: int = 0
-    backend: str | None = None
-
-    def check(self) -> None:
-        if self.n_relative < 3:
-            raise InputError(f"--n-relative must be at least 3 (first, middle, last), got {self.n_relative}")
-        if not 0 <= self.rollout_tokens <= ROLLOUT_LIMIT:
-            raise InputError(f"--rollout-tokens must lie between 0 (off) and {ROLLOUT_LIMIT}: the rollout "
-                             f"materialises T x T attention per layer; got {self.rollout_tokens}")
-        if self.rollout_prompts < 1:
-            raise InputError(f"--rollout-prompts must be positive, got {self.rollout_prompts}")
-        if self.fit_skip_first < 0:
-            raise InputError(f"fit_skip_first must be >= 0, got {self.fit_skip_first}")
-        if self.retrieval_trials < 0:
-            raise InputError(f"--retrieval-trials must be >= 0 (0 turns the task off), got {self.retrieval_trials}")
-        if self.retrieval_trials:
-            RetrievalConfig(self.retrieval_trials, self.retrieval_pairs, self.seed, self.batch_size).check()
 
 
 # ----------------------------------------------------------------------------------------------- trend fit

@@ -80,5 +80,8 @@ for _entry in (
     Analysis("lofit-train", "LoFiT head offsets", _A + "lofit:train_offsets", _A + "lofit:LofitConfig",
              _V + "lofit", takes="items"),
     Analysis("lofit-eval", "LoFiT evaluation", _A + "lofit_eval:accuracy_result", view=_V + "lofit", takes="items"),
+    Analysis("lofit-apply", "LoFiT completions", _A + "lofit_runs:apply_result", takes="prompts"),
+    Analysis("lofit-export", "LoFiT export", _A + "lofit_runs:export_result", takes="none"),
+    Analysis("fix", "Fixes side by side", _A + "fix_compare:compare_fixes", takes="images"),
 ):
     register_analysis(_entry)

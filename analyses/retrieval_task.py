@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from headlab.analyses.configs import RetrievalConfig
 from headlab.batching import encode
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
@@ -37,22 +38,6 @@ from headlab.loading import LoadedModel
 PLACEMENTS = ("first", "middle", "last")
 ABSENT = "absent"  # trials whose queried key is not in the list: which slot's value is picked anyway
 INSTRUCTION = "Below is a list of keys and their values. Remember them."
-
-
-@dataclass
-class RetrievalConfig:
-    n_trials: int = 12
-    n_pairs: int = 8
-    seed: int = 0
-    batch_size: int = 8
-
-    def check(self) -> None:
-        if self.n_trials < 1:
-            raise InputError(f"--retrieval-trials must be positive (0 turns the task off), got {self.n_trials}")
-        if not 2 <= self.n_pairs <= 200:
-            raise InputError(f"--retrieval-pairs must lie between 2 and 200, got {self.n_pairs}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 @dataclass

@@ -29,39 +29,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headlab.errors import InputError
+from headlab.analyses.configs import SecondarySinksConfig
 from headlab.probes import PARTS, LayerPartsSummary
 
 LABELS = ("secondary", "primary_like", "noise")
-
-
-@dataclass
-class SecondarySinksConfig:
-    enabled: bool = True
-    levels: bool = True  # sink levels: 2-D histogram + clustering
-    formation: bool = True  # MLP formation table and scatter
-    cos_threshold: float = 0.9
-    bos_position: str = "auto"  # first | max_norm | auto (max_norm with a chat template, else first)
-    bos_candidates: int = 3
-    lifetime_bounds: tuple[int, int] | None = None  # None: the rule in lifetime_bounds()
-    paper_bounds_min_layers: int = 24
-    level_eps: float = 1.5  # DBSCAN radius on the (creation, lifetime) grid: 8-neighbours join
-    level_min_fraction: float = 0.02  # a level holds at least this share of the clustered tokens ...
-    level_min_tokens: int = 3  # ... and at least this many
-    level_labels: tuple[str, ...] = ("secondary", "primary_like")  # which sinks are clustered into levels
-    # A later occurrence of the BOS-position token has (nearly) its residual, so it passes the cos test
-    # trivially; the official code keeps it (default), True drops it (matters without a BOS token).
-    skip_bos_repeats: bool = False
-
-    def check(self) -> None:
-        if not 0 < self.cos_threshold < 1:
-            raise InputError(f"--cos-threshold must lie between 0 and 1, got {self.cos_threshold}")
-        if self.bos_position not in ("auto", "first", "max_norm"):
-            raise InputError(f"--bos-position must be auto, first or max_norm, not {self.bos_position!r}")
-        if self.lifetime_bounds is not None:
-            lo, hi = self.lifetime_bounds
-            if not 0 <= lo < hi:
-                raise InputError(f"--lifetime-bounds needs 0 <= low < high, got {lo} {hi}")
 
 
 def lifetime_bounds(n_layers: int, config: SecondarySinksConfig) -> tuple[int, int, str]:

@@ -11,7 +11,7 @@ see ``secondary_sinks.py`` and ``sink_levels.py``; ``SinksConfig.secondary`` swi
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from headlab.analyses.configs import SinksConfig
 from headlab.batching import batches, check_max_tokens, id_batches
 from headlab.errors import InputError
 from headlab.figures import model_title
@@ -31,32 +32,6 @@ from headlab.tokens import display_tokens
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
 from .sink_levels import count_levels, histogram, levels_figure
 
-MASSIVE_MEDIANS = ("layer", "token")
-
-
-@dataclass
-class SinksConfig:
-    eps: float = 0.3  # Gu et al.'s threshold
-    max_tokens: int = 64  # Gu et al. use T = 64
-    n_keys: int = 8  # key positions reported (0 = first token)
-    batch_size: int = 8
-    massive_abs: float = 100.0  # Sun et al.: |x| > 100 ...
-    massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of the hidden state
-    # Which median: "layer" = the layer's whole hidden state for the input (Sun et al.'s code), "token" = the
-    # token's own vector (stricter: a sink token's few huge dims make its own median large).
-    massive_median: str = "layer"
-    top_heads: int = 10
-    token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
-    # Full patterns [query, key] of the top sink heads on the first few prompts, for the dashboard's head view:
-    # a separate eager pass after the statistics, capped at pattern_prompts x pattern_heads x T^2 (T <= 64).
-    pattern_prompts: int = 3
-    pattern_heads: int = 8
-    pattern_tokens: int = 64
-    backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
-    chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
-    generate: int = 0  # greedy new tokens per prompt analysed with it (token_ids come from analyses.generation)
-    secondary: SecondarySinksConfig = field(default_factory=SecondarySinksConfig)
-
 
 def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig | None = None,
                   progress: bool = True, token_ids: list[list[int]] | None = None) -> Result:
@@ -64,10 +39,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     prompt, at most ``config.max_tokens`` long; without it the prompts are tokenized under the BOS policy."""
     config = config or SinksConfig()
     prompts = as_prompt_list(prompts)  # a bare str would be read one character per prompt
-    if not 0 < config.eps < 1:
-        raise InputError(f"--eps must lie between 0 and 1, got {config.eps}")
-    if config.massive_median not in MASSIVE_MEDIANS:
-        raise InputError(f"massive_median must be one of {', '.join(MASSIVE_MEDIANS)}, got {config.massive_median!r}")
+    config.check()
     check_max_tokens(loaded, config.max_tokens)
     if token_ids is not None and len(token_ids) != len(prompts):
         raise InputError(f"{len(token_ids)} token id lists for {len(prompts)} prompts: give one per prompt")

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from headlab.analyses.configs import VhdConfig
 from headlab.errors import InputError
 from headlab.interventions.z_site import BoundZEdit, HeadScale, ZCall
 from headlab.kernels.positions import Positions
 from headlab.lvlm import LvlmSample, build_inputs
 
 from .generation import greedy_samples, padding_id
-from .no_image import REMOVE_MODES, append_continuation, capture_z, without_image
+from .no_image import append_continuation, capture_z, without_image
 
 AGGREGATIONS = ("topk_mean", "layer_topk_sum")
 
@@ -153,21 +154,6 @@ class VhrScale(HeadScale):
 
 # ---------------------------------------------------------------------------------------------
 # The analysis: VHD heatmaps and T-VHD of hallucinated vs correct object tokens
-
-
-@dataclass
-class VhdConfig:
-    max_new_tokens: int = 24
-    remove: str = "drop"
-    k: int = 8
-    batch_size: int = 8
-    filter_outliers: bool = True
-
-    def check(self) -> None:
-        if self.remove not in REMOVE_MODES:
-            raise InputError(f"--remove {self.remove!r}: use one of {', '.join(REMOVE_MODES)}")
-        if self.max_new_tokens < 1 or self.k < 1 or self.batch_size < 1:
-            raise InputError("--max-new-tokens, --k and --batch-size must be at least 1")
 
 
 def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None = None, *,

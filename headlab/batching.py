@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlab.checks import check_positive_tokens
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
 
@@ -19,11 +20,6 @@ class Batch:
     attention_mask: torch.Tensor
     indices: list[int]
     tokens: list[list[str]]
-
-
-def check_positive_tokens(max_tokens: int) -> None:
-    if max_tokens <= 0:
-        raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
 
 
 def check_max_tokens(loaded: LoadedModel, max_tokens: int) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class Result:
     # (provenance.model_settings; the CLI adds where the prompts came from). Versions and git are added on save.
     prompts: list[str] | None = None
     provenance: dict = field(default_factory=dict)
+    # Folders a run carries besides its tables and tensors (an exported checkpoint): name -> a function that
+    # writes the folder at the path it is given, inside the temporary run, so they are published atomically too.
+    attachments: dict[str, Callable[[Path], object]] = field(default_factory=dict)
 
     def save(self, runs_dir: Path, name: str | None = None) -> Path:
         """Write the run atomically under ``runs_dir``; returns its directory."""
@@ -66,6 +70,8 @@ class Result:
             if prompts_file is not None:
                 (tmp / provenance["prompts"]["file"]).write_text(json.dumps(prompts_file, ensure_ascii=False),
                                                                  encoding="utf-8")
+            for key, write_folder in self.attachments.items():
+                write_folder(tmp / check_part_name(key, "attachment"))
             if self.tensors:
                 # safetensors creates its file with mode 0600; give it the mode of the run's other files.
                 os.chmod(tmp / "tensors.safetensors", stat.S_IMODE((tmp / "report.md").stat().st_mode))
@@ -81,6 +87,7 @@ class Result:
                 "provenance": provenance,
                 "tables": sorted(self.tables),
                 "figures": sorted(self.figures),
+                **({"attachments": sorted(self.attachments)} if self.attachments else {}),
             }
 
         self.path = write_run(runs_dir, name, write)

@@ -92,19 +92,6 @@ def check_new_run(runs_dir: Path, name: str) -> Path:
     return final
 
 
-def run_target(out: Path | None, analysis: str, model: str) -> tuple[Path, str]:
-    """(runs folder, run name) for ``--out`` (the run directory itself; default: the runs folder + a
-    timestamped name), checked writable and not existing."""
-    if out is None:
-        runs_dir, name = default_runs_dir(), default_run_name(analysis, model)
-    else:
-        out = Path(out).expanduser()
-        runs_dir, name = out.parent, out.name
-    check_writable(check_runs_dir(runs_dir))
-    check_new_run(runs_dir, name)
-    return runs_dir, name
-
-
 def check_part_name(name: object, what: str) -> str:
     """A table or figure name from a manifest: one plain file-name part (no '/', no '..')."""
     if not isinstance(name, str) or not _SAFE_PART.match(name) or ".." in name:

@@ -18,6 +18,11 @@ from headlab.training import lvlm_data as D
 runner = CliRunner()
 
 
+def into(out):
+    """--out and --name for a run at ``out``: the runs folder and the run's name."""
+    return ["--out", str(out.parent), "--name", out.name]
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("fixes") / "set"
@@ -33,7 +38,7 @@ def run(args):
 def test_chair_run_scores_its_own_captions(synth, tmp_path):
     out = tmp_path / "chair"
     result = run(["--bench", "chair", "--data", str(synth), "--methods", "none,pai,paint", "--controls", "--n", "3",
-                  "--max-new-tokens", "4", "--set", "pai.alpha=0.5", "--out", str(out), "--quiet"])
+                  "--max-new-tokens", "4", "--set", "pai.alpha=0.5", *into(out), "--quiet"])
     assert result.exit_code == 0, result.output
     r = Result.load(out)
     metrics, captions = r.tables["metrics"], r.tables["captions"]
@@ -72,7 +77,7 @@ def test_t_vhd_of_every_caption_token(synth, tmp_path):
 
     out = tmp_path / "tvhd"
     result = run(["--bench", "chair", "--data", str(synth), "--methods", "none", "--n", "2",
-                  "--max-new-tokens", "3", "--t-vhd", "--out", str(out), "--quiet"])
+                  "--max-new-tokens", "3", "--t-vhd", *into(out), "--quiet"])
     assert result.exit_code == 0, result.output
     table = Result.load(out).tables["t_vhd"]
     assert set(table["method"]) == {"none"} and len(table) == 2 * 3
@@ -91,7 +96,7 @@ def test_t_vhd_of_every_caption_token(synth, tmp_path):
 def test_pope_run_scores_its_own_answers(synth, tmp_path):
     out = tmp_path / "pope"
     result = run(["--bench", "pope", "--data", str(synth), "--methods", "none,vaf", "--n", "4",
-                  "--max-new-tokens", "3", "--parser", "exact", "--out", str(out), "--quiet"])
+                  "--max-new-tokens", "3", "--parser", "exact", *into(out), "--quiet"])
     assert result.exit_code == 0, result.output
     r = Result.load(out)
     answers, metrics = r.tables["answers"], r.tables["metrics"]
@@ -125,18 +130,28 @@ def test_bad_inputs_are_one_line(synth, tmp_path, case):
     if "--data" not in args:
         args = ["--data", str(synth), *args]
     out = tmp_path / "run"
-    result = run([*args, "--out", str(out)])
+    result = run([*args, *into(out)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[0].startswith("error:") and "Traceback" not in result.output
     assert not out.exists()
 
 
-def test_fix_prints_each_method(synth):
+def test_fix_prints_each_method_and_writes_a_run(synth, tmp_path):
     image = sorted((synth / "images").iterdir())[0]
     result = runner.invoke(headlab_app, ["fix", "--model", "tiny-llava", "--method", "none", "--method", "vaf",
-                                         "--image", str(image), "--max-new-tokens", "3", "--threads", "1"])
+                                         "--image", str(image), "--max-new-tokens", "3", "--threads", "1",
+                                         "--out", str(tmp_path), "--name", "f", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "none" in result.output and "vaf" in result.output
-    bad = runner.invoke(headlab_app, ["fix", "--model", "tiny-llava", "--method", "nope", "--image", str(image)])
-    assert bad.exit_code == 2 and bad.output.startswith("error:")
+    table = Result.load(tmp_path / "f").tables["generations"]
+    assert list(table["method"]) == ["none", "vaf"]
+    assert table["generation"].tolist()[0] in result.output.replace("\n", "")  # the printed answer is the saved one
+    for args, message in ((["--method", "nope"], "--method: unknown nope"),
+                          (["--set", "pai.nosuchfield=1"], "its settings are alpha"),
+                          (["--image", str(tmp_path / "missing.png")], "does not exist")):
+        bad = runner.invoke(headlab_app, ["fix", "--model", "tiny-llava", "--image", str(image), *args, "--out",
+                                          str(tmp_path), "--name", "bad"])
+        assert bad.exit_code == 2 and bad.output.startswith("error:") and message in bad.output, bad.output
+        assert "--images" not in bad.output and "--methods" not in bad.output
+    assert not (tmp_path / "bad").exists()

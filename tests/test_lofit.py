@@ -29,7 +29,8 @@ from headlab.analyses.lofit import (
     top_pairs,
     train_offsets,
 )
-from headlab.analyses.lofit_data import DPOItem, SFTItem, completion_batch, pad_id, read_items, write_items
+from headlab.analyses.lofit_batches import completion_batch, pad_id
+from headlab.analyses.lofit_data import DPOItem, SFTItem, read_items, write_items
 from headlab.analyses.lofit_eval import exact_match, multiple_choice, read_mc_csv
 from headlab.analyses.lofit_export import export_offsets
 from headlab.cli import headlab_app
@@ -341,51 +342,57 @@ def test_tokenizer_without_pad_uses_eos_and_adds_nothing(tiny):
 
 
 def test_cli_select_train_eval_apply_export(one_head, tmp_path, monkeypatch):
+    """Every lofit command writes one run: --out is the runs folder, --name the run (as for every command)."""
     runner = CliRunner()
     data = tmp_path / "train.jsonl"
     write_items(items_sft(8), data)
-    common = ["--model", "tiny-llama", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--quiet"]
-    out = runner.invoke(headlab_app, ["lofit", "select", *common, "--out", str(tmp_path / "sel")])
+    runs = tmp_path / "runs"
+    common = ["--model", "tiny-llama", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--quiet",
+              "--out", str(runs)]
+    out = runner.invoke(headlab_app, ["lofit", "select", *common, "--name", "sel"])
     assert out.exit_code == 0, out.output
-    assert load_ranking(tmp_path / "sel").shape[0] == 16
-    out = runner.invoke(headlab_app, ["lofit", "train", *common, "--heads", str(tmp_path / "sel"), "--k", "3",
-                                      "--out", str(tmp_path / "off")])
+    assert load_ranking(runs / "sel").shape[0] == 16
+    out = runner.invoke(headlab_app, ["lofit", "train", *common, "--heads", str(runs / "sel"), "--k", "3",
+                                      "--name", "off"])
     assert out.exit_code == 0, out.output
-    assert HeadOffsets.load(tmp_path / "off").v.shape == (3, 16)
-    out = runner.invoke(headlab_app, ["lofit", "eval", "--data", str(data), "--offsets", str(tmp_path / "off"),
-                                      "--out", str(tmp_path / "ev")])
+    assert HeadOffsets.load(runs / "off").v.shape == (3, 16)
+    out = runner.invoke(headlab_app, ["lofit", "eval", "--data", str(data), "--offsets", str(runs / "off"),
+                                      "--out", str(runs), "--name", "ev", "--quiet", "--threads", "1"])
     assert out.exit_code == 0, out.output
-    assert set(Result.load(tmp_path / "ev").tables["accuracy"].condition) == {"clean", "offsets"}
+    assert set(Result.load(runs / "ev").tables["accuracy"].condition) == {"clean", "offsets"}
     (tmp_path / "tqa.csv").write_text(MC_CSV, encoding="utf-8")
     out = runner.invoke(headlab_app, ["lofit", "eval", "--data", str(tmp_path / "tqa.csv"), "--offsets",
-                                      str(tmp_path / "off"), "--out", str(tmp_path / "mc")])
+                                      str(runs / "off"), "--out", str(runs), "--name", "mc"])
     assert out.exit_code == 0 and "MC1" in out.output, out.output
-    mc = Result.load(tmp_path / "mc")
+    mc = Result.load(runs / "mc")
     assert set(mc.tables) == {"mc_clean", "mc_offsets"} and mc.summary["n_clean"] == 2
-    out = runner.invoke(headlab_app, ["lofit", "apply", "--offsets", str(tmp_path / "off"), "--prompt", "cat dog",
-                                      "--max-new-tokens", "3"])
+    out = runner.invoke(headlab_app, ["lofit", "apply", "--offsets", str(runs / "off"), "--prompt", "cat dog",
+                                      "--max-new-tokens", "3", "--out", str(runs), "--name", "ap", "--quiet"])
     assert out.exit_code == 0 and "with offsets" in out.output, out.output
-    out = runner.invoke(headlab_app, ["lofit", "export", "--offsets", str(tmp_path / "off"), "--out",
-                                      str(tmp_path / "hf")])
+    applied = Result.load(runs / "ap")
+    assert applied.analysis == "lofit-apply" and list(applied.tables["completions"].prompt) == ["cat dog"]
+    out = runner.invoke(headlab_app, ["lofit", "export", "--offsets", str(runs / "off"), "--out", str(runs),
+                                      "--name", "hf", "--threads", "1", "--quiet"])
     assert out.exit_code == 0, out.output
-    assert (tmp_path / "hf" / "config.json").is_file()
+    exported = Result.load(runs / "hf")
+    assert exported.analysis == "lofit-export" and (runs / "hf" / "model" / "config.json").is_file()
+    assert exported.tables["bias_deltas"].bias_delta_norm.gt(0).all()
 
     # Bad input: one error line, exit 2, nothing written.
     dpo = tmp_path / "dpo.jsonl"
     write_items(items_dpo(2), dpo)
     cases = [
-        (["lofit", "select", "--model", "tiny-llama", "--data", str(dpo), "--out", str(tmp_path / "a")],
+        (["lofit", "select", "--model", "tiny-llama", "--data", str(dpo), "--out", str(runs), "--name", "a"],
          "DPO file"),
-        (["lofit", "train", *common, "--heads", str(tmp_path / "sel"), "--k", "17", "--out", str(tmp_path / "b")],
+        (["lofit", "train", *common, "--heads", str(runs / "sel"), "--k", "17", "--name", "b"],
          "larger than the ranking"),
-        (["lofit", "train", *common, "--heads", str(tmp_path / "off"), "--k", "2", "--out", str(tmp_path / "c")],
+        (["lofit", "train", *common, "--heads", str(runs / "off"), "--k", "2", "--name", "c"],
          "not a `headlab lofit select` run"),
-        (["lofit", "select", *common, "--out", str(tmp_path / "sel")], "already exists"),
-        (["lofit", "export", "--offsets", str(tmp_path / "off"), "--out", str(tmp_path / "hf")], "already exists"),
+        (["lofit", "select", *common, "--name", "sel"], "already exists"),
+        (["lofit", "export", "--offsets", str(runs / "off"), "--out", str(runs), "--name", "hf"], "already exists"),
     ]
     for args, message in cases:
         out = runner.invoke(headlab_app, args)
         assert out.exit_code == 2, (args, out.output)
         assert message in out.output and "Traceback" not in out.output, out.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "ev", "hf", "mc", "off", "sel", "tqa.csv",
-                                                              "train.jsonl"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ap", "ev", "hf", "mc", "off", "sel"]

@@ -15,6 +15,11 @@ from headlab.training import lvlm_data as D
 runner = CliRunner()
 
 
+def into(out):
+    """--out and --name for a run at ``out``: the runs folder and the run's name."""
+    return ["--out", str(out.parent), "--name", out.name]
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("vhd")
@@ -29,7 +34,7 @@ def test_vhd_run(synth, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(analyze_app, ["vhd", "--model", "tiny-llava", "--images", str(files["images"]),
                                          "--prompts", str(prompts), "--annotations", str(files["annotations"]),
-                                         "--max-new-tokens", "3", "--out", str(out), "--threads", "1"])
+                                         "--max-new-tokens", "3", *into(out), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "VHD on tiny-llava: 6 samples, 18 tokens" in result.output
     run = Result.load(out)
@@ -70,7 +75,7 @@ def test_vhd_bad_inputs(synth, tmp_path, case):
         expected = "has no entry for 00000.png"
     out = tmp_path / "run"
     flat = [x for kv in args.items() for x in kv]
-    result = runner.invoke(analyze_app, ["vhd", "--model", "tiny-llava", *flat, *extra, "--out", str(out)])
+    result = runner.invoke(analyze_app, ["vhd", "--model", "tiny-llava", *flat, *extra, *into(out)])
     assert result.exit_code == 2, result.output
     import re
 

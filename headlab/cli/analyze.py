@@ -57,8 +57,7 @@ def sinks(
     """Attention sinks (Gu et al.), massive activations (Sun et al.), secondary sinks (Wong et al.)."""
 
     def prepare(args: ModelArgs) -> Prepared:
-        from headlab.analyses.secondary_sinks import SecondarySinksConfig
-        from headlab.analyses.sinks import SinksConfig
+        from headlab.analyses.configs import SecondarySinksConfig, SinksConfig
 
         check_token_count(max_tokens)
         if (lifetime_low is None) != (lifetime_high is None):
@@ -75,11 +74,11 @@ def sinks(
         secondary_config = SecondarySinksConfig(enabled=secondary, levels=levels, formation=formation,
                                                 cos_threshold=cos_threshold, bos_position=bos_position,
                                                 lifetime_bounds=bounds)
-        secondary_config.check()
         # Head patterns come from headlab's attention function, which a remote run does not have.
         patterns = {"pattern_prompts": 0} if args.remote else {}
         config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size, backend=args.kernel_name,
                              chat_template=chat_template, generate=generate, secondary=secondary_config, **patterns)
+        config.check()
         target = runs_folder_target("sinks", args.model, out, name)
         texts, source = read_prompt_set(args.model, prompts, n_prompts)
         return Prepared(*target, texts=texts, source=source, extra=config)
@@ -145,7 +144,7 @@ def position_bias(
     """Position bias: attention by distance and position, rollout P^(t), trend fit, retrieval by position."""
 
     def prepare(args: ModelArgs) -> Prepared:
-        from headlab.analyses.position_bias import PositionBiasConfig
+        from headlab.analyses.configs import PositionBiasConfig
 
         check_token_count(max_tokens)
         config = PositionBiasConfig(max_tokens=max_tokens, batch_size=batch_size, n_relative=n_relative,

@@ -1,9 +1,10 @@
 """``headlab lofit select|train|apply|export|eval``: LoFiT head selection and head offsets from the shell.
 
-``--out`` of select, train and eval is the run directory itself (``sel/``, ``offsets/``): a headlab run
-(manifest, tables, tensors, figures) written atomically; a train run's ``tensors.safetensors`` is what
-``HeadOffsets.load(run_dir)`` reads. Every bad input is one ``error:`` line, exit code 2, checked before the
-model loads where it can be (data, ranking, --k, --out), and nothing is half-written.
+Like every command, each writes one run: ``--out`` is the runs folder and ``--name`` the run (manifest, tables,
+tensors, figures, written atomically). A train run's ``tensors.safetensors`` is what ``HeadOffsets.load(run_dir)``
+reads; an export run carries the checkpoint in ``model/``. Every bad input is one ``error:`` line, exit code 2,
+checked before the model loads where it can be (data, ranking, --k, the run's target), and nothing is
+half-written.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from pathlib import Path
 import typer
 
 from headlab.cli import options
-from headlab.cli.model_args import ModelArgs, Runtime, open_model, takes_model
+from headlab.cli.model_args import ModelArgs, Runtime, takes_model
 from headlab.cli.output import reported_errors, say
-from headlab.cli.skeleton import Prepared, run_and_save
+from headlab.cli.skeleton import Prepared, run_and_save, runs_folder_target
 from headlab.errors import InputError
-from headlab.runs import run_target
 
 DATA_OPTION = typer.Option(..., help="JSONL: {prompt, target} (sft) or {prompt, chosen, rejected} (dpo)")
 OBJECTIVE_OPTION = typer.Option("sft", help="sft (loss on the target tokens) or dpo (beta --beta, frozen reference)")
@@ -54,7 +54,7 @@ def _with_model(args: ModelArgs, trained_on: str | None, fallback: str | None = 
 
 
 def _config(objective, lr, lambda_l1, epochs, batch_size, seed, beta, max_tokens):
-    from headlab.analyses.lofit import LofitConfig
+    from headlab.analyses.configs import LofitConfig
 
     config = LofitConfig(objective=objective, lr=lr, lambda_l1=lambda_l1, epochs=epochs, batch_size=batch_size,
                          seed=seed, beta=beta, max_tokens=max_tokens)
@@ -73,7 +73,8 @@ def select(
     seed: int = SEED_OPTION,
     beta: float = BETA_OPTION,
     max_tokens: int = MAX_TOKENS_OPTION,
-    out: Path = options.run_directory("lofit-select"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("lofit-select"),
     quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
@@ -85,7 +86,7 @@ def select(
 
         config = _config(objective, lr, lambda_l1, epochs, batch_size, seed, beta, max_tokens)
         items = read_items(data, objective)
-        return Prepared(*run_target(out, "lofit-select", args.model), extra=(config, items))
+        return Prepared(*runs_folder_target("lofit-select", args.model, out, name), extra=(config, items))
 
     def run(loaded, prepared: Prepared):
         from headlab.analyses.lofit import select_heads
@@ -112,7 +113,8 @@ def train(
     seed: int = SEED_OPTION,
     beta: float = BETA_OPTION,
     max_tokens: int = MAX_TOKENS_OPTION,
-    out: Path = options.run_directory("lofit-train"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("lofit-train"),
     quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
@@ -120,14 +122,16 @@ def train(
     """Step 2: a fresh model (A = 0), offsets v trained on the top-K heads only; saved as a run."""
 
     def prepare(args: ModelArgs) -> Prepared:
-        from headlab.analyses.lofit import load_ranking, top_pairs
         from headlab.analyses.lofit_data import read_items
 
         config = _config(objective, lr, 0.0, epochs, batch_size, seed, beta, max_tokens)
         items = read_items(data, objective)
+        from headlab.analyses.lofit import load_ranking, top_pairs  # torch: after the plain checks
+
         ranking = load_ranking(heads)
         pairs = top_pairs(ranking, k)
-        return Prepared(*run_target(out, "lofit-train", args.model), extra=(config, items, ranking, pairs))
+        target = runs_folder_target("lofit-train", args.model, out, name)
+        return Prepared(*target, extra=(config, items, ranking, pairs))
 
     def run(loaded, prepared: Prepared):
         from headlab.analyses.lofit import load_ranking, train_offsets
@@ -149,51 +153,68 @@ def apply(
     offsets: Path = OFFSETS_OPTION,
     prompt: list[str] = typer.Option(..., help="prompt to complete (repeat for several)"),
     max_new_tokens: int = typer.Option(32, help="greedy tokens to generate"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("lofit-apply"),
+    quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
 ) -> None:
-    """Greedy completions without and with the offsets (removed again afterwards)."""
-    with reported_errors(model_args.model or "the model", "use --dtype bfloat16"):
-        import torch
+    """Greedy completions without and with the offsets (removed again afterwards), printed and saved as a run."""
 
-        from headlab.analyses.generation import greedy
-
+    def prepare(args: ModelArgs) -> Prepared:
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        return Prepared(*runs_folder_target("lofit-apply", args.model, out, name), texts=list(prompt),
+                        source={"kind": "command line"})
+
+    def run(loaded, prepared: Prepared):
+        from headlab.analyses.lofit_runs import apply_result
+
+        return apply_result(loaded, edit, prepared.texts, max_new_tokens, str(offsets))
+
+    def show(result, path: Path) -> None:
+        for row in result.tables["completions"].itertuples():
+            say(f"prompt: {row.prompt!r}")
+            say(f"  without offsets: {row.without_offsets!r}")
+            say(f"  with offsets:    {row.with_offsets!r}")
+
+    with reported_errors(model_args.model or "the model", "use --dtype bfloat16"):
         edit, trained_on = _offsets_run(offsets)
-        args = _with_model(model_args, trained_on).check(command="headlab lofit apply", runtimes=LOCAL)
-        loaded = open_model(args)
-        edit.validate(loaded.arch)
-        tok = loaded.text_tokenizer
-        with args.kernel_in_use():
-            for text in prompt:
-                ids = tok(text, return_tensors="pt").input_ids.to(loaded.device)
-                tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                before = greedy(loaded, tensors, max_new_tokens)[0]
-                after = greedy(loaded, tensors, max_new_tokens, edits=[edit])[0]
-                say(f"prompt: {text!r}")
-                say(f"  without offsets: {tok.decode(before, skip_special_tokens=True)!r}")
-                say(f"  with offsets:    {tok.decode(after, skip_special_tokens=True)!r}")
+        args = _with_model(model_args, trained_on)
+    run_and_save(args, command="headlab lofit apply", prepare=prepare, run=run, show=show, quiet=quiet,
+                 runtimes=LOCAL, advice="use --dtype bfloat16")
 
 
 @takes_model(None, TRAINED_ON_HELP, dtype="float32", device="cpu")
 def export(
     offsets: Path = OFFSETS_OPTION,
-    out: Path = typer.Option(..., help="new folder for the model with the offsets in o_proj's bias"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("lofit-export"),
+    quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
 ) -> None:
-    """Bake the offsets into o_proj's bias (W_O·v per layer): a plain transformers checkpoint."""
-    with reported_errors(model_args.model or "the model", "export on a machine with more memory"):
-        from headlab.analyses.lofit_export import export_offsets
+    """Bake the offsets into o_proj's bias (W_O·v per layer): a run whose model/ folder is a plain transformers
+    checkpoint."""
 
+    def prepare(args: ModelArgs) -> Prepared:
+        return Prepared(*runs_folder_target("lofit-export", args.model, out, name))
+
+    def run(loaded, prepared: Prepared):
+        from headlab.analyses.lofit_runs import export_result
+
+        return export_result(loaded, edit, str(offsets))
+
+    def show(result, path: Path) -> None:
+        from headlab.analyses.lofit_runs import EXPORTED_FOLDER
+
+        say(f"model with offsets in o_proj's bias: {path / EXPORTED_FOLDER} (AutoModelForCausalLM.from_pretrained)")
+
+    with reported_errors(model_args.model or "the model", "export on a machine with more memory"):
         edit, trained_on = _offsets_run(offsets)
-        args = _with_model(model_args, trained_on).check(command="headlab lofit export", runtimes=LOCAL)
-        out = Path(out).expanduser()
-        if out.exists():
-            raise InputError(f"{out} already exists; choose a new folder for the exported model")
-        path = export_offsets(open_model(args), edit, out)
-    say(f"model with offsets in o_proj's bias written to {path} (AutoModelForCausalLM.from_pretrained)")
+        args = _with_model(model_args, trained_on)
+    run_and_save(args, command="headlab lofit export", prepare=prepare, run=run, show=show, quiet=quiet,
+                 runtimes=LOCAL, advice="export on a machine with more memory")
 
 
 @takes_model(None, "model (default: the offsets' model, else smollm2-135m)")
@@ -202,7 +223,9 @@ def evaluate(
     offsets: Path = typer.Option(None, help="a `headlab lofit train` run directory; without it: the clean model"),
     batch_size: int = typer.Option(16, help="items per forward pass (exact match)"),
     max_tokens: int = MAX_TOKENS_OPTION,
-    out: Path = options.run_directory("lofit-eval"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("lofit-eval"),
+    quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
 ) -> None:
@@ -216,7 +239,7 @@ def evaluate(
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         is_csv = Path(data).suffix.lower() == ".csv"
         items = read_mc_csv(data) if is_csv else read_items(data, "sft")
-        return Prepared(*run_target(out, "lofit-eval", args.model), extra=(is_csv, items))
+        return Prepared(*runs_folder_target("lofit-eval", args.model, out, name), extra=(is_csv, items))
 
     def run(loaded, prepared: Prepared):
         if edit is not None:  # read from the offsets run below, before anything else
@@ -227,7 +250,7 @@ def evaluate(
     with reported_errors(model_args.model or "the model", "lower --batch-size"):
         edit, trained_on = _offsets_run(offsets) if offsets is not None else (None, None)
         args = _with_model(model_args, trained_on, "smollm2-135m")
-    run_and_save(args, command="headlab lofit eval", prepare=prepare, run=run, runtimes=LOCAL,
+    run_and_save(args, command="headlab lofit eval", prepare=prepare, run=run, runtimes=LOCAL, quiet=quiet,
                  show=lambda result, path: say("\n".join(result.report.splitlines()[2:])),
                  advice="lower --batch-size")
 

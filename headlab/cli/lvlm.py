@@ -13,15 +13,14 @@ input file is read before the model loads.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
 
 from headlab.cli import options
-from headlab.cli.model_args import ModelArgs, Runtime, open_model, takes_model
-from headlab.cli.output import console, reported_errors, say
-from headlab.cli.skeleton import Prepared, quiet_hub_progress, run_and_save
+from headlab.cli.model_args import ModelArgs, Runtime, takes_model
+from headlab.cli.output import console, say
+from headlab.cli.skeleton import Prepared, run_and_save, runs_folder_target
 from headlab.errors import InputError
 
 LVLM_HELP = "an LVLM: llava-smol, tiny-llava, tiny-qwen2-vl, llava-1.5-7b (local), …"
@@ -53,7 +52,17 @@ def split_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise InputError("--methods is empty: name at least one of none, vhr, var, pai, paint, vaf")
+    check_method_names(methods, "--methods")
     return methods
+
+
+def check_method_names(methods: list[str], flag: str) -> None:
+    """Unknown fixes, named with the command's own flag (``--method`` or ``--methods``)."""
+    from headlab.analyses.lvlm_fixes import FIXES
+
+    unknown = [m for m in methods if m not in FIXES]
+    if unknown:
+        raise InputError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(FIXES))}")
 
 
 @takes_model("llava-smol", LVLM_HELP)
@@ -69,7 +78,8 @@ def vhd(
                                             "recomputed) or blank (a grey image of the same size)"),
     k: int = typer.Option(8, help="top-k heads of the T-VHD aggregations"),
     batch_size: int = typer.Option(8, help="samples per forward"),
-    out: Path = options.run_directory("vhd"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("vhd"),
     quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
@@ -77,17 +87,17 @@ def vhd(
     """VHD (He et al., 2025): how much each head's output changes without the image, per generated token."""
 
     def prepare(args: ModelArgs) -> Prepared:
+        from headlab.analyses.configs import VhdConfig
         from headlab.analyses.hallucination_metrics import load_coco_objects, load_synonyms
-        from headlab.analyses.vhd import VhdConfig
-        from headlab.lvlm import LvlmSample, image_files, load_image
         from headlab.prompts import read_prompts
         from headlab.provenance import describe_source
-        from headlab.runs import run_target
 
         config = VhdConfig(max_new_tokens=max_new_tokens, remove=remove, k=k, batch_size=batch_size)
         config.check()
         if max_images < 1:
             raise InputError(f"--max-images must be at least 1, got {max_images}")
+        from headlab.lvlm import LvlmSample, image_files, load_image  # torch: after the plain checks
+
         files = image_files(images)[:max_images]
         texts = read_prompts(prompts)
         pictures = [load_image(f) for f in files]  # every file decoded before the model loads
@@ -102,8 +112,8 @@ def vhd(
             names = sorted({o for objs in objects.values() for o in objs})
             table = load_synonyms(synonyms) if synonyms is not None else {n.lower(): n for n in names}
         samples = [LvlmSample(text, [picture]) for picture in pictures for text in texts]
-        return Prepared(*run_target(out, "vhd", args.model), texts=texts, source=describe_source(str(prompts)),
-                        extra=(config, samples, truth, table))
+        return Prepared(*runs_folder_target("vhd", args.model, out, name), texts=texts,
+                        source=describe_source(str(prompts)), extra=(config, samples, truth, table))
 
     def run(loaded, prepared: Prepared):
         from headlab.analyses.vhd import analyze_vhd
@@ -146,7 +156,8 @@ def hallucination(
     seed: int = typer.Option(0, help="seed of the image draw, the controls and the bootstrap"),
     t_vhd: bool = typer.Option(False, "--t-vhd", help="chair: also the T-VHD of every caption token (two "
                                                        "teacher-forced passes per batch and method)"),
-    out: Path = options.run_directory("hallucination"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("hallucination"),
     quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
@@ -155,7 +166,6 @@ def hallucination(
 
     def prepare(args: ModelArgs) -> Prepared:
         from headlab.analyses.hallucination_eval import HallucinationConfig, chair_images, pope_questions
-        from headlab.runs import run_target
 
         chosen = split_methods(methods)
         config = HallucinationConfig(bench=bench, methods=chosen, options=parse_settings(settings, chosen),
@@ -172,7 +182,7 @@ def hallucination(
             chair_images(data, n, seed)
         else:
             pope_questions(data, config.splits, n)
-        return Prepared(*run_target(out, "hallucination", args.model), extra=config)
+        return Prepared(*runs_folder_target("hallucination", args.model, out, name), extra=config)
 
     def run(loaded, prepared: Prepared):
         from headlab.analyses.hallucination_eval import analyze_hallucination
@@ -191,36 +201,48 @@ def fix(
     prompt: str = typer.Option("Describe the image.", help="the user prompt"),
     settings: list[str] = SET_OPTION,
     max_new_tokens: int = typer.Option(48, help="greedy tokens per generation"),
+    out: Path = options.RUNS_FOLDER,
+    name: str = options.run_name("fix"),
     quiet: bool = options.QUIET,
     *,
     model_args: ModelArgs,
 ) -> None:
-    """Generate with each fix on one image and print the answers side by side."""
-    from rich.table import Table
+    """Generate with each fix on one image; the answers side by side, printed and saved as a run."""
 
-    quiet_hub_progress(quiet)
-    with reported_errors(model_args.model, "lower --max-new-tokens or use --dtype bfloat16"):
+    def prepare(args: ModelArgs) -> Prepared:
         from headlab.analyses.hallucination_eval import HallucinationConfig
-        from headlab.lvlm import LvlmSample, load_image
 
-        args = model_args.check(command="headlab fix", runtimes=LOCAL)
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         methods = list(dict.fromkeys(method))
-        config = HallucinationConfig(methods=methods, options=parse_settings(settings, methods))
+        check_method_names(methods, "--method")
+        options_by_method = parse_settings(settings, methods)
+        config = HallucinationConfig(methods=methods, options=options_by_method)
         config.check()
-        picture = load_image(image)
-        from headlab.analyses.lvlm_fixes import decode, generate_fixed
+        from headlab.lvlm import load_image  # torch: after the plain checks
 
-        loaded = open_model(args)
-        table = Table(title=f"{args.model}: {prompt!r} on {image.name}", show_lines=True)
-        table.add_column("method")
-        table.add_column("generation")
-        table.add_column("seconds", justify="right")
-        with args.kernel_in_use():
-            for name in methods:
-                started = time.perf_counter()
-                tokens = generate_fixed(loaded, [LvlmSample(prompt, [picture])], [config.make(name, False)],
-                                        max_new_tokens=max_new_tokens)
-                table.add_row(name, decode(loaded, tokens)[0], f"{time.perf_counter() - started:.1f}")
-    console.print(table)
+        picture = load_image(image)
+        fixes = {m: config.make(m, False) for m in methods}
+        return Prepared(*runs_folder_target("fix", args.model, out, name),
+                        extra=(picture, fixes, options_by_method))
+
+    def run(loaded, prepared: Prepared):
+        from headlab.analyses.fix_compare import compare_fixes
+
+        picture, fixes, options_by_method = prepared.extra
+        return compare_fixes(loaded, picture, image, prompt, fixes, max_new_tokens, options_by_method)
+
+    def show(result, path: Path) -> None:
+        from rich.table import Table
+
+        from headlab.figures import model_title
+
+        table = Table(title=f"{model_title(result.model)}: {prompt!r} on {image.name}", show_lines=True)
+        for column, justify in (("method", "left"), ("generation", "left"), ("seconds", "right")):
+            table.add_column(column, justify=justify)
+        for row in result.tables["generations"].itertuples():
+            table.add_row(row.method, row.generation, f"{row.seconds:.1f}")
+        console.print(table)
+
+    run_and_save(model_args, command="headlab fix", prepare=prepare, run=run, show=show, quiet=quiet,
+                 runtimes=LOCAL, advice="lower --max-new-tokens or use --dtype bfloat16")

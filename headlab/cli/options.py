@@ -14,7 +14,3 @@ QUIET = typer.Option(False, help="no progress bar")
 
 def run_name(analysis: str) -> typer.models.OptionInfo:
     return typer.Option(None, help=f"run name (default: {analysis}-<model>-<time>)")
-
-
-def run_directory(analysis: str) -> typer.models.OptionInfo:
-    return typer.Option(None, help=f"run directory (default: the runs folder + {analysis}-<model>-<time>)")

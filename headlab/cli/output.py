@@ -5,6 +5,7 @@ Bad input and out of memory become one ``error:`` line and exit code 2, never a 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,15 +35,19 @@ def fail(message: str) -> None:
 
 @contextmanager
 def reported_errors(model: str, out_of_memory_advice: str) -> Iterator[None]:
-    """``HeadlabError`` and out of memory inside become one ``error:`` line and exit code 2."""
-    import torch
+    """``HeadlabError`` and out of memory inside become one ``error:`` line and exit code 2.
 
+    torch is not imported here: the checks that come first must answer before it loads (an out-of-memory
+    error can only come from torch, so it is looked up among the modules already imported)."""
     try:
         yield
     except HeadlabError as err:
         fail(str(err))
-    except torch.OutOfMemoryError:
-        fail(f"out of memory running {model}: {out_of_memory_advice}")
+    except Exception as err:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(err, torch.OutOfMemoryError):
+            fail(f"out of memory running {model}: {out_of_memory_advice}")
+        raise
 
 
 def print_written(path: Path, threads: int, seconds: float) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from headlab.checks import check_positive_tokens
 from headlab.cli.model_args import ModelArgs, Runtime, open_model
 from headlab.cli.output import print_written, reported_errors, warn
 from headlab.errors import InputError
@@ -53,8 +54,6 @@ def read_prompt_set(model: str, prompts: str | None, n_prompts: int | None) -> t
 
 
 def check_token_count(max_tokens: int) -> None:
-    from headlab.batching import check_positive_tokens
-
     check_positive_tokens(max_tokens)
     if max_tokens < MIN_USEFUL_TOKENS:
         warn(f"--max-tokens {max_tokens} is below {MIN_USEFUL_TOKENS} tokens per prompt: the statistics describe "
@@ -102,13 +101,14 @@ def quiet_hub_progress(quiet: bool) -> None:
 def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs], Prepared],
                  run: Callable[[Any, Prepared], Any], show: Callable[[Any, Path], None], advice: str,
                  quiet: bool = False, runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> None:
-    """The skeleton: ``args.check`` → ``prepare(args)`` (the command's checks, inputs and target) → load →
-    ``run(loaded, prepared)`` under ``--kernel`` → provenance → atomic save → ``show(result, path)``."""
+    """The skeleton: ``prepare(args)`` (the command's checks, inputs and target: no torch, so a bad value is
+    reported in about a second) → ``args.check`` → load → ``run(loaded, prepared)`` under ``--kernel`` →
+    provenance → atomic save → ``show(result, path)``."""
     started = time.perf_counter()
-    quiet_hub_progress(quiet)
     with reported_errors(args.model, advice):
-        args = args.check(command=command, runtimes=runtimes)
         prepared = prepare(args)
+        quiet_hub_progress(quiet)
+        args = args.check(command=command, runtimes=runtimes)
         loaded = open_model(args)
         with args.kernel_in_use():
             result = run(loaded, prepared)

@@ -1,0 +1,182 @@
+"""The configuration of every analysis, and the checks of its values: plain dataclasses, no torch.
+
+They live apart from the analyses so that the command line checks every value that needs no model (a batch
+size of 0, an eps of 5, swapped lifetime bounds) in about a second, before torch is imported and the model
+loads; the analyses run the same ``check`` again, so the Python API refuses the same values. Each analysis
+module re-exports its config under the name it always had.
+
+A message names the command-line flag of a field (``--batch-size`` for ``batch_size``): the flags are the
+fields' names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from headlab.checks import at_least, check_positive_tokens
+from headlab.errors import InputError
+
+MASSIVE_MEDIANS = ("layer", "token")
+BOS_POSITIONS = ("auto", "first", "max_norm")
+REMOVE_MODES = ("drop", "blank")  # how an image is taken away: tokens dropped, or a grey image
+OBJECTIVES = ("sft", "dpo")
+ROLLOUT_LIMIT = 1024  # the rollout holds [layer, head, T, T] of one prompt: 40 x 40 x 1024² fp32 is 6.7 GB
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise InputError(f"--objective must be sft or dpo, got {objective!r}")
+    return objective
+
+
+@dataclass
+class SecondarySinksConfig:
+    enabled: bool = True
+    levels: bool = True  # sink levels: 2-D histogram + clustering
+    formation: bool = True  # MLP formation table and scatter
+    cos_threshold: float = 0.9
+    bos_position: str = "auto"  # first | max_norm | auto (max_norm with a chat template, else first)
+    bos_candidates: int = 3
+    lifetime_bounds: tuple[int, int] | None = None  # None: the rule in secondary_sinks.lifetime_bounds()
+    paper_bounds_min_layers: int = 24
+    level_eps: float = 1.5  # DBSCAN radius on the (creation, lifetime) grid: 8-neighbours join
+    level_min_fraction: float = 0.02  # a level holds at least this share of the clustered tokens ...
+    level_min_tokens: int = 3  # ... and at least this many
+    level_labels: tuple[str, ...] = ("secondary", "primary_like")  # which sinks are clustered into levels
+    # A later occurrence of the BOS-position token has (nearly) its residual, so it passes the cos test
+    # trivially; the official code keeps it (default), True drops it (matters without a BOS token).
+    skip_bos_repeats: bool = False
+
+    def check(self) -> None:
+        if not 0 < self.cos_threshold < 1:
+            raise InputError(f"--cos-threshold must lie between 0 and 1, got {self.cos_threshold}")
+        if self.bos_position not in BOS_POSITIONS:
+            raise InputError(f"--bos-position must be auto, first or max_norm, not {self.bos_position!r}")
+        if self.lifetime_bounds is not None:
+            lo, hi = self.lifetime_bounds
+            if not 0 <= lo < hi:
+                raise InputError(f"--lifetime-low and --lifetime-high need 0 <= low < high, got {lo} and {hi}")
+
+
+@dataclass
+class SinksConfig:
+    eps: float = 0.3  # Gu et al.'s threshold
+    max_tokens: int = 64  # Gu et al. use T = 64
+    n_keys: int = 8  # key positions reported (0 = first token)
+    batch_size: int = 8
+    massive_abs: float = 100.0  # Sun et al.: |x| > 100 ...
+    massive_ratio: float = 1000.0  # ... and >= ~1000x the median |x| of the hidden state
+    # Which median: "layer" = the layer's whole hidden state for the input (Sun et al.'s code), "token" = the
+    # token's own vector (stricter: a sink token's few huge dims make its own median large).
+    massive_median: str = "layer"
+    top_heads: int = 10
+    token_view_prompts: int = 32  # prompts whose per-token attention received is kept (dashboard token view)
+    # Full patterns [query, key] of the top sink heads on the first few prompts, for the dashboard's head view:
+    # a separate eager pass after the statistics, capped at pattern_prompts x pattern_heads x T^2 (T <= 64).
+    pattern_prompts: int = 3
+    pattern_heads: int = 8
+    pattern_tokens: int = 64
+    backend: str | None = None  # attention backend; None = HEADLAB_ATTN_BACKEND or auto
+    chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
+    generate: int = 0  # greedy new tokens per prompt analysed with it (token_ids come from analyses.generation)
+    secondary: SecondarySinksConfig = field(default_factory=SecondarySinksConfig)
+
+    def check(self) -> None:
+        if not 0 < self.eps < 1:
+            raise InputError(f"--eps must lie between 0 and 1, got {self.eps}")
+        if self.massive_median not in MASSIVE_MEDIANS:
+            raise InputError(f"massive_median must be one of {', '.join(MASSIVE_MEDIANS)}, got "
+                             f"{self.massive_median!r}")
+        check_positive_tokens(self.max_tokens)
+        at_least(self.batch_size, 1, "--batch-size")
+        at_least(self.n_keys, 1, "n_keys")
+        at_least(self.generate, 0, "--generate")
+        self.secondary.check()
+
+
+@dataclass
+class RetrievalConfig:
+    n_trials: int = 12
+    n_pairs: int = 8
+    seed: int = 0
+    batch_size: int = 8
+
+    def check(self) -> None:
+        if self.n_trials < 1:
+            raise InputError(f"--retrieval-trials must be positive (0 turns the task off), got {self.n_trials}")
+        if not 2 <= self.n_pairs <= 200:
+            raise InputError(f"--retrieval-pairs must lie between 2 and 200, got {self.n_pairs}")
+        at_least(self.batch_size, 1, "--batch-size")
+
+
+@dataclass
+class PositionBiasConfig:
+    max_tokens: int = 512
+    batch_size: int = 8
+    n_relative: int = 10  # bins of relative key position for the lost-in-the-middle curve
+    fit_skip_first: int = 1  # key positions left out of the trend fit: the first token is a sink
+    rollout_tokens: int = 128  # rollout on each prompt's first N tokens (0: no rollout)
+    rollout_prompts: int = 8
+    retrieval_trials: int = 12  # 0: no retrieval task
+    retrieval_pairs: int = 8
+    seed: int = 0
+    backend: str | None = None
+
+    def check(self) -> None:
+        check_positive_tokens(self.max_tokens)
+        at_least(self.batch_size, 1, "--batch-size")
+        at_least(self.n_relative, 3, "--n-relative", " (first, middle, last)")
+        if not 0 <= self.rollout_tokens <= ROLLOUT_LIMIT:
+            raise InputError(f"--rollout-tokens must lie between 0 (off) and {ROLLOUT_LIMIT}: the rollout "
+                             f"materialises T x T attention per layer; got {self.rollout_tokens}")
+        at_least(self.rollout_prompts, 1, "--rollout-prompts")
+        at_least(self.fit_skip_first, 0, "fit_skip_first")
+        at_least(self.retrieval_trials, 0, "--retrieval-trials", " (0 turns the task off)")
+        if self.retrieval_trials:
+            RetrievalConfig(self.retrieval_trials, self.retrieval_pairs, self.seed, self.batch_size).check()
+
+
+@dataclass
+class VhdConfig:
+    max_new_tokens: int = 24
+    remove: str = "drop"
+    k: int = 8
+    batch_size: int = 8
+    filter_outliers: bool = True
+
+    def check(self) -> None:
+        if self.remove not in REMOVE_MODES:
+            raise InputError(f"--remove {self.remove!r}: use one of {', '.join(REMOVE_MODES)}")
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--k", self.k),
+                            ("--batch-size", self.batch_size)):
+            at_least(value, 1, flag)
+
+
+@dataclass
+class LofitConfig:
+    """Hyperparameters of one LoFiT step (paper defaults: batch 8, 5 epochs, AdamW, seed 42;
+    select lr 5e-3, λ 5e-4; train lr 1e-2, λ 0). ``weight_decay`` 0 as in Hugging Face's Trainer defaults."""
+
+    objective: str = "sft"
+    lr: float = 5e-3
+    lambda_l1: float = 5e-4
+    epochs: int = 5
+    batch_size: int = 8
+    seed: int = 42
+    beta: float = 0.5
+    init_std: float = 1e-3
+    weight_decay: float = 0.0
+    max_tokens: int = 512
+
+    def check(self) -> None:
+        check_objective(self.objective)
+        at_least(self.epochs, 1, "--epochs")
+        at_least(self.batch_size, 1, "--batch-size")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not self.lambda_l1 >= 0:
+            raise InputError(f"--lambda-l1 must be 0 or more, got {self.lambda_l1}")
+        if not self.beta > 0:
+            raise InputError(f"--beta must be positive, got {self.beta}")
+        at_least(self.max_tokens, 2, "--max-tokens")

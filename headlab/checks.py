@@ -1,0 +1,16 @@
+"""Checks of plain values, shared by the configs and the core: no torch, so the command line runs them before
+anything heavy is imported. Each failure is one ``InputError`` naming the flag."""
+
+from __future__ import annotations
+
+from headlab.errors import InputError
+
+
+def at_least(value: int, low: int, flag: str, why: str = "") -> None:
+    if value < low:
+        raise InputError(f"{flag} must be at least {low}{why}, got {value}")
+
+
+def check_positive_tokens(max_tokens: int) -> None:
+    if max_tokens <= 0:
+        raise InputError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
