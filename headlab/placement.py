@@ -155,6 +155,9 @@ def check_placement(device_map: str | dict | None, max_memory: str | dict | None
         raise InputError("--max-memory applies to a device-map strategy (auto, balanced, sequential), not to an "
                          "explicit map or a single device")
     folder = None if offload_folder is None else str(Path(offload_folder).expanduser())
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise InputError(f"--offload-folder {folder} is an existing file; give a folder for the offloaded weights "
+                         "(it is created if missing)")
     wants_disk = isinstance(device_map, dict) and "disk" in device_map.values() or \
         budget is not None and "disk" in budget
     if wants_disk and folder is None:

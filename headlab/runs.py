@@ -38,32 +38,41 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
-def check_runs_dir(runs_dir: Path) -> Path:
+def runs_dir_flag(given: Path | None, flag: str = "--out") -> str:
+    """How the user named the runs folder, for messages: ``flag`` when given, else ``$HEADLAB_RUNS`` if set."""
+    if given is None and os.environ.get(RUNS_ENV):
+        return f"${RUNS_ENV}"
+    return flag
+
+
+def check_runs_dir(runs_dir: Path, flag: str = "--out") -> Path:
+    """``runs_dir`` as a path; refuses an existing file (``flag`` is how the user named it)."""
     runs_dir = Path(runs_dir).expanduser()
     if runs_dir.exists() and not runs_dir.is_dir():
-        raise RunStoreError(f"--out {runs_dir} is an existing file; pass a folder for runs (it is created if missing)")
+        raise RunStoreError(f"{flag} {runs_dir} is an existing file; give a folder for runs (it is created if "
+                            "missing)")
     return runs_dir
 
 
-def check_writable(runs_dir: Path) -> Path:
+def check_writable(runs_dir: Path, flag: str = "--out") -> Path:
     """Refuse a runs folder that cannot be written (checked before any model loads).
 
     A scratch file is written and removed in the folder, or in its nearest existing parent when it does not exist
     yet (nothing is created on the way: a failed run leaves no folder behind); permission bits alone do not tell
     (root, ACLs, read-only mounts).
     """
-    runs_dir = check_runs_dir(runs_dir)
+    runs_dir = check_runs_dir(runs_dir, flag)
     existing = runs_dir.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise RunStoreError(f"--out {runs_dir}: {existing} is a file, so the runs folder cannot be created there")
+        raise RunStoreError(f"{flag} {runs_dir}: {existing} is a file, so the runs folder cannot be created there")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".headlab-write-check-"):
             pass
     except OSError as err:
-        raise RunStoreError(f"cannot write runs to {runs_dir} ({err.strerror or err}): pass --out DIR with a "
-                            "folder you can write, or set $HEADLAB_RUNS") from err
+        raise RunStoreError(f"cannot write runs to {runs_dir} ({err.strerror or err}): give {flag} a folder you "
+                            "can write") from err
     return runs_dir
 
 
@@ -132,11 +141,29 @@ def write_run(runs_dir: Path, name: str, write: Callable[[Path], dict]) -> Path:
         (tmp / WRITER).unlink()
         manifest["status"] = COMPLETE
         _write_json_atomic(tmp / MANIFEST, manifest)
-        os.replace(tmp, final)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished run into place; never over a run of the same name that finished meanwhile.
+
+    ``os.rename`` onto a directory replaces it only when it is empty, so a second run that finishes with the
+    same name fails here (ENOTEMPTY/EEXIST); an empty directory in the way is refused as well.
+    """
+    if final.exists():
+        raise RunStoreError(f"run {final} was written by another run while this one computed; this run is not "
+                            "saved: run it again with another --name")
+    try:
+        os.rename(tmp, final)
+    except OSError as err:
+        if final.exists():
+            raise RunStoreError(f"run {final} was written by another run while this one computed; this run is not "
+                                "saved: run it again with another --name") from err
+        raise
 
 
 def read_manifest(path: Path) -> dict:
@@ -183,8 +210,14 @@ def leftovers(runs_dir: Path) -> list[Leftover]:
     return found
 
 
-def clean_leftovers(runs_dir: Path, *, dry_run: bool = False) -> tuple[list[Path], list[Leftover]]:
-    """Remove the leftovers of killed runs; spare those whose writer still runs. Returns (removed, spared)."""
+def clean_leftovers(runs_dir: Path, *, dry_run: bool = False, flag: str = "--runs") -> tuple[list[Path],
+                                                                                            list[Leftover]]:
+    """Remove the leftovers of killed runs; spare those whose writer still runs. Returns (removed, spared).
+    A runs folder that does not exist is refused: a typo would otherwise look like a clean folder."""
+    runs_dir = check_runs_dir(runs_dir, flag)
+    if not runs_dir.is_dir():
+        raise RunStoreError(f"{flag} {runs_dir}: no such folder, so there is nothing to clean; give the folder "
+                            "that holds your runs")
     removed, spared = [], []
     for item in leftovers(runs_dir):
         if item.writer_alive:

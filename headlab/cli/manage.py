@@ -11,7 +11,7 @@ from rich.table import Table
 
 from headlab.cli.output import console, fail
 from headlab.errors import HeadlabError
-from headlab.runs import default_runs_dir
+from headlab.runs import default_runs_dir, runs_dir_flag
 
 
 def models() -> None:
@@ -66,7 +66,8 @@ def runs_clean(
     from headlab.runs import clean_leftovers
 
     try:
-        removed, spared = clean_leftovers(runs or default_runs_dir(), dry_run=dry_run)
+        removed, spared = clean_leftovers(runs or default_runs_dir(), dry_run=dry_run,
+                                          flag=runs_dir_flag(runs, "--runs"))
     except HeadlabError as err:
         fail(str(err))
     verb = "would remove" if dry_run else "removed"

@@ -16,7 +16,7 @@ from headlab.checks import check_positive_tokens
 from headlab.cli.model_args import ModelArgs, Runtime, open_model
 from headlab.cli.output import print_written, reported_errors, warn
 from headlab.errors import InputError
-from headlab.runs import check_new_run, check_runs_dir, check_writable, default_run_name, default_runs_dir
+from headlab.runs import check_new_run, check_writable, default_run_name, default_runs_dir, runs_dir_flag
 
 # Below this many tokens per prompt, per-prompt statistics (Sink_1, position profiles) describe almost nothing.
 MIN_USEFUL_TOKENS = 8
@@ -35,7 +35,7 @@ class Prepared:
 
 def runs_folder_target(analysis: str, model: str, out: Path | None, name: str | None) -> tuple[Path, str]:
     """``--out`` is the runs folder and ``--name`` the run (default: ``<analysis>-<model>-<time>``)."""
-    runs_dir = check_writable(check_runs_dir(out or default_runs_dir()))
+    runs_dir = check_writable(out or default_runs_dir(), runs_dir_flag(out))
     run_name = name if name is not None else default_run_name(analysis, model)
     check_new_run(runs_dir, run_name)
     return runs_dir, run_name

@@ -1,0 +1,83 @@
+"""Issue 25: the bad inputs left after issue 12, on the command line: one ``error:`` line naming the flag the
+user typed, exit 2, nothing written; and two runs finishing at once with one name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from headlab.cli import analyze_app, headlab_app
+from headlab.errors import RunStoreError
+from headlab.runs import write_run
+
+runner = CliRunner()
+FAST = ["--model", "tiny-llama", "--n-prompts", "2", "--max-tokens", "16", "--quiet", "--threads", "1"]
+
+
+def one_error_line(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_second_run_with_the_same_name_is_refused_not_a_traceback(tmp_path):
+    """Two runs with one name both pass the up-front check; the one that finishes second gets a clean error and
+    leaves the first run and no temporary folder behind (the rename used to raise ENOTEMPTY)."""
+    def first(tmp: Path) -> dict:
+        (tmp / "mark").write_text("first")
+        return {}
+
+    def second(tmp: Path) -> dict:
+        write_run(tmp_path, "same", first)  # the other run finishes while this one computes
+        (tmp / "mark").write_text("second")
+        return {}
+
+    with pytest.raises(RunStoreError, match="written by another run while this one computed"):
+        write_run(tmp_path, "same", second)
+    assert [p.name for p in tmp_path.iterdir()] == ["same"]
+    assert (tmp_path / "same" / "mark").read_text() == "first"
+
+
+def test_an_empty_folder_in_the_way_is_not_replaced(tmp_path):
+    def write(tmp: Path) -> dict:
+        (tmp_path / "late").mkdir()
+        return {}
+
+    with pytest.raises(RunStoreError, match="another --name"):
+        write_run(tmp_path, "late", write)
+    assert [p.name for p in tmp_path.iterdir()] == ["late"] and not any((tmp_path / "late").iterdir())
+
+
+def test_runs_env_pointing_at_a_file_names_the_variable(tmp_path, monkeypatch):
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("x")
+    monkeypatch.setenv("HEADLAB_RUNS", str(a_file))
+    line = one_error_line(runner.invoke(analyze_app, ["sinks", *FAST]), "$HEADLAB_RUNS", "existing file")
+    assert "--out" not in line
+
+
+def test_runs_clean_names_its_own_flag_and_refuses_a_missing_folder(tmp_path):
+    a_file = tmp_path / "runs.txt"
+    a_file.write_text("x")
+    line = one_error_line(runner.invoke(headlab_app, ["runs", "clean", "--runs", str(a_file)]), "--runs")
+    assert "--out" not in line
+    one_error_line(runner.invoke(headlab_app, ["runs", "clean", "--runs", str(tmp_path / "typo")]),
+                   "no such folder")
+    (tmp_path / "real").mkdir()
+    result = runner.invoke(headlab_app, ["runs", "clean", "--runs", str(tmp_path / "real")])
+    assert result.exit_code == 0 and "0 leftover(s) removed" in result.output
+
+
+def test_offload_folder_that_is_a_file(tmp_path):
+    a_file = tmp_path / "offload"
+    a_file.write_text("x")
+    one_error_line(runner.invoke(analyze_app, ["sinks", *FAST, "--device-map", "auto", "--offload-folder",
+                                               str(a_file), "--out", str(tmp_path / "runs")]),
+                   "--offload-folder", "existing file")
+    assert not (tmp_path / "runs").exists()
