@@ -132,7 +132,7 @@ def test_generate_beyond_max_tokens_raises_the_cap_and_says_so(tmp_path):
 
 
 def test_zoo_train_threads_zero(tmp_path):
-    result = runner.invoke(headlab_app, ["zoo", "train", "--threads", "0", "--steps", "1", "--out",
+    result = runner.invoke(headlab_app, ["zoo", "train", "--threads", "0", "--steps", "1", "--checkpoint",
                                          str(tmp_path / "m")])
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error:") and "--threads must be at least 1" in result.output

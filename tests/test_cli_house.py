@@ -51,6 +51,22 @@ def test_every_loading_command_takes_the_same_model_flags(app, path):
     assert "Model and placement" in help_text and "--device-map" in help_text and "--backend" not in help_text
 
 
+@pytest.mark.parametrize(("app", "path"), LOADING, ids=lambda p: " ".join(p) if isinstance(p, list) else "")
+def test_every_loading_command_writes_a_run_into_the_runs_folder(app, path):
+    """One rule (issue 25): --out is the runs folder and --name the run, on every command; each also takes
+    --threads and --quiet."""
+    params = {p.name: p for p in _command(app, path).params}
+    assert {"out", "name", "quiet", "threads"} <= set(params)
+    assert params["out"].help.startswith("runs folder") and params["name"].help.startswith("run name")
+
+
+def test_zoo_train_keeps_its_checkpoint_folder_apart_from_out(tmp_path):
+    params = {p.name: p for p in _command(headlab_app, ["zoo", "train"]).params}
+    assert {"checkpoint", "quiet", "threads"} <= set(params) and params["out"].hidden
+    result = runner.invoke(headlab_app, ["zoo", "train", "--steps", "0", "--out", str(tmp_path / "m")])
+    assert "--out of `zoo train` is deprecated: use --checkpoint" in " ".join(result.output.split())
+
+
 def test_the_model_flags_read_the_same_everywhere():
     helps = []
     for app, path in LOADING:

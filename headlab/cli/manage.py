@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from headlab.cli.output import console, fail
+from headlab.cli.output import console, fail, warn
 from headlab.errors import HeadlabError
 from headlab.runs import default_runs_dir, runs_dir_flag
 
@@ -86,7 +86,7 @@ class ZooModel(str, Enum):
 
 def zoo_train(
     model: ZooModel = typer.Argument(ZooModel.backcopy, help="backcopy (sequences start with BOS) or backcopy-nobos"),
-    out: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
+    checkpoint: Path = typer.Option(None, help="checkpoint folder (default: ./models/<model>); written atomically"),
     steps: int = typer.Option(4600, help="optimizer steps"),
     batch_size: int = typer.Option(64, help="sequences per step (T = 64 tokens each)"),
     lr: float = typer.Option(3e-3, help="peak learning rate (after 100 warmup steps)"),
@@ -95,28 +95,36 @@ def zoo_train(
     seed: int = typer.Option(0, help="seed of the init, the data stream and the evaluation set"),
     threads: int = typer.Option(2, help="CPU threads (results are deterministic for a given seed and count)"),
     eval_every: int = typer.Option(200, help="evaluate and write the checkpoint every N steps"),
+    quiet: bool = typer.Option(False, help="no progress lines (the last line still says where the checkpoint is)"),
+    out: Path = typer.Option(None, hidden=True, help="deprecated: --checkpoint"),
 ) -> None:
     """Train a 4-layer Llama-style model on Bigram-Backcopy (Guo et al., 2024) on the CPU: real attention sinks.
 
     llava-smol: the vision tower + projector of an LVLM on frozen smollm2-135m, with its own recipe
-    (headlab/training/llava_smol.py; only --out and --seed apply; one thread, about 80 minutes)."""
+    (headlab/training/llava_smol.py; only --checkpoint and --seed apply; one thread, about 80 minutes).
+    A checkpoint is a model folder, not a run: elsewhere --out is the runs folder."""
     import dataclasses
 
+    if out is not None:
+        # --out means the runs folder on every other command; here it used to mean the checkpoint folder.
+        warn("--out of `zoo train` is deprecated: use --checkpoint (--out is the runs folder on every other command)")
+        checkpoint = checkpoint or out
+    log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     if model == ZooModel.llava_smol:
         from headlab.training.llava_smol import train_llava_smol_cli
 
-        return train_llava_smol_cli(out, seed, fail)
+        return train_llava_smol_cli(checkpoint, seed, fail, log)
 
     from headlab.training.backcopy import BackcopyTask
     from headlab.training.backcopy_training import TrainConfig, train_backcopy
 
-    folder = out or Path("models") / model.value
+    folder = checkpoint or Path("models") / model.value
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, final_lr_ratio=final_lr_ratio,
                          weight_decay=weight_decay, seed=seed,
                          threads=threads, eval_every=eval_every,
                          task=dataclasses.replace(BackcopyTask(), use_bos=model == ZooModel.backcopy))
     try:
-        train_backcopy(config, folder, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        train_backcopy(config, folder, log=log)
     except HeadlabError as err:
         fail(str(err))
     console.print(f"checkpoint written to {folder}", highlight=False, soft_wrap=True)

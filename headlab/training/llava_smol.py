@@ -264,14 +264,15 @@ def train_llava_smol(cfg: LlavaSmolConfig, folder: Path = FOLDER, log: Callable[
     model.eval()
 
 
-def train_llava_smol_cli(out: Path | None, seed: int, fail: Callable[[str], None]) -> None:
+def train_llava_smol_cli(out: Path | None, seed: int, fail: Callable[[str], None],
+                         log: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
     """``headlab zoo train llava-smol``: the recipe's defaults, written to the bundled folder by default."""
     from headlab.errors import HeadlabError
 
     folder = out or FOLDER
     try:
-        train_llava_smol(LlavaSmolConfig(seed=seed), folder, log=lambda line: print(line, flush=True),
-                         command=f"headlab zoo train llava-smol --seed {seed}" + (f" --out {out}" if out else ""))
+        command = f"headlab zoo train llava-smol --seed {seed}" + (f" --checkpoint {out}" if out else "")
+        train_llava_smol(LlavaSmolConfig(seed=seed), folder, log=log, command=command)
     except HeadlabError as err:
         fail(str(err))
     print(f"checkpoint written to {folder}", flush=True)
