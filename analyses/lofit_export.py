@@ -5,7 +5,8 @@ With A = 0 the edit z' = z + v before o_proj is o_proj(z + v) = W_O z + b + W_O 
 and GPT-2's Conv1D alike) to the bias reproduces it at every position. v itself (``[d_head]``, head space)
 never goes into the bias: that is a known mistake in public LoFiT code. A model whose o_proj has no bias
 gets one through its config's bias flag (Llama/Qwen3/Mistral: ``attention_bias``, which gives q/k/v zero
-biases too); an architecture whose transformers class cannot carry an o_proj bias is refused.
+biases too); an architecture whose transformers class cannot carry an o_proj bias is refused, and so are
+offsets restricted to some rows (``rows`` other than ``"all"``): a bias acts at every position.
 The loaded model is not touched: a copy is edited and written, atomically.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from headlab.errors import InputError
 from headlab.interventions import HeadOffsets
+from headlab.kernels.positions import Positions
 
 BIAS_FLAGS = ("attention_bias", "bias", "use_bias", "add_bias_linear")
 
@@ -30,6 +32,11 @@ def o_proj_deltas(loaded, offsets: HeadOffsets) -> dict[int, torch.Tensor]:
     """``{layer: [d_model]}`` W_O · v per edited layer (v of each head in its z slot, zeros elsewhere)."""
     arch = loaded.arch
     offsets.validate(arch)
+    if Positions.of(offsets.rows).kind != "all":
+        # A bias acts at every position; offsets on some rows only would change every other row too.
+        raise InputError(f"these HeadOffsets act on rows={offsets.rows!r} only, but o_proj's bias acts at every "
+                         "position, so the exported model would differ from the hooked one; export offsets with "
+                         "rows='all', or apply these with `headlab lofit apply` / headlab.intervene (hooks)")
     if offsets.A.detach().abs().max() > 0:
         raise InputError("these HeadOffsets have non-zero scalings A: z' = (1 + A) ⊙ z is not a bias, so they "
                          "cannot be exported; export the offsets of `headlab lofit train` (A = 0)")

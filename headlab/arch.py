@@ -66,6 +66,32 @@ REFUSED: dict[str, str] = {
             "module, which needs the dense mask headlab never builds",
 }
 
+# Model types with no attention heads to read (state-space, recurrent, hybrid): transformers loads them as causal
+# LMs, so only the structural check after loading would refuse them; before that, a folder's missing tokenizer or a
+# GGUF conversion fails with a message about the wrong thing. This table refuses them from the config (or the GGUF
+# header) alone; docs/architectures.md lists them among the refused architectures.
+_SSM = "a state-space (Mamba) model: its layers have no attention heads"
+_RECURRENT = "a recurrent model: its layers have no attention heads"
+_HYBRID = ("a hybrid model: only some of its layers have attention (the others are state-space or recurrent), "
+           "and headlab needs attention in every decoder layer")
+
+NO_ATTENTION: dict[str, str] = {
+    **dict.fromkeys(("mamba", "mamba2", "falcon_mamba"), _SSM),
+    **dict.fromkeys(("rwkv", "xlstm"), _RECURRENT),
+    **dict.fromkeys(("recurrent_gemma", "jamba", "bamba", "zamba", "zamba2", "granitemoehybrid", "nemotron_h",
+                     "qwen3_next"), _HYBRID),
+}
+
+
+def check_has_attention(model_type: str, source: str) -> None:
+    """Raise ``UnsupportedArchitectureError`` when ``model_type`` has no attention heads to analyse."""
+    reason = NO_ATTENTION.get(model_type)
+    if reason is not None:
+        raise UnsupportedArchitectureError(
+            f"{source}: architecture {model_type!r} is not supported for attention analysis: it is {reason}. "
+            "headlab reads the attention heads of transformer decoders (llama, qwen3, gpt2, …): use one of those")
+
+
 # Names of the output projection inside an attention module, most specific first.
 O_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "Wo", "o", "out", "proj", "output_proj",
                 "attn_out", "output.dense")

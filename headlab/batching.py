@@ -35,7 +35,9 @@ def check_max_tokens(loaded: LoadedModel, max_tokens: int) -> None:
 def encode(loaded: LoadedModel, prompt: str, max_tokens: int) -> list[int]:
     """Token ids of one prompt under the BOS policy, truncated to ``max_tokens``."""
     arch = loaded.arch
-    ids = list(loaded.text_tokenizer(prompt).input_ids)
+    # verbose=False: transformers' "longer than the maximum sequence length" warning would describe the uncut
+    # prompt; the command line says in one line how many prompts --max-tokens cuts (cli.skeleton).
+    ids = list(loaded.text_tokenizer(prompt, verbose=False).input_ids)
     if arch.bos == "add" and not arch.adds_bos and arch.bos_token_id is not None:
         ids = [arch.bos_token_id] + ids
     elif arch.bos == "none" and arch.adds_bos:

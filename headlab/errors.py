@@ -27,3 +27,7 @@ class InputError(HeadlabError):
 
 class RunStoreError(HeadlabError):
     pass
+
+
+class CacheFolderError(HeadlabError):
+    """headlab's cache folder ($HEADLAB_HOME) is not a folder headlab can write."""

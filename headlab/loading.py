@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from headlab.arch import Arch, check_supported
+from headlab.arch import Arch, check_has_attention, check_supported
 from headlab.errors import InputError, ModelFilesError, UnknownModelError
 from headlab.placement import check_placement, dispatch, resolve_device, resolve_dtype
 from headlab.zoo import BUILT, FILES
@@ -173,6 +173,8 @@ def load(
             f"machine (`hf download {source}`), or pass a local folder."
         ) from err
     check_supported(config)
+    # Before the tokenizer and weight checks: a Mamba folder without a tokenizer is an architecture problem.
+    check_has_attention(config.model_type, name)
     if local.is_dir():
         _check_local_files(local)
 

@@ -46,22 +46,66 @@ _TINY_TEMPLATE = (
 
 
 def load_image(path: str | Path):
-    """An RGB PIL image from ``path``; a missing, unreadable or non-image file is one ``InputError``."""
+    """An RGB PIL image from ``path``; a missing, unreadable, non-image or oversized file is one ``InputError``."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"image {path} does not exist: check the path (--images takes a folder of image files)")
+        raise InputError(f"image {path} does not exist: check the path")
     if not path.is_file():
         raise InputError(f"image {path} is not a file: pass image files (PNG, JPEG, …)")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; headlab refuses from the limit on (below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only: the size is known before anything is decoded
+        with image:
+            _check_pixels(path, image.size)
             image.load()  # decode now: a truncated file fails here, not inside the processor
             return image.convert("RGB")
     except UnidentifiedImageError as err:
         raise InputError(f"{path} is not an image PIL can read: pass PNG, JPEG, WebP, … files") from err
+    except Image.DecompressionBombError as err:  # over twice the limit: Pillow refuses inside Image.open
+        _check_pixels(path, _header_size(path))
+        raise InputError(f"{path} is too large to decode ({err}); resize it") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError(f"image {path} is corrupt or truncated ({err}): re-export or remove it") from err
+
+
+def _check_pixels(path: Path, size: tuple[int, int] | None) -> None:
+    """Refuse an image over Pillow's ``MAX_IMAGE_PIXELS`` (its decompression-bomb guard): decoding it costs
+    gigabytes, and an LVLM's processor shrinks every image to a few hundred pixels a side anyway."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS  # read per call: a user who raises (or clears) Pillow's limit gets theirs
+    if size is None or limit is None or size[0] * size[1] <= limit:
+        return
+    raise InputError(f"{path} is {size[0]}×{size[1]} pixels, over the {limit:,}-pixel limit for images "
+                     "(Pillow's decompression-bomb guard; an LVLM sees a few hundred pixels a side anyway): "
+                     "resize it, e.g. to 1024 pixels on the long side")
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header through the format plugins, which Pillow's ``Image.open`` does
+    not return once the size is over twice its limit; None when no plugin reads the header."""
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as handle:
+        prefix = handle.read(16)
+        for name in Image.ID:
+            factory, accept = Image.OPEN[name]
+            accepted = accept is None or accept(prefix)
+            if isinstance(accepted, str) or not accepted:  # a str is Pillow's "maybe" warning: not this one
+                continue
+            handle.seek(0)
+            try:
+                return tuple(factory(handle, str(path)).size)  # the plugin parses the header, decodes nothing
+            except Exception:  # noqa: BLE001 - any failure of a plugin means "not this format"
+                continue
+    return None
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -97,12 +141,25 @@ def processor_of(loaded):
     return proc
 
 
+def clip_image_processor(size: int):
+    """CLIP preprocessing at ``size`` pixels: the Pillow implementation unless torchvision is installed (asking for
+    ``CLIPImageProcessor`` without it prints a fallback warning on every LVLM command; the numbers are the same)."""
+    import importlib.util
+
+    import transformers
+
+    # Even looking CLIPImageProcessor up prints the warning, so the Pillow class is asked for by name first.
+    pil = importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil")
+    kind = transformers.CLIPImageProcessorPil if pil else transformers.CLIPImageProcessor
+    return kind(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def _tiny_llava_processor(loaded):
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
 
     vision = loaded.model.config.vision_config
     size = vision.image_size
-    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    images = clip_image_processor(size)
     tok = loaded.tokenizer
     # "<image>\n" per image, as LLaVA-1.5 prompts put it (and two images stay two runs).
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=vision.patch_size,

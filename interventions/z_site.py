@@ -380,11 +380,28 @@ class HeadOffsets(ZEdit):
             shift[h] = self.v.detach()[row].float().cpu()
         return ZAffine(self._selected(call, heads, shape), scale, shift, scale_is_offset=True)
 
-    def save(self, path: str | Path) -> None:
-        """Write A, v, the head pairs (and the model shape when known) to a safetensors file."""
+    def save(self, path: str | Path) -> Path:
+        """Write A, v, the head pairs (and the model shape when known) to a safetensors file; returns it.
+
+        ``path``: a file (an existing one, or a new path ending in ``.safetensors``), or else a folder (created
+        if missing) that gets ``tensors.safetensors``, the file ``load`` reads from a folder: ``load(path)``
+        reads back whatever ``save(path)`` wrote."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file(self.tensors(), str(path))
+        path = _offsets_file(Path(path))
+        if path.name == OFFSETS_FILE and (path.parent / "manifest.json").is_file():
+            # A run directory's tensors file holds the whole run's tensors: replacing it would lose them.
+            raise InputError(f"{path.parent} is a headlab run directory: save the offsets to a new folder or a "
+                             ".safetensors file (the run's own tensors already load with HeadOffsets.load)")
+        try:
+            path.parent.mkdir(exist_ok=True)  # a run-style folder; its own parent must exist
+            save_file(self.tensors(), str(path))
+        except (OSError, SafetensorError) as err:  # safetensors reports its I/O errors as SafetensorError
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise InputError(f"cannot write HeadOffsets to {path} ({reason}): pass a .safetensors file or a folder "
+                             "in a directory you can write") from err
+        return path
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``A``, ``v`` ``[n, d_head]``, ``pairs`` ``[n, 2]`` (and ``model_shape`` ``[3]``): what ``load`` reads."""
@@ -396,18 +413,36 @@ class HeadOffsets(ZEdit):
 
     @classmethod
     def load(cls, path: str | Path, rows: PositionSpec = "all") -> HeadOffsets:
-        """From a file written by ``save``, or a run directory holding them (``tensors.safetensors``)."""
+        """From a file written by ``save``, or a folder holding them (``tensors.safetensors``: a
+        ``headlab lofit train`` run directory, or a folder ``save`` wrote)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
         if path.is_dir():
-            path = path / "tensors.safetensors"
+            path = path / OFFSETS_FILE
         if not path.is_file():
             raise InputError(f"no HeadOffsets at {path}: give the safetensors file written by save, or a "
                              "`headlab lofit train` run directory")
-        data = load_file(str(path))
+        try:
+            data = load_file(str(path))
+        except (SafetensorError, OSError) as err:  # a truncated or foreign file: safetensors' own errors
+            raise InputError(f"{path} is not a readable safetensors file ({err}): it is damaged or not HeadOffsets; "
+                             "re-run `headlab lofit train` (or save the offsets again)") from err
         if not {"A", "v", "pairs"} <= set(data):
             raise InputError(f"{path} holds no HeadOffsets (it needs tensors A, v and pairs)")
         pairs = [tuple(int(x) for x in p) for p in data["pairs"].tolist()]
         shape = tuple(int(x) for x in data["model_shape"].tolist()) if "model_shape" in data else None
         return cls(pairs, nn.Parameter(data["A"]), nn.Parameter(data["v"]), rows, shape)
+
+
+# The file a run directory keeps its tensors in (headlab.result writes it); save and load use it for folders.
+OFFSETS_FILE = "tensors.safetensors"
+
+
+def _offsets_file(path: Path) -> Path:
+    """Where ``HeadOffsets.save(path)`` writes: an existing file or a new ``.safetensors`` path itself,
+    else ``tensors.safetensors`` inside the folder ``path`` (what ``load(path)`` reads from a folder)."""
+    if path.is_file() or not path.exists() and path.suffix == ".safetensors":
+        return path
+    return path / OFFSETS_FILE

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from headlab.errors import InputError
+from headlab.errors import HeadlabError, InputError
 from headlab.home import headlab_home
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,10 @@ def _build() -> tuple[FusedRows | None, str]:
         return None, f"the C compiler {cc} does not run: {err}"
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      cpu_identity().encode()])).hexdigest()[:16]
-    path = headlab_home() / "kernels" / f"fused_rows-{key}.so"
+    try:
+        path = headlab_home() / "kernels" / f"fused_rows-{key}.so"
+    except HeadlabError as err:  # an unusable cache folder costs speed, not the run
+        return None, str(err)
     if not path.exists():
         tmp = None
         try:

@@ -81,3 +81,23 @@ def test_offload_folder_that_is_a_file(tmp_path):
                                                str(a_file), "--out", str(tmp_path / "runs")]),
                    "--offload-folder", "existing file")
     assert not (tmp_path / "runs").exists()
+
+
+def test_no_noise_from_transformers_on_lvlm_and_long_prompts(tmp_path):
+    """No torchvision fallback warning when an LVLM's processor is built, and one headlab line (not transformers'
+    "Token indices sequence length" warning) when --max-tokens cuts prompts."""
+    import subprocess
+    import sys
+
+    lvlm = subprocess.run([sys.executable, "-c", "import headlab; from headlab.lvlm import processor_of; "
+                           "processor_of(headlab.load('tiny-llava'))"], capture_output=True, text=True, timeout=300)
+    assert lvlm.returncode == 0, lvlm.stderr
+    assert "torchvision" not in lvlm.stderr
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("the cat sat on the mat " * 400 + "\nshort one here and there\n")
+    sinks = subprocess.run([str(Path(sys.executable).with_name("analyze")), "sinks", "--model", "tiny-llama",
+                            "--prompts", str(prompts), "--max-tokens", "16", "--quiet", "--threads", "1", "--out",
+                            str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert sinks.returncode == 0, sinks.stderr
+    assert "Token indices sequence length" not in sinks.stderr, sinks.stderr
+    assert "note: 2 of 2 prompts are longer than --max-tokens 16 tokens" in " ".join(sinks.stderr.split())

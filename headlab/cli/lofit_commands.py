@@ -37,11 +37,12 @@ LOCAL = (Runtime.local,)
 def _offsets_run(path: Path):
     """(HeadOffsets, the model the offsets were trained on) from a train run directory or a safetensors file."""
     from headlab.interventions import HeadOffsets
-    from headlab.runs import read_manifest
+    from headlab.runs import MANIFEST, read_manifest
 
     path = Path(path)
     offsets = HeadOffsets.load(path)
-    model = read_manifest(path)["model"] if path.is_dir() else None
+    # A train run names its model; a folder or file from HeadOffsets.save does not (then --model is needed).
+    model = read_manifest(path)["model"] if (path / MANIFEST).is_file() else None
     return offsets, model
 
 

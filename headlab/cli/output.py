@@ -28,6 +28,11 @@ def warn(message: str) -> None:
     err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def note(message: str) -> None:
+    """Something the user should know that is not a problem (a prompt cut to --max-tokens), on stderr."""
+    err_console.print(f"note: {message}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)

@@ -6,6 +6,7 @@ target), so a bad flag never waits for a model to load; the run is written atomi
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 from headlab.checks import check_positive_tokens
 from headlab.cli.model_args import ModelArgs, Runtime, open_model
-from headlab.cli.output import print_written, reported_errors, warn
+from headlab.cli.output import note, print_written, reported_errors, warn
 from headlab.errors import InputError
 from headlab.runs import check_new_run, check_writable, default_run_name, default_runs_dir, runs_dir_flag
 
@@ -61,11 +62,17 @@ def check_token_count(max_tokens: int) -> None:
 
 
 def check_prompt_lengths(loaded, texts: list[str], max_tokens: int) -> float:
-    """The mean prompt length in tokens (after the --max-tokens cut); warns when it is too short to mean much."""
+    """The mean prompt length in tokens (after the --max-tokens cut); says how many prompts the cut shortens, and
+    warns when the prompts are too short to mean much."""
     from headlab.batching import check_max_tokens, encode
 
     check_max_tokens(loaded, max_tokens)
-    mean = sum(len(encode(loaded, text, max_tokens)) for text in texts) / len(texts)
+    lengths = [len(encode(loaded, text, sys.maxsize)) for text in texts]
+    cut = sum(n > max_tokens for n in lengths)
+    if cut:
+        note(f"{cut} of {len(texts)} prompts are longer than --max-tokens {max_tokens} tokens: each is cut to its "
+             f"first {max_tokens} (the longest has {max(lengths)})")
+    mean = sum(min(n, max_tokens) for n in lengths) / len(texts)
     if mean < MIN_USEFUL_TOKENS:
         warn(f"prompts average {mean:.1f} tokens: statistics over fewer than {MIN_USEFUL_TOKENS} tokens per prompt "
              "say little about the model; use longer prompts")

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from headlab.arch import NO_ATTENTION, check_has_attention
 from headlab.errors import ModelFilesError, UnsupportedArchitectureError
 from headlab.home import headlab_home
 
@@ -61,10 +62,28 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# GGUF architectures transformers dequantizes but headlab cannot analyse (beside the attention-free ones of
+# headlab.arch): refused from the header, before a minute of dequantizing ends in an error.
+GGUF_REFUSED: dict[str, str] = {
+    **dict.fromkeys(("t5", "umt5"), "an encoder-decoder model; headlab reads decoder language models"),
+    **dict.fromkeys(("bloom", "falcon"), "a model whose transformers attention does not run through "
+                                         "AttentionInterface, which headlab's attention function needs"),
+    "lfm2": "a hybrid model: its real checkpoints mix convolution layers with attention layers, and headlab "
+            "needs attention in every decoder layer",
+}
+
+
 def gguf_architecture(path: Path) -> str:
-    """The GGUF file's architecture, checked against what transformers can dequantize (no tensors read)."""
+    """The GGUF file's architecture, checked against what transformers can dequantize and headlab can analyse
+    (reads the header only, no tensor data)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    header = _header_architecture(path)
+    if header in NO_ATTENTION or header in GGUF_REFUSED:
+        reason = NO_ATTENTION.get(header) or GGUF_REFUSED[header]
+        raise UnsupportedArchitectureError(
+            f"{path.name}: GGUF architecture {header!r} is not supported for attention analysis: it is {reason}. "
+            f"headlab converts GGUF files of: {', '.join(supported_gguf_architectures())}")
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as err:
@@ -79,7 +98,33 @@ def gguf_architecture(path: Path) -> str:
     except Exception as err:  # gguf's reader raises plain errors on truncated or foreign files
         raise ModelFilesError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); "
                               "download or copy it again") from None
-    return parsed["config"].get("model_type", "unknown")
+    model_type = parsed["config"].get("model_type", "unknown")
+    check_has_attention(model_type, path.name)
+    return model_type
+
+
+def supported_gguf_architectures() -> list[str]:
+    """GGUF architectures transformers dequantizes, less those headlab cannot analyse."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES
+            if a not in ("general", "tokenizer") and a not in NO_ATTENTION and a not in GGUF_REFUSED]
+
+
+def _header_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read with the gguf package (memory-mapped: no tensor is read)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except Exception as err:  # the reader raises plain errors (ValueError, struct errors) on foreign files
+        raise ModelFilesError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); "
+                              "download or copy it again") from None
+    if not isinstance(architecture, str):
+        raise ModelFilesError(f"{path} has no general.architecture in its GGUF header: it is not a model "
+                              "checkpoint llama.cpp or transformers can read; download or convert it again")
+    return architecture
 
 
 def converted_folder(gguf: Path, cache: Path | None = None) -> Path:

@@ -23,7 +23,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -32,6 +31,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from headlab.errors import ModelFilesError
+from headlab.lvlm import clip_image_processor
 from headlab.zoo.catalog import BUNDLED_DIR
 
 NAME = "llava-smol"
@@ -76,8 +76,7 @@ def llava_config(text_config) -> LlavaConfig:
 
 def processor(tokenizer) -> LlavaProcessor:
     """CLIP preprocessing at 64×64 + SmolLM2's tokenizer; the placeholder expands to 16 image tokens."""
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    images = clip_image_processor(IMAGE_SIZE)
     proc = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
