@@ -18,7 +18,7 @@ through q receivers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -75,15 +75,25 @@ def answer_attention(loaded, batch: TaskBatch, layers: Sequence[int], which: str
     return out
 
 
+ROLE_PASSES = 3  # forward passes of ``tag_roles``: the repeated sequence, then answer and cf-answer attention
+
+
 def tag_roles(loaded, batch: TaskBatch, heads: Sequence[tuple[int, int]], scores: torch.Tensor,
-              threshold: float = 0.3, min_score: float = 1.0) -> pd.DataFrame:
-    """One row per head: its score, the four attention readings and its tag ("" when none applies)."""
+              threshold: float = 0.3, min_score: float = 1.0, step: Callable[[], object] | None = None) -> pd.DataFrame:
+    """One row per head: its score, the four attention readings and its tag ("" when none applies).
+
+    ``step``: called after each of the ``ROLE_PASSES`` forward passes (a progress bar's update)."""
     layers = sorted({layer for layer, _ in heads})
     if not layers:
         return pd.DataFrame()
+    step = step or (lambda: None)
     repeated = repeated_token_scores(loaded, layers)
+    step()
     part = batch.slice(0, min(len(batch), 16))
-    answer, wrong = answer_attention(loaded, part, layers), answer_attention(loaded, part, layers, "cf")
+    answer = answer_attention(loaded, part, layers)
+    step()
+    wrong = answer_attention(loaded, part, layers, "cf")
+    step()
     rows = []
     for layer, h in heads:
         reading = {k: float(v[layer, h]) for k, v in repeated.items()}

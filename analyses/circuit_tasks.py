@@ -10,7 +10,8 @@ on the counterfactual prompt negative. Built-in tasks (deterministic with a seed
   " John"), so the wrong answer of the clean prompt is the subject;
 - ``colored-objects``: Merullo et al.'s format ("Q: On the table, I see a silver pencil, a red jug,
   and a green necklace. What color is the pencil?\\nA: Silver\\nQ: ...?\\nA:" -> " Red"), ``shots``
-  solved examples first; the counterfactual asks about another object of the same list;
+  solved examples first (at most ``MAX_SHOTS`` from a spec); the counterfactual asks about another object of
+  the same list;
 - ``name-induction``: "The guests were Grace Turner and Claire Jones. I talked to Grace" -> " Turner";
   the counterfactual names the other guest (-> " Jones"): the answer is copied from the context after
   a repeated name (induction, duplicate-token and mover heads, as in IOI).
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from headlab.analyses.configs import TASK_NAMES, parse_task_spec
 from headlab.batching import encode
 from headlab.bundled import DATA_DIR
 from headlab.errors import InputError
@@ -259,6 +261,7 @@ TASKS: dict[str, Callable[..., CircuitTask]] = {
     "colored-objects": colored_objects_task,
     "name-induction": name_induction_task,
 }
+assert tuple(TASKS) == TASK_NAMES, "analyses.configs.TASK_NAMES names the built-in tasks (checked without torch)"
 
 
 def make_task(spec: str, n: int, seed: int = 0, tokenizer=None) -> CircuitTask:
@@ -267,15 +270,7 @@ def make_task(spec: str, n: int, seed: int = 0, tokenizer=None) -> CircuitTask:
     if spec.endswith(".jsonl"):
         task = read_jsonl(spec)
         return CircuitTask(task.name, task.examples[:n])
-    name, _, arg = spec.partition(":")
-    if name not in TASKS:
-        raise InputError(f"unknown task {spec!r}; use one of {', '.join(TASKS)} (colored-objects:K for K shots) "
-                         "or a .jsonl file")
-    if arg and name != "colored-objects":
-        raise InputError(f"task {name} takes no ':{arg}' argument")
-    kwargs = {"shots": int(arg)} if arg else {}
-    if arg and not arg.isdigit():
-        raise InputError(f"colored-objects:K takes a number of shots, got {arg!r}")
+    name, kwargs = parse_task_spec(spec)
     return TASKS[name](n=n, seed=seed, tokenizer=tokenizer, **kwargs)
 
 

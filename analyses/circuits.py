@@ -6,6 +6,10 @@ share of heads by score, and a check that the circuit matters: mean-ablating it 
 as many random heads (``draws`` draws). Across tasks: the overlap table (shared / task-only), IoU and
 the share of each circuit inside the other (the paper: 25 of 32 heads = 78%). ``circuit_graph``
 writes a circuit in the EAP-IG / MIB graph JSON.
+
+Cost is counted in passes (forward passes over a task's prompts): clean runs 2, attribution ~4, path
+~0.075 x (heads + 1) more, role tags 3 on at most 16 prompts, the ablation test ``draws + 3``, most of
+a default run. Each phase has a bar; each task's estimate is logged once its clean runs are timed.
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from tqdm.auto import tqdm
 
+from headlab.analyses.configs import CircuitsConfig
 from headlab.errors import InputError
 from headlab.interventions import HeadMeanAblate, intervene
 from headlab.result import Result
 
-from .circuit_roles import tag_roles
+from .circuit_roles import ROLE_PASSES, tag_roles
 from .circuit_tasks import TaskBatch, make_task, tokenize_task
 from .path_patching import (
     Head,
@@ -35,8 +42,6 @@ from .path_patching import (
     path_patching,
     z_names,
 )
-
-METHODS = ("attribution", "path")
 
 
 def top_heads(scores: torch.Tensor, top: float = 0.02, k: int | None = None) -> list[Head]:
@@ -134,20 +139,32 @@ def mean_z(loaded, batch: TaskBatch, batch_size: int = 32) -> dict[Head, torch.T
     return {(layer, h): mean[layer, h] for layer in range(arch.n_layers) for h in range(arch.n_heads)}
 
 
+def ablation_passes(draws: int) -> int:
+    """Forward passes over the task's prompts of ``ablation_test``: the mean z, each draw, clean, the circuit."""
+    return draws + 3
+
+
 def ablation_test(loaded, batch: TaskBatch, circuit: Sequence[Head], draws: int = 20, seed: int = 0,
-                  batch_size: int = 32) -> dict:
+                  batch_size: int = 32, step: Callable[[], object] | None = None) -> dict:
     """Mean LD of the clean model, with the circuit mean-ablated, and with ``draws`` random head sets
-    of the same size mean-ablated (means over the task's clean prompts, every position)."""
+    of the same size mean-ablated (means over the task's clean prompts, every position).
+
+    ``step``: called after each of the ``ablation_passes(draws)`` passes over the prompts (a progress bar)."""
+    step = step or (lambda: None)
     means = mean_z(loaded, batch, batch_size)
+    step()
     heads = all_heads(loaded.arch)
     circuit = [tuple(h) for h in circuit]
 
     def ablated(chosen: list[Head]) -> float:
-        return mean_ld(loaded, batch, [HeadMeanAblate(chosen, mean={h: means[h] for h in chosen})], batch_size)
+        ld = mean_ld(loaded, batch, [HeadMeanAblate(chosen, mean={h: means[h] for h in chosen})], batch_size)
+        step()
+        return ld
 
     rng = random.Random(seed)
     random_lds = [ablated(rng.sample(heads, len(circuit))) for _ in range(draws)]
     clean = mean_ld(loaded, batch, (), batch_size)
+    step()
     ld_circuit = ablated(circuit)
     drops = torch.tensor([clean - x for x in random_lds])
     return {"ld_clean": clean, "ld_circuit_ablated": ld_circuit, "drop_circuit": clean - ld_circuit,
@@ -156,29 +173,57 @@ def ablation_test(loaded, batch: TaskBatch, circuit: Sequence[Head], draws: int 
             "random_at_least_circuit": int((drops >= clean - ld_circuit).sum())}
 
 
-@dataclass
-class CircuitsConfig:
-    tasks: tuple[str, ...] = ("ioi", "name-induction")
-    n: int = 200
-    top: float = 0.02
-    method: str = "attribution"
-    seed: int = 0
-    batch_size: int = 32
-    senders_per_pass: int = 9
-    draws: int = 20  # random head sets in the ablation test (0: no ablation test)
-    roles: bool = True  # role tags of the circuit's heads (and the most negative ones) from attention
+# Rough cost of the scores in forward passes over a task's prompts, which turns the time of the clean runs into an
+# estimate: attribution is 4.0 plain forwards (its own clean runs included), exact path patching 0.075 x (heads + 1)
+# (one-token steps over the prefix cache); benchmarks/results/circuits_cpu.json, smollm2-135m, 17-token prompts.
+ATTRIBUTION_PASSES = 4.0
+PATH_PASSES_PER_HEAD = 0.075
+ROLE_PROMPTS = 16  # tag_roles reads the answer attention on at most this many prompts
 
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not 0 < self.top <= 1:
-            raise InputError(f"--top is a share of heads in (0, 1], got {self.top}")
-        if self.n < 2:
-            raise InputError(f"--n must be at least 2 prompts, got {self.n}")
-        if not self.tasks:
-            raise InputError("--tasks needs at least one task")
-        if self.draws < 0 or self.batch_size < 1 or self.senders_per_pass < 1:
-            raise InputError("--draws must be >= 0, batch size and senders per pass >= 1")
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class _Phase:
+    """One phase of a task, reported as position_bias reports its parts: a tqdm bar (shown with ``progress``)
+    and, when ``log`` is given, one line after the first step with the phase's estimated time."""
+
+    def __init__(self, desc: str, n_steps: int, progress: bool, log: Callable[[str], None] | None = None,
+                 skip: str = ""):
+        self.desc, self.n_steps, self.log, self.skip = desc, n_steps, log, skip
+        self.bar = tqdm(total=n_steps, desc=desc, unit="pass", disable=not progress, leave=False)
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def step(self) -> None:
+        self.bar.update(1)
+        self.done += 1
+        if self.done == 1 and self.log is not None and self.n_steps > 1:
+            first = time.perf_counter() - self.start
+            self.log(f"{self.desc}: {self.n_steps} passes, about {_duration(first * self.n_steps)} at {first:.2g} s "
+                     "per pass" + (f"; {self.skip}" if self.skip else ""))
+
+    def close(self) -> float:
+        """Closes the bar; the seconds since the phase began."""
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def task_estimate(batch: TaskBatch, per_pass: float, config: CircuitsConfig, n_heads: int) -> str:
+    """What the rest of a task will cost, from the seconds of one forward pass over its prompts."""
+    scores = ATTRIBUTION_PASSES + (PATH_PASSES_PER_HEAD * (n_heads + 1) if config.method == "path" else 0.0)
+    roles = ROLE_PASSES * min(len(batch), ROLE_PROMPTS) / len(batch) if config.roles else 0.0
+    ablation = ablation_passes(config.draws) if config.draws else 0
+    total = per_pass * (scores + roles + ablation)
+    parts = [f"{config.method} scores ~{scores:.0f} passes"]
+    if ablation:
+        parts.append(f"ablation test {ablation} (--draws sets it)")
+    if roles:
+        parts.append(f"role tags ~{roles:.1f}")
+    each = f"{per_pass:.2g}" if per_pass < 10 else f"{per_pass:.0f}"
+    return (f"{batch.name}: {len(batch)} prompts of up to {batch.clean_ids.shape[1]} tokens, {each} s per pass over "
+            f"them; about {_duration(total)} more for this task ({', '.join(parts)})")
 
 
 def heatmap(scores: torch.Tensor, title: str) -> go.Figure:
@@ -190,8 +235,12 @@ def heatmap(scores: torch.Tensor, title: str) -> go.Figure:
     return fig
 
 
-def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: bool = False) -> Result:
-    """Scores, circuits, ablation checks and the pairwise overlap of ``config.tasks`` on ``loaded``."""
+def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: bool = False,
+                     log: Callable[[str], None] | None = None) -> Result:
+    """Scores, circuits, ablation checks and the pairwise overlap of ``config.tasks`` on ``loaded``.
+
+    ``progress``: a bar per phase; ``log`` receives, per task, the estimated cost of the rest of the task once
+    its clean runs are timed, and the ablation test's estimate after its first pass."""
     config = config or CircuitsConfig()
     config.check()
     tok = loaded.text_tokenizer
@@ -207,11 +256,17 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
 
     for name, batch in batches.items():
         ld, ld_cf, top1 = [], [], []
-        for part in batch.chunks(config.batch_size):
+        chunks = batch.chunks(config.batch_size)
+        phase = _Phase(f"clean runs {name}", len(chunks), progress)
+        for part in chunks:
             runs = clean_and_cf(loaded, part)
             ld.append(runs.ld_clean)
             ld_cf.append(runs.ld_cf)
             top1.append(runs.top1)
+            phase.step()
+        seconds = phase.close()
+        if log is not None:  # two passes (clean and counterfactual) over the prompts: the unit of the estimate
+            log(task_estimate(batch, seconds / 2, config, loaded.arch.n_layers * loaded.arch.n_heads))
         ld, ld_cf, top1 = torch.cat(ld), torch.cat(ld_cf), torch.cat(top1)
         clean_rows.append({"task": name, "n": len(batch), "accuracy": float((ld > 0).float().mean()),
                            "top1": float(top1.float().mean()), "ld_clean": float(ld.mean()),
@@ -239,10 +294,15 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
                                  "score": float(scores[layer, h])})
         if config.roles:  # the circuit and the 3 most negative heads (negative movers are found there)
             negative = [h for h in top_heads(-scores, k=3) if h not in circuit]
-            role_tables.append(tag_roles(loaded, batch, circuit + negative, scores))
+            phase = _Phase(f"role tags {name}", ROLE_PASSES, progress)
+            role_tables.append(tag_roles(loaded, batch, circuit + negative, scores, step=phase.step))
+            phase.close()
         if config.draws:
+            phase = _Phase(f"ablation test {name}", ablation_passes(config.draws), progress, log,
+                           "--draws sets the number of random head sets, --draws 0 skips the test")
             ablation_rows.append({"task": name, **ablation_test(loaded, batch, circuit, config.draws, config.seed,
-                                                                config.batch_size)})
+                                                                config.batch_size, phase.step)})
+            phase.close()
     overlap_rows = []
     names = list(circuits)
     for i, a in enumerate(names):

@@ -132,7 +132,8 @@ class PositionBiasConfig:
                              f"materialises T x T attention per layer; got {self.rollout_tokens}")
         at_least(self.rollout_prompts, 1, "--rollout-prompts")
         at_least(self.fit_skip_first, 0, "fit_skip_first")
-        at_least(self.retrieval_trials, 0, "--retrieval-trials", " (0 turns the task off)")
+        if self.retrieval_trials < 0:
+            raise InputError(f"--retrieval-trials must be >= 0 (0 turns the task off), got {self.retrieval_trials}")
         if self.retrieval_trials:
             RetrievalConfig(self.retrieval_trials, self.retrieval_pairs, self.seed, self.batch_size).check()
 
@@ -180,3 +181,64 @@ class LofitConfig:
         if not self.beta > 0:
             raise InputError(f"--beta must be positive, got {self.beta}")
         at_least(self.max_tokens, 2, "--max-tokens")
+
+
+TASK_NAMES = ("ioi", "colored-objects", "name-induction")  # the built-in circuit tasks
+METHODS = ("attribution", "path")  # how circuits scores heads
+
+# Each shot adds ~33 tokens to every prompt (smollm2-135m: 1 shot 66 tokens, 3 shots 131, 10 shots 366, 99 shots
+# 3285), and every phase grows with the prompt (the role tags keep full T x T patterns: quadratic). Merullo et al.
+# use a few shots (docs/circuits.md measures 1 and 3); 10 keeps prompts to a few hundred tokens, where 99 shots ran
+# 14+ minutes at up to 8 GB on smollm2-135m with --n 4.
+MAX_SHOTS = 10
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """``"colored-objects:3"`` -> ``("colored-objects", {"shots": 3})``; a built-in task's name and arguments.
+
+    Pure Python (no model, no torch), so a bad spec is refused before the model loads. Raises ``InputError``
+    for an unknown task, an argument the task does not take, or more than ``MAX_SHOTS`` shots."""
+    name, colon, arg = spec.partition(":")
+    if name not in TASK_NAMES:
+        raise InputError(f"unknown task {spec!r}; use one of {', '.join(TASK_NAMES)} (colored-objects:K for K shots) "
+                         "or a .jsonl file")
+    if colon and name != "colored-objects":
+        raise InputError(f"task {name} takes no ':{arg}' argument")
+    if not colon:
+        return name, {}
+    if not arg.isdigit():
+        raise InputError(f"colored-objects:K takes a number of shots, got {arg!r}")
+    shots = int(arg)
+    if shots > MAX_SHOTS:
+        raise InputError(f"colored-objects:{shots}: at most {MAX_SHOTS} shots; each shot adds ~33 tokens to every "
+                         f"prompt (here ~{33 * (shots + 1)} on smollm2-135m) and the run's time and memory grow "
+                         f"with the prompt; use colored-objects:K with K <= {MAX_SHOTS}, or a .jsonl task")
+    return name, {"shots": shots}
+
+
+@dataclass
+class CircuitsConfig:
+    tasks: tuple[str, ...] = ("ioi", "name-induction")
+    n: int = 200
+    top: float = 0.02
+    method: str = "attribution"
+    seed: int = 0
+    batch_size: int = 32
+    senders_per_pass: int = 9
+    draws: int = 20  # random head sets in the ablation test (0: no ablation test)
+    roles: bool = True  # role tags of the circuit's heads (and the most negative ones) from attention
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0 < self.top <= 1:
+            raise InputError(f"--top is a share of heads in (0, 1], got {self.top}")
+        if self.n < 2:
+            raise InputError(f"--n must be at least 2 prompts, got {self.n}")
+        if not self.tasks:
+            raise InputError("--tasks needs at least one task")
+        for spec in self.tasks:  # a bad or too costly task spec is refused here, before the model loads
+            if not spec.endswith(".jsonl"):
+                parse_task_spec(spec)
+        if self.draws < 0 or self.batch_size < 1 or self.senders_per_pass < 1:
+            raise InputError("--draws must be >= 0, batch size and senders per pass >= 1")

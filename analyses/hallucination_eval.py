@@ -11,7 +11,9 @@ control, not just zero.
 Data (``--data DIR``): CHAIR reads COCO ``instances_*.json`` / ``captions_*.json`` (or headlab's
 ``annotations.json`` / ``captions.json``) with the images in ``DIR/images`` or ``DIR`` (or ``DIR/val2014``);
 POPE reads ``pope_{split}.jsonl`` or the POPE repository's ``coco_pope_{split}.json`` (JSON lines
-``{question_id, image, text, label}``).
+``{question_id, image, text, label}``). An annotated CHAIR image missing on disk is refused unless
+``allow_missing_images`` (then the run lists the missing ones). Below ``MIN_CI_N`` images or questions per
+split the report shows the CIs but gives no verdict on them, and the run carries a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ CAPTION_PROMPT = "Describe the image."
 IMAGE_FOLDERS = ("images", "val2014", ".")
 CHAIR_METRICS = ("chair_s", "chair_i", "recall", "precision", "f1", "mean_length_words")
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+# Below this many images (CHAIR) or questions per split (POPE) the percentile bootstrap says nothing: with n units
+# a resample can only take a handful of values (CHAIR_s on 4 images: 5), the percentile interval is too narrow even
+# for normal data (by about sqrt((n - 1) / n), more for skewed or bounded metrics; Hesterberg 2015, "What teachers
+# should know about the bootstrap"), and when every unit moves the same way it collapses to a point ([-1, -1] on 4
+# images). 20 is a common floor for percentile intervals: below it their coverage falls well short of 95%. A floor,
+# not a guarantee: the report gives no verdict below it, and says why.
+MIN_CI_N = 20
+SHOWN_MISSING = 5  # missing images named in a message; the run's table lists them all
 
 
 @dataclass
@@ -50,6 +60,7 @@ class HallucinationConfig:
     resamples: int = 2000
     seed: int = 0
     t_vhd: bool = False  # CHAIR: T-VHD (layer top-8 sum, plain model, image dropped) of every caption token
+    allow_missing_images: bool = False  # CHAIR: draw from the annotated images on disk when some are missing
 
     def check(self) -> None:
         from .hallucination_metrics import POPE_PARSERS
@@ -111,8 +122,26 @@ def image_folder(data: Path) -> Path:
                      f"{data}/images")
 
 
-def chair_images(data: Path, n: int, seed: int) -> list[Path]:
-    """A seeded random draw of ``n`` annotated images that exist on disk, in file-name order (stored in the run)."""
+def first_names(names: Sequence[str], shown: int = SHOWN_MISSING) -> str:
+    """``"a.jpg, b.jpg and 4 more"``: the first ``shown`` names and the count of the rest."""
+    head = ", ".join(names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+@dataclass
+class ChairDraw:
+    """The images a CHAIR run evaluates, the annotated images missing on disk, and how many are annotated."""
+
+    images: list[Path]
+    missing: list[str]
+    annotated: int
+
+
+def chair_draw(data: Path, n: int, seed: int, allow_missing: bool = False) -> ChairDraw:
+    """A seeded random draw of ``n`` annotated images that exist on disk, in file-name order (stored in the run).
+
+    An annotated image missing on disk is refused (``InputError`` naming the first few and the count) unless
+    ``allow_missing``: a run silently evaluating 14 of the 20 images its annotations describe misleads."""
     from .hallucination_metrics import find_coco_files, read_coco_json
 
     files = find_coco_files(data)
@@ -124,8 +153,18 @@ def chair_images(data: Path, n: int, seed: int) -> list[Path]:
     present = sorted(name for name in names if (folder / name).is_file())
     if not present:
         raise InputError(f"none of the annotated images is in {folder}: pass the folder the annotations describe")
+    missing = sorted(names - set(present))
+    if missing and not allow_missing:
+        raise InputError(f"{len(missing)} of {len(names)} annotated images are not in {folder}: "
+                         f"{first_names(missing)}; put them there, or pass --allow-missing-images to evaluate "
+                         f"the {len(present)} that are")
     chosen = sorted(random.Random(seed).sample(present, min(n, len(present))))
-    return [folder / name for name in chosen]
+    return ChairDraw([folder / name for name in chosen], missing, len(names))
+
+
+def chair_images(data: Path, n: int, seed: int, allow_missing: bool = False) -> list[Path]:
+    """The images of ``chair_draw`` (checked before the model loads)."""
+    return chair_draw(data, n, seed, allow_missing).images
 
 
 def pope_questions(data: Path, splits: Sequence[str], n: int) -> dict[str, list[dict]]:
@@ -190,8 +229,63 @@ def _t_vhd_rows(loaded, samples, tokens, images: Sequence[str]) -> list[dict]:
 # The analysis
 
 
-def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None = None, *, progress: bool = True):
-    """Every configured method (and control) on ``data``; a ``Result`` with the metric table and the outputs."""
+@dataclass
+class Sample:
+    """What a run evaluates: ``n`` units of its bootstrap (CHAIR: images; POPE: questions of its smallest split),
+    ``text`` for the report, the warnings about it and the annotated images missing on disk (CHAIR)."""
+
+    n: int
+    text: str
+    warnings: list[str]
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ci_meaningful(self) -> bool:
+        return self.n >= MIN_CI_N
+
+
+def chair_sample(config: HallucinationConfig, draw: ChairDraw) -> Sample:
+    n, missing = len(draw.images), draw.missing
+    notes = ([f"--n {config.n} asked"] if n < config.n else []) + (
+        [f"{len(missing)} of the {draw.annotated} annotated images missing on disk"] if missing else [])
+    text = f"n = {n} images" + (f" ({'; '.join(notes)})" if notes else "")
+    warnings = []
+    if missing:
+        warnings.append(f"{len(missing)} of {draw.annotated} annotated images are missing on disk "
+                        f"({first_names(missing)}); evaluating {n} of the {draw.annotated - len(missing)} there "
+                        "(--allow-missing-images)")
+    elif n < config.n:
+        warnings.append(f"--n {config.n} asks for more images than the data holds: evaluating {n}")
+    return Sample(n, text, warnings + _small(n, "images"), missing)
+
+
+def pope_sample(config: HallucinationConfig, questions: dict[str, list[dict]]) -> Sample:
+    counts = {split: len(questions[split]) for split in config.splits}
+    n = min(counts.values())
+    text = (f"n = {n} questions per split" if len(set(counts.values())) == 1
+            else "n = " + ", ".join(f"{k} questions ({split})" for split, k in counts.items()))
+    short = {split: k for split, k in counts.items() if k < config.n}
+    warnings = [f"--n {config.n} asks for more questions than the split holds: {k} in {split}"
+                for split, k in short.items()]
+    if short:
+        text += f" (--n {config.n} asked)"
+    return Sample(n, text, warnings + _small(n, "questions in a split"))
+
+
+def _small(n: int, unit: str) -> list[str]:
+    if n >= MIN_CI_N:
+        return []
+    return [f"{n} {unit}: too few for a bootstrap CI to mean anything (fewer than {MIN_CI_N}); the CIs and the "
+            f"differences from none are shown, but they are no evidence of an effect, or of none: use --n "
+            f"{MIN_CI_N} or more"]
+
+
+def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None = None, *, progress: bool = True,
+                          warn: Callable[[str], None] | None = None):
+    """Every configured method (and control) on ``data``; a ``Result`` with the metric table and the outputs.
+
+    ``warn`` receives each warning about the sample (too small for a CI, images missing on disk, fewer than
+    ``--n``) before any generation; they are also in ``summary["warnings"]`` and the report."""
     from tqdm.auto import tqdm
 
     config = config or HallucinationConfig()
@@ -199,11 +293,16 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
     data = Path(data)
     runs = config.labels()
     if config.bench == "chair":
-        images = chair_images(data, config.n, config.seed)
+        draw = chair_draw(data, config.n, config.seed, config.allow_missing_images)
+        images, sample = draw.images, chair_sample(config, draw)
         jobs = [(image, config.prompt) for image in images]
     else:
         questions = pope_questions(data, config.splits, config.n)
+        sample = pope_sample(config, questions)
         jobs = [(q["path"], q["text"] + config.pope_suffix) for split in config.splits for q in questions[split]]
+    if warn is not None:
+        for line in sample.warnings:
+            warn(line)
     bar = tqdm(total=len(jobs) * len(runs), desc="generating", unit="sample", disable=not progress)
     outputs: dict[str, list[str]] = {}
     described: dict[str, dict] = {}
@@ -218,20 +317,21 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
         described[label] = method.settings()
     bar.close()
     if config.bench == "chair":
-        result = _chair_result(loaded, data, config, images, outputs, described)
+        result = _chair_result(loaded, data, config, images, outputs, described, sample)
         if token_rows:
             result.tables["t_vhd"] = pd.DataFrame(token_rows)
         return result
-    return _pope_result(loaded, config, questions, outputs, described)
+    return _pope_result(loaded, config, questions, outputs, described, sample)
 
 
 def _rows_with_ci(label: str, metric: str, value: float, ci: Sequence[float], delta: dict | None,
-                  split: str | None = None, control: dict | None = None) -> dict:
+                  split: str | None = None, control: dict | None = None, n: int | None = None) -> dict:
     """One table row: the value and its CI; ``delta`` from ``none`` and ``vs_control`` (method − its random
-    control), each a paired difference on the same images or questions with its CI."""
+    control), each a paired difference on the same images or questions with its CI; ``n`` the units resampled
+    (below ``MIN_CI_N`` the CIs mean nothing)."""
     row = {"method": label, "metric": metric, "value": value, "ci_low": ci[0], "ci_high": ci[1],
            "delta": None, "delta_ci_low": None, "delta_ci_high": None,
-           "vs_control": None, "vs_control_ci_low": None, "vs_control_ci_high": None}
+           "vs_control": None, "vs_control_ci_low": None, "vs_control_ci_high": None, "n": n}
     if split is not None:
         row = {"split": split, **row}
     if delta is not None:
@@ -247,7 +347,7 @@ def _control_of(label: str, scored: dict):
     return None if label.endswith("-control") else scored.get(f"{label}-control")
 
 
-def _chair_result(loaded, data, config, images, outputs, described):
+def _chair_result(loaded, data, config, images, outputs, described, sample: Sample):
     from .hallucination_metrics import (
         bootstrap_chair,
         chair_from_coco,
@@ -271,7 +371,7 @@ def _chair_result(loaded, data, config, images, outputs, described):
         for metric in CHAIR_METRICS:
             entry = absolute[metric]
             rows.append(_rows_with_ci(label, metric, entry["value"], entry["ci"], paired.get(metric),
-                                      control=versus.get(metric)))
+                                      control=versus.get(metric), n=len(names)))
         summary[label] = {m: absolute[m]["value"] for m in CHAIR_METRICS} | {
             "mentions": int(result.mentions.sum()),
             **({f"delta_{m}": [paired[m]["delta"], paired[m]["ci_low"], paired[m]["ci_high"]]
@@ -283,9 +383,12 @@ def _chair_result(loaded, data, config, images, outputs, described):
     meta = {"lemmatizer": first.lemmatizer, "synonyms": first.synonyms, "count": first.count}
     # The list travels with the run, so the dashboard can mark a user's synonyms without reading outside its folder.
     words = pd.DataFrame(sorted(synonyms.entries.items()), columns=["word", "object"])
-    return _result(loaded, config, described, {"metrics": table, "captions": pd.DataFrame(captions),
-                                               "images": pd.DataFrame({"image": names}), "synonyms": words},
-                   summary, meta, _figure(table, CHAIR_METRICS[:5], f"{loaded.name}: CHAIR per method"))
+    tables = {"metrics": table, "captions": pd.DataFrame(captions), "images": pd.DataFrame({"image": names}),
+              "synonyms": words}
+    if sample.missing:
+        tables["missing_images"] = pd.DataFrame({"image": sample.missing})
+    return _result(loaded, config, described, tables, summary, meta,
+                   _figure(table, CHAIR_METRICS[:5], f"{loaded.name}: CHAIR per method"), sample)
 
 
 def _default_synonyms(data: Path):
@@ -296,7 +399,7 @@ def _default_synonyms(data: Path):
     return load_synonym_list(own if own.is_file() else None)
 
 
-def _pope_result(loaded, config, questions, outputs, described):
+def _pope_result(loaded, config, questions, outputs, described, sample: Sample):
     from .hallucination_metrics import paired_bootstrap_pope, pope_eval
 
     scored: dict[str, dict] = {}
@@ -326,14 +429,15 @@ def _pope_result(loaded, config, questions, outputs, described):
                 entry = own["splits"][split][metric]
                 delta = paired["splits"][split][metric] if paired is not None else None
                 vs = versus["splits"][split][metric] if versus is not None else None
-                rows.append(_rows_with_ci(label, metric, entry["edited"], entry["edited_ci"], delta, split, vs))
+                rows.append(_rows_with_ci(label, metric, entry["edited"], entry["edited_ci"], delta, split, vs,
+                                          len(questions[split])))
         mean = own.get("mean_f1") or own["splits"][config.splits[0]]["f1"]
 
         def mean_f1(result):
             return (result.get("mean_f1") or result["splits"][config.splits[0]]["f1"]) if result is not None else None
 
         rows.append(_rows_with_ci(label, "mean_f1", mean["edited"], mean["edited_ci"], mean_f1(paired), "all",
-                                  mean_f1(versus)))
+                                  mean_f1(versus), sample.n))
         summary[label] = {"mean_f1": mean["edited"], **{f"{s}_f1": own["splits"][s]["f1"]["edited"]
                                                         for s in config.splits},
                           **{f"{s}_yes_ratio": own["splits"][s]["yes_ratio"]["edited"] for s in config.splits}}
@@ -344,7 +448,7 @@ def _pope_result(loaded, config, questions, outputs, described):
     meta = {"parser": config.parser, "splits": config.splits}
     figure = _figure(table[table["split"] == "all"], ("mean_f1",), f"{loaded.name}: POPE mean F1 per method")
     return _result(loaded, config, described, {"metrics": table, "answers": pd.DataFrame(answers)}, summary, meta,
-                   figure)
+                   figure, sample)
 
 
 def _figure(table: pd.DataFrame, metrics: Sequence[str], title: str):
@@ -360,17 +464,62 @@ def _figure(table: pd.DataFrame, metrics: Sequence[str], title: str):
     return fig
 
 
-def _result(loaded, config, described, tables, summary, meta, figure):
+def scoring_text(meta: dict) -> str:
+    """The scoring settings in words, for the report: CHAIR's synonym list, plural matching and counting, or
+    POPE's answer parser and splits."""
+    if "parser" in meta:
+        return f"answers read by the {meta['parser']} parser; splits: {', '.join(meta['splits'])}"
+    syn = meta.get("synonyms") or {}
+    if syn.get("headlab_default"):
+        synonyms = f"headlab's COCO list ({syn.get('objects')} objects; not the paper's list, not comparable to it)"
+    else:
+        synonyms = (f"{syn.get('path')} ({syn.get('objects')} objects, {syn.get('format')} format, sha256 "
+                    f"{str(syn.get('sha256'))[:12]}…)")
+    plurals = {"nltk-wordnet": "on (NLTK WordNet noun lemmas)",
+               "builtin-singular": "on (headlab's built-in singulariser)"}.get(meta.get("lemmatizer"),
+                                                                                str(meta.get("lemmatizer")))
+    count = "every mention (as the reference CHAIR)" if meta.get("count") == "every" else "each object once a caption"
+    return f"synonyms: {synonyms}; plural matching: {plurals}; counted: {count}"
+
+
+def _differences(summary: dict, sample: Sample) -> list[str]:
+    """Each method's paired difference from ``none`` on the headline metrics, with a verdict only where the
+    sample is large enough for its CI to mean something."""
+    lines = []
+    for label, entry in summary.items():
+        deltas = {k[len("delta_"):]: v for k, v in entry.items() if k.startswith("delta_")}
+        if not deltas:
+            continue
+        parts = []
+        for metric, (delta, low, high) in deltas.items():
+            text = f"{metric} {delta:+.3g} [{low:.3g}, {high:.3g}]"
+            if sample.ci_meaningful:
+                text += " excludes 0" if low > 0 or high < 0 else " includes 0"
+            parts.append(text)
+        verdict = ("" if sample.ci_meaningful else
+                   f" (no verdict: n = {sample.n} is too few for a CI to mean anything, under {MIN_CI_N})")
+        lines.append(f"- {label}: " + "; ".join(parts) + verdict)
+    if not lines:
+        return []
+    return ["", "## Difference from none (paired 95% bootstrap CI)", "", *lines]
+
+
+def _result(loaded, config, described, tables, summary, meta, figure, sample: Sample):
     from headlab.result import Result
 
-    lines = [f"# Hallucination fixes on {loaded.name}: {config.bench.upper()}", "",
-             f"- methods: {', '.join(label for label, _, _ in config.labels())}; n = {config.n}; "
-             f"{config.new_tokens} new tokens; greedy", f"- {meta}", "", "| method | " + " | ".join(
-                 k for k in next(iter(summary.values())) if not k.startswith("delta")) + " |"]
     keys = [k for k in next(iter(summary.values())) if not k.startswith("delta")]
-    lines.append("|" + "---|" * (len(keys) + 1))
+    lines = [f"# Hallucination fixes on {loaded.name}: {config.bench.upper()}", "",
+             f"- methods: {', '.join(label for label, _, _ in config.labels())}; {sample.text}; "
+             f"{config.new_tokens} new tokens; greedy", f"- scoring: {scoring_text(meta)}",
+             *(f"- warning: {line}" for line in sample.warnings), "",
+             "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for label, entry in summary.items():
         lines.append(f"| {label} | " + " | ".join(f"{entry[k]:.4g}" for k in keys) + " |")
+    lines += _differences(summary, sample)
     settings = {**config.__dict__, "methods_run": described, "scoring": meta}  # meta never shadows an option
+    facts = {"n_evaluated": sample.n, "ci_min_n": MIN_CI_N, "ci_meaningful": sample.ci_meaningful,
+             "warnings": sample.warnings}
+    if config.bench == "chair":
+        facts["missing_images"] = len(sample.missing)
     return Result("hallucination", loaded.name, settings, tables=tables, figures={"metrics": figure},
-                  summary={"bench": config.bench, "methods": summary, **meta}, report="\n".join(lines))
+                  summary={"bench": config.bench, "methods": summary, **meta, **facts}, report="\n".join(lines))

@@ -292,11 +292,11 @@ class Stepper:
 
 
 def _sender_passes(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head], senders_per_pass: int,
-                   freeze_others: bool, run_pass: Callable) -> torch.Tensor:
+                   freeze_others: bool, run_pass: Callable, tick: Callable[[], object] | None = None) -> torch.Tensor:
     """``[len(senders)]`` sums over the batch of the LD of each sender's patched pass.
 
     ``run_pass(tiled_batch, mix, k)`` runs the model with ``mix`` (a ``FinalZMix``) installed where it
-    needs it and returns ``[k · batch]`` LDs."""
+    needs it and returns ``[k · batch]`` LDs; ``tick()`` is called after each pass (a progress bar)."""
     n = len(batch)
     final_column = batch.clean_ids.shape[1] - 1
     sums = torch.zeros(len(senders))
@@ -310,6 +310,8 @@ def _sender_passes(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head]
         with torch.no_grad():
             ld = run_pass(tiled, mix, k)
         sums[start:start + k] = ld.view(n, k).sum(dim=0).cpu()
+        if tick is not None:
+            tick()
     return sums
 
 
@@ -321,13 +323,24 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, leave=False)
 
 
+def _pass_bar(enabled: bool, desc: str, n_chunks: int, n_senders: int, senders_per_pass: int):
+    """A bar over every patched pass (prompt chunks x sender chunks): with a few prompts there is one prompt
+    chunk, and a bar over chunks would sit at 0 for the whole run."""
+    from tqdm.auto import tqdm
+
+    total = n_chunks * -(-n_senders // senders_per_pass)
+    return tqdm(total=total, desc=desc, unit="pass", leave=False, disable=not enabled)
+
+
 def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None = None, batch_size: int = 32,
                         senders_per_pass: int = 9, progress: bool = False, use_cache: bool = True) -> torch.Tensor:
     """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value.
     ``use_cache``: see ``Stepper``."""
     heads = list(heads) if heads is not None else all_heads(loaded.arch)
     acc, sums = Accumulator(), torch.zeros(len(heads))
-    for part in _progress(batch.chunks(batch_size), progress, f"activation patching {batch.name}"):
+    chunks = batch.chunks(batch_size)
+    bar = _pass_bar(progress, f"activation patching {batch.name}", len(chunks), len(heads), senders_per_pass)
+    for part in chunks:
         runs = clean_and_cf(loaded, part)
         acc.add(runs)
 
@@ -337,7 +350,8 @@ def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None =
             with intervene(loaded, mix):
                 return logit_diff(step.logits(k), tiled)
 
-        sums += _sender_passes(loaded, part, runs, heads, senders_per_pass, False, run_pass)
+        sums += _sender_passes(loaded, part, runs, heads, senders_per_pass, False, run_pass, bar.update)
+    bar.close()
     return acc.scores(sums)
 
 
@@ -396,7 +410,9 @@ def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = Non
         if not senders:
             raise InputError(f"no sender sits before the first receiver layer {first}; senders must come earlier")
     acc, sums = Accumulator(), torch.zeros(len(senders))
-    for part in _progress(batch.chunks(batch_size), progress, f"path patching {batch.name}"):
+    chunks = batch.chunks(batch_size)
+    bar = _pass_bar(progress, f"path patching {batch.name}", len(chunks), len(senders), senders_per_pass)
+    for part in chunks:
         runs = clean_and_cf(loaded, part)
         acc.add(runs)
         mlps = clean_mlp_out(loaded, part) if freeze_mlps else None
@@ -414,5 +430,6 @@ def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = Non
             with _projection_hooks(loaded, receivers, dict(recorded)):
                 return logit_diff(step.logits(k), tiled)
 
-        sums += _sender_passes(loaded, part, runs, senders, senders_per_pass, True, run_pass)
+        sums += _sender_passes(loaded, part, runs, senders, senders_per_pass, True, run_pass, bar.update)
+    bar.close()
     return acc.scores(sums)

@@ -32,10 +32,18 @@ class RunInfo:
 
     @property
     def n_prompts(self) -> int | None:
+        """How many prompts the run read, where its manifest says: ``config.n_prompts`` or ``summary.n_prompts``
+        (sinks, position bias), the recorded prompts (``provenance.prompts.n``), or the items a LoFiT run trained
+        or evaluated on (``summary.n_items``: one prompt each). None for runs that count other things (circuits:
+        prompt pairs per task; hallucination: images or questions)."""
         config = self.manifest.get("config") or {}
         summary = self.manifest.get("summary") or {}
-        value = config.get("n_prompts", summary.get("n_prompts"))
-        return int(value) if isinstance(value, (int, float)) else None
+        recorded = ((self.manifest.get("provenance") or {}).get("prompts") or {})
+        for value in (config.get("n_prompts"), summary.get("n_prompts"),
+                      recorded.get("n") if isinstance(recorded, dict) else None, summary.get("n_items")):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value)
+        return None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ class ExportError(HeadlabError):
     pass
 
 
-def figure_image(fig: go.Figure, fmt: str, width: int = 900, height: int = 600) -> bytes:
-    """The figure rendered as PNG or SVG bytes by kaleido (needs chromium or chrome on the machine)."""
+def figure_image(fig: go.Figure, fmt: str, width: int = 900, height: int | None = None) -> bytes:
+    """The figure rendered as PNG or SVG bytes by kaleido (needs chromium or chrome on the machine); ``height``
+    defaults to the figure's own (layer x head heatmaps grow with the layers), else 600 px."""
+    height = height or fig.layout.height or 600
     if fmt not in IMAGE_FORMATS:
         raise ExportError(f"cannot export a figure as {fmt!r}; choose one of {', '.join(IMAGE_FORMATS)}")
     browser = find_browser()

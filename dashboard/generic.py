@@ -10,25 +10,26 @@ import streamlit as st
 
 from headlab.result import Result
 
+from .labels import metric_label, metric_value, model_name
 from .plots import difference_heatmap
 from .widgets import show_figure, show_table
 
 
 def run_name(run: Result) -> str:
-    return run.path.name if run.path is not None else f"{run.analysis}-{run.model}"
+    return run.path.name if run.path is not None else f"{run.analysis}-{model_name(run.model)}"
 
 
 def show_header(run: Result, compact: bool = False) -> None:
     """Who made the run and its scalar summary numbers (one caption line when ``compact``, for narrow columns)."""
-    st.caption(f"analysis **{run.analysis}** · model **{run.model}** · run `{run_name(run)}`")
-    scalars = {k: v for k, v in run.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    st.caption(f"analysis **{run.analysis}** · model **{model_name(run.model)}** · run `{run_name(run)}`")
+    # Numbers and flags only; tiles say what a person reads (labels.METRIC_LABELS), not the manifest's keys.
+    scalars = {k: v for k, v in run.summary.items() if isinstance(v, (int, float))}
     if compact:
-        st.caption(" · ".join(f"{k} **{v:.4g}**" if isinstance(v, float) else f"{k} **{v}**"
-                              for k, v in scalars.items()))
+        st.caption(" · ".join(f"{metric_label(k)} **{metric_value(v)}**" for k, v in scalars.items()))
     elif scalars:
         columns = st.columns(min(len(scalars), 6))
         for column, (name, value) in zip(columns, list(scalars.items())[:6], strict=False):
-            column.metric(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+            column.metric(metric_label(name), metric_value(value))
     with st.expander("summary and config (manifest)"):
         st.json({"summary": run.summary, "config": run.config}, expanded=False)
 

@@ -10,10 +10,14 @@ from collections.abc import Callable
 
 import streamlit as st
 import torch
+from PIL import Image
 
 from headlab.errors import HeadlabError
 from headlab.zoo.catalog import default_prompt_file
 
+from .labels import model_name
+from .live_edits import conflict_note, describe_edit, head_conflicts
+from .live_errors import capture_load_report, load_error_message, short_error
 from .live_forms import LiveContext, available, load_forms
 from .live_model import (
     DEFAULT_NEW_TOKENS,
@@ -96,10 +100,10 @@ def model_section() -> LiveModel | None:
                     "local Hugging Face cache); a local folder loads from the path you type.")
         return None
     try:
-        live = cached_model(check_model_source(source))
-    except Exception as err:  # any failure to load is a message on the page, not a traceback
-        detail = str(err) if isinstance(err, HeadlabError) else f"{type(err).__name__}: {err}"
-        st.session_state["live-load-error"] = f"cannot load {source!r}: {detail}"
+        with capture_load_report() as report:
+            live = cached_model(check_model_source(source))
+    except Exception as err:  # any failure to load is one line on the page, not a traceback with the server's paths
+        st.session_state["live-load-error"] = f"cannot load {model_name(source)!r}: {load_error_message(err, report)}"
         st.session_state.pop("live-source")  # do not retry a failing load on every rerun
         st.error(st.session_state["live-load-error"])
         return None
@@ -227,7 +231,7 @@ def generation_section(live: LiveModel, inp: LiveInput, head: tuple[int, int]) -
         st.warning(f"live interventions in {module} failed to load ({error}); the others work")
     chosen = st.multiselect("edits", list(forms), format_func=lambda n: forms[n].label, key="live-edits",
                             help="each edit has its own form; all chosen edits apply together")
-    edits, problems = [], []
+    edits, labelled, problems = [], [], []
     for name in chosen:
         form = forms[name]
         with st.container(border=True):
@@ -237,9 +241,13 @@ def generation_section(live: LiveModel, inp: LiveInput, head: tuple[int, int]) -
                 for edit in made:
                     edit.validate(loaded.arch)
                 edits.extend(made)
+                labelled.extend((form.label, edit) for edit in made)
             except HeadlabError as err:
                 st.error(f"{form.label}: {err}")
                 problems.append(name)
+    conflict = conflict_note(head_conflicts(labelled, loaded.arch))
+    if conflict:
+        st.warning(conflict)
     new_tokens = st.number_input("new tokens", min_value=1, max_value=MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS,
                                  key="live-new-tokens")
     st.caption(f"Greedy decoding of at most {MAX_NEW_TOKENS} new tokens, twice (without, then with the edits); "
@@ -273,20 +281,6 @@ def generation_section(live: LiveModel, inp: LiveInput, head: tuple[int, int]) -
                else f"The continuations part at new token {where}.")
 
 
-def describe_edit(edit) -> str:
-    """``"HeadScale on layers 0-3, 7"``: the class and its layers, consecutive layers as a range."""
-    layers = sorted(set(edit.layers()))
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    spans = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
-    where = f" on layer{'s' if len(layers) > 1 else ''} {spans}" if layers else ""
-    return f"{type(edit).__name__}{where}"
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 def _session_memo() -> dict:
@@ -306,6 +300,10 @@ def _memo(key: tuple, compute: Callable[[], object], spinner: str):
                 memo[key] = compute()
         except (HeadlabError, torch.OutOfMemoryError) as err:
             st.error(str(err))
+            return None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            # read_image refuses such images first; this keeps any other reader of the upload to one line too
+            st.error(f"the image cannot be read: {short_error(err)}")
             return None
     return memo[key]
 

@@ -158,7 +158,8 @@ def load_forms(package: str = "headlab.dashboard", prefix: str = "live_forms_") 
 # ------------------------------------------------------------------------------------------ built-in forms
 
 @register_live_intervention("head_ablation", "Head ablation",
-                            "zero (HeadScale 0) or mean-ablate (HeadMeanAblate, mean z over this prompt) heads")
+                            "knock heads out: their output z set to zero (scale 0), or to its mean over this "
+                            "prompt's tokens (mean ablation)")
 def head_ablation_form(ctx: LiveContext, key: str) -> list[Intervention]:
     heads = ctx.heads_widget(key)
     how = st.radio("ablate to", ["zero", "mean"], horizontal=True, key=f"{key}-how",

@@ -10,7 +10,6 @@ embedded models, aliases found in the local Hugging Face cache, never downloaded
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -116,20 +115,14 @@ class LiveInput:
 
 
 def read_image(data: bytes, name: str = "the upload"):
-    """An RGB PIL image from uploaded bytes; too large, not an image or corrupt is one ``InputError``."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from uploaded bytes; too large (bytes or pixels), not an image or corrupt is one
+    ``InputError`` (the pixel limit as for every image headlab reads: ``headlab.lvlm.decode_image``)."""
+    from headlab.lvlm import decode_image
 
     if len(data) > MAX_IMAGE_BYTES:
         raise InputError(f"{name} has {len(data) / 2**20:.1f} MB; the live page takes images up to "
                          f"{MAX_IMAGE_BYTES // 2**20} MB: upload a smaller one")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except UnidentifiedImageError as err:
-        raise InputError(f"{name} is not an image PIL can read: upload a PNG, JPEG, WebP, BMP or GIF") from err
-    except (OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"{name} is corrupt or truncated ({err}): export it again") from err
+    return decode_image(data, name)
 
 
 def prompt_limit(loaded) -> int:

@@ -15,10 +15,12 @@ from headlab.result import Result
 from headlab.runs import run_path
 
 from .discovery import RunInfo, RunListing, comparison_warnings, discover_runs, load_run
+from .labels import MISSING, metric_value, model_name
 from .registry import GenericView, broken_views, get_view
 from .widgets import show_table
 
 PAGES = {"runs": "Runs", "run": "Run", "compare": "Compare", "live": "Live"}
+KEY_FIGURES_MIN_PX = 300
 
 
 def main(runs_dir: Path) -> None:
@@ -66,7 +68,7 @@ def runs_page(listing: RunListing) -> None:
         models = model_col.multiselect("model", sorted(table["model"].unique()), key="runs-model")
         shown = filter_runs(table, text, analyses, models)
         st.caption(f"{len(shown)} of {len(table)} runs · open one on the Run page, or two on Compare")
-        show_table(shown, key="runs-table", name="runs")
+        show_table(shown, key="runs-table", name="runs", column_config=runs_columns(shown))
     if listing.broken:
         st.subheader("Incomplete or corrupt runs")
         st.caption("These folders are not readable runs; they are left as they are.")
@@ -75,13 +77,26 @@ def runs_page(listing: RunListing) -> None:
 
 
 def runs_table(runs: list[RunInfo]) -> pd.DataFrame:
+    """One row per run, all text: a count the manifest lacks is "—" (not "None"), a model is named, never a path
+    (an exported LoFiT model is a folder, a GGUF model a file)."""
     rows = []
     for run in runs:
         figures = get_view(run.analysis).key_figures(run.manifest)
-        rows.append({"run": run.name, "analysis": run.analysis, "model": run.model,
-                     "date": run.created[:19].replace("T", " "), "prompts": run.n_prompts,
-                     "key figures": " · ".join(f"{k}: {_fmt(v)}" for k, v in figures.items() if v is not None)})
+        rows.append({"run": run.name, "analysis": run.analysis, "model": model_name(run.model),
+                     "date": run.created[:19].replace("T", " "),
+                     "prompts": MISSING if run.n_prompts is None else str(run.n_prompts),
+                     "key figures": " · ".join(f"{k}: {metric_value(v)}" for k, v in figures.items() if v is not None)})
     return pd.DataFrame(rows, columns=["run", "analysis", "model", "date", "prompts", "key figures"])
+
+
+def runs_columns(table: pd.DataFrame) -> dict:
+    """Column widths: the short columns narrow, the key figures as wide as their longest line (about 7 px a
+    character), so that no run's figures are cut; the table scrolls sideways instead."""
+    longest = int(table["key figures"].str.len().max()) if len(table) else 0
+    return {"prompts": st.column_config.TextColumn(width="small"),
+            "analysis": st.column_config.TextColumn(width="small"),
+            "date": st.column_config.TextColumn(width="medium"),
+            "key figures": st.column_config.TextColumn(width=max(KEY_FIGURES_MIN_PX, 7 * longest + 24))}
 
 
 def filter_runs(table: pd.DataFrame, text: str, analyses: list[str], models: list[str]) -> pd.DataFrame:
@@ -148,7 +163,7 @@ def _pick_run(listing: RunListing, param: str, label: str, default: int) -> str:
     if widget_key not in st.session_state:
         st.session_state[widget_key] = names[min(default, len(names) - 1)]
     name = st.selectbox(label, names, key=widget_key,
-                        format_func=lambda n: f"{n}  ({listing.get(n).analysis} · {listing.get(n).model})")
+                        format_func=lambda n: f"{n}  ({listing.get(n).analysis} · {model_name(listing.get(n).model)})")
     st.query_params[param] = name
     return name
 
@@ -184,7 +199,3 @@ def _empty_state(listing: RunListing) -> None:
         st.info(f"No runs yet in `{where}`.")
     st.markdown("Create one, then press **Reload runs** (or refresh the page):")
     st.code(f"analyze sinks --model tiny-qwen3 --out {where}", language="bash")
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

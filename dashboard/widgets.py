@@ -7,18 +7,19 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from .export import IMAGE_FORMATS, figure_image, find_browser, table_csv
-from .plots import empty_figure, is_empty, limit_legend
+from .plots import empty_figure, fit_layer_height, limit_legend, nothing_to_draw
 
 
 def show_figure(fig: go.Figure, key: str, name: str, select: bool = False):
     """Plot ``fig`` and offer it as PNG and SVG (rendered only when a button is clicked).
 
-    A figure with nothing to draw says "nothing found" instead of showing empty axes; more than
+    A figure with nothing to draw (no point, or only blank cells) says "nothing found" instead of showing empty
+    axes; a saved heatmap with layers on y is as tall as its layers need; more than
     ``MAX_LEGEND_LINES`` legend entries become a dropdown. ``select``: clicking a point reruns the app and
     the selection is returned (``event.selection.points``); otherwise None."""
-    if is_empty(fig):
+    if nothing_to_draw(fig):
         fig = empty_figure(fig.layout.title.text or name)
-    fig = limit_legend(fig)
+    fig = limit_legend(fit_layer_height(fig))
     if select:
         event = st.plotly_chart(fig, key=key, width="stretch", on_select="rerun", selection_mode="points")
     else:
@@ -36,9 +37,10 @@ def show_figure(fig: go.Figure, key: str, name: str, select: bool = False):
     return event
 
 
-def show_table(table: pd.DataFrame, key: str, name: str, height: int | None = None) -> None:
-    """The table, and its raw rows as CSV."""
-    st.dataframe(table, hide_index=True, key=key, height=height or "auto")
+def show_table(table: pd.DataFrame, key: str, name: str, height: int | None = None,
+               column_config: dict | None = None) -> None:
+    """The table (``column_config``: Streamlit's per-column widths and formats), and its raw rows as CSV."""
+    st.dataframe(table, hide_index=True, key=key, height=height or "auto", column_config=column_config)
     st.download_button("CSV", data=table_csv(table), file_name=f"{name}.csv", mime="text/csv",
                        key=f"{key}-csv", on_click="ignore")
 

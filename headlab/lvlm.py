@@ -18,6 +18,7 @@ the byte tokenizer: CLIP preprocessing at 32×32 → 16 tokens; Qwen2-VL patches
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,34 +48,41 @@ _TINY_TEMPLATE = (
 
 def load_image(path: str | Path):
     """An RGB PIL image from ``path``; a missing, unreadable, non-image or oversized file is one ``InputError``."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"image {path} does not exist: check the path")
     if not path.is_file():
         raise InputError(f"image {path} is not a file: pass image files (PNG, JPEG, …)")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def decode_image(data: bytes, name: str):
+    """An RGB PIL image from an image file's bytes (``name`` says which file in messages); not an image, corrupt,
+    or over Pillow's pixel limit is one ``InputError``. The size is read from the header before anything is
+    decoded: a few hundred kB of PNG can claim 20000 × 20000 pixels (a decompression bomb)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice it; headlab refuses from the limit on (below).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)  # reads the header only: the size is known before anything is decoded
+            image = Image.open(io.BytesIO(data))  # reads the header only
         with image:
-            _check_pixels(path, image.size)
+            _check_pixels(name, image.size)
             image.load()  # decode now: a truncated file fails here, not inside the processor
             return image.convert("RGB")
     except UnidentifiedImageError as err:
-        raise InputError(f"{path} is not an image PIL can read: pass PNG, JPEG, WebP, … files") from err
+        raise InputError(f"{name} is not an image PIL can read: use a PNG, JPEG, WebP, BMP or GIF file") from err
     except Image.DecompressionBombError as err:  # over twice the limit: Pillow refuses inside Image.open
-        _check_pixels(path, _header_size(path))
-        raise InputError(f"{path} is too large to decode ({err}); resize it") from err
+        _check_pixels(name, _header_size(data))
+        raise InputError(f"{name} is too large to decode ({err}); resize it") from err
     except (OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"image {path} is corrupt or truncated ({err}): re-export or remove it") from err
+        raise InputError(f"image {name} is corrupt or truncated ({err}): export it again, or remove it") from err
 
 
-def _check_pixels(path: Path, size: tuple[int, int] | None) -> None:
+def _check_pixels(name: str, size: tuple[int, int] | None) -> None:
     """Refuse an image over Pillow's ``MAX_IMAGE_PIXELS`` (its decompression-bomb guard): decoding it costs
     gigabytes, and an LVLM's processor shrinks every image to a few hundred pixels a side anyway."""
     from PIL import Image
@@ -82,29 +90,27 @@ def _check_pixels(path: Path, size: tuple[int, int] | None) -> None:
     limit = Image.MAX_IMAGE_PIXELS  # read per call: a user who raises (or clears) Pillow's limit gets theirs
     if size is None or limit is None or size[0] * size[1] <= limit:
         return
-    raise InputError(f"{path} is {size[0]}×{size[1]} pixels, over the {limit:,}-pixel limit for images "
+    raise InputError(f"{name} is {size[0]}×{size[1]} pixels, over the {limit:,}-pixel limit for images "
                      "(Pillow's decompression-bomb guard; an LVLM sees a few hundred pixels a side anyway): "
                      "resize it, e.g. to 1024 pixels on the long side")
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the file's header through the format plugins, which Pillow's ``Image.open`` does
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image's header through the format plugins, which Pillow's ``Image.open`` does
     not return once the size is over twice its limit; None when no plugin reads the header."""
     from PIL import Image
 
     Image.init()
-    with open(path, "rb") as handle:
-        prefix = handle.read(16)
-        for name in Image.ID:
-            factory, accept = Image.OPEN[name]
-            accepted = accept is None or accept(prefix)
-            if isinstance(accepted, str) or not accepted:  # a str is Pillow's "maybe" warning: not this one
-                continue
-            handle.seek(0)
-            try:
-                return tuple(factory(handle, str(path)).size)  # the plugin parses the header, decodes nothing
-            except Exception:  # noqa: BLE001 - any failure of a plugin means "not this format"
-                continue
+    prefix = data[:16]
+    for plugin in Image.ID:
+        factory, accept = Image.OPEN[plugin]
+        accepted = accept is None or accept(prefix)
+        if isinstance(accepted, str) or not accepted:  # a str is Pillow's "maybe" warning: not this one
+            continue
+        try:
+            return tuple(factory(io.BytesIO(data), plugin).size)  # the plugin parses the header, decodes nothing
+        except Exception:  # noqa: BLE001 - any failure of a plugin means "not this format"
+            continue
     return None
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from headlab.checks import NDIF_KEY_ENV, ndif_key  # noqa: F401  (NDIF_KEY_ENV: re-exported)
 from headlab.errors import InputError
 from headlab.kernels import AttentionStats, StatsRequest
 from headlab.kernels.attention_function import (
@@ -51,20 +51,10 @@ from headlab.kernels.attention_function import (
 
 from . import remote_probe
 
-NDIF_KEY_ENV = "NDIF_API_KEY"
 _OP = re.compile(r"^attention_interface_(\d+)$")
 # One envoy tree per model and mode, kept on the model (an envoy holds its model, so a cache keyed by the
 # model elsewhere would keep it alive): building one instruments modules (once) and is not free.
 _ENVOYS = "_headlab_nnsight_envoys"
-
-
-def ndif_key() -> str:
-    """The NDIF API key from ``$NDIF_API_KEY``; ``InputError`` before any compute when it is missing."""
-    key = os.environ.get(NDIF_KEY_ENV, "").strip()
-    if not key:
-        raise InputError(f"--remote runs on NDIF and needs an API key: set ${NDIF_KEY_ENV} to your NDIF key, or "
-                         "drop --remote to run locally")
-    return key
 
 
 def check_remote(model_name: str, remote: bool | str) -> None:

@@ -101,3 +101,27 @@ def test_no_noise_from_transformers_on_lvlm_and_long_prompts(tmp_path):
     assert sinks.returncode == 0, sinks.stderr
     assert "Token indices sequence length" not in sinks.stderr, sinks.stderr
     assert "note: 2 of 2 prompts are longer than --max-tokens 16 tokens" in " ".join(sinks.stderr.split())
+
+
+def test_hallucination_with_missing_images_refuses_then_counts_what_it_evaluated(tmp_path):
+    """6 of the annotated images gone: refused by name before the model loads; with --allow-missing-images the
+    run evaluates the others and says how many (it used to print n = 20 and evaluate 14, silently)."""
+    from headlab.result import Result
+    from headlab.training import lvlm_data as D
+
+    data = tmp_path / "set"
+    D.write_dataset(data, D.eval_scenes("weak", 5))
+    images = sorted((data / "images").iterdir())
+    images[0].unlink()
+    images[3].unlink()
+    args = ["hallucination", "--model", "tiny-llava", "--data", str(data), "--methods", "none", "--n", "5",
+            "--max-new-tokens", "2", "--resamples", "20", "--quiet", "--threads", "1", "--out", str(tmp_path / "runs")]
+    line = one_error_line(runner.invoke(analyze_app, [*args, "--name", "refused"]), "2 of 5 annotated images",
+                          images[0].name, "--allow-missing-images")
+    assert "n = 5" not in line and not (tmp_path / "runs").exists()
+    result = runner.invoke(analyze_app, [*args, "--name", "allowed", "--allow-missing-images"])
+    assert result.exit_code == 0, result.output
+    run = Result.load(tmp_path / "runs" / "allowed")
+    assert sorted(run.tables["missing_images"].iloc[:, 0]) == sorted([images[0].name, images[3].name])
+    assert "n = 3 images" in run.report and "no verdict" not in run.report.split("warning")[0]
+    assert "too few" in " ".join(result.output.split())

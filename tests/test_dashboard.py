@@ -266,7 +266,7 @@ def test_runs_page_lists_runs_filters_them_and_lists_broken_runs_apart(app_env):
     assert sorted(runs["run"]) == sorted([*SINK_RUNS, "no-view-run"])
     assert set(runs.columns) >= {"analysis", "model", "date", "prompts", "key figures"}
     sinks_row = runs.set_index("run").loc["sinks-llama"]
-    assert sinks_row["prompts"] == 3 and "Sink_1 %" in sinks_row["key figures"]
+    assert sinks_row["prompts"] == "3" and "Sink₁ (%)" in sinks_row["key figures"]
     assert set(broken["folder"]) == {"corrupt", ".sinks-crashed.tmp-0123abcd"}
     assert broken.set_index("folder").loc["corrupt", "reason"].endswith("run it again")
 
@@ -410,7 +410,7 @@ def test_head_view_shows_the_picked_heads_pattern_and_received_attention(app_env
     unsaved = next((la, h) for la in range(4) for h in range(4) if (la, h) not in saved)
     at.selectbox(key=f"{key}-head-layer").set_value(unsaved[0]).run()
     at.selectbox(key=f"{key}-head-head").set_value(unsaved[1]).run()
-    assert "kept full patterns for heads" in texts(at.info)
+    assert "keeps full attention patterns only for its 8 heads" in texts(at.info)
     assert f"layer={unsaved[0]}, head={unsaved[1]}" in texts(at.code)
     assert not at.exception
 

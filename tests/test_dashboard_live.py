@@ -248,7 +248,7 @@ def test_a_folder_that_is_not_a_model_is_an_error_on_the_page(tmp_path):
     at.text_input(key="live-path").input(str(tmp_path))
     at.button(key="live-load").click().run()
     assert not at.exception
-    assert f"cannot load '{tmp_path}'" in texts(at.error) and "config" in texts(at.error)
+    assert f"cannot load '{tmp_path.name}'" in texts(at.error) and "config" in texts(at.error)
 
 
 def test_prompt_and_generation_limits_are_messages(load_model):
@@ -418,7 +418,7 @@ def test_smollm2_statistics_and_a_knockout_on_real_weights(load_model):
     without, edited = (c.value for c in at.code)
     assert without == generate(loaded, ids, 2) == " Mary,"
     assert edited == generate(loaded, ids, 2, KeyKnockout(every_head(range(30)), keys=[1])) == " John's"
-    assert "KeyKnockout on layers 0-29" in texts(at.markdown)
+    assert "key knockout: every head of layers 0-29" in texts(at.markdown)
 
 
 # ----------------------------------------------------------------------------------------------- LVLM fixes
@@ -557,7 +557,7 @@ def test_fixes_mix_with_plain_edits_in_one_block(page_models, load_model):
                                     pad_token_id=loaded.text_tokenizer.pad_token_id)[0].tolist()
     inp = live_model.build_input(loaded, live.IMAGE_PROMPT, picture)
     assert edited == live_model.decode(loaded, inp, out[inp.n_tokens:])[0] != without
-    assert "HeadScale on layers 1, 2; PAI on layers 2, 3" in texts(at.markdown)
+    assert "scale ×6: every head of layers 1, 2; PAI on layers 2, 3" in texts(at.markdown)
 
     # PAI (last row) and VAF (the text after the image) both edit layer 2's scores: refused before compute.
     at.multiselect(key="live-edits").set_value(["fix_pai", "fix_vaf"]).run()
@@ -647,7 +647,17 @@ def test_lvlm_fixes_on_llava_smol(page_models, load_model):
 
 def test_live_page_in_a_real_browser(tmp_path):
     from playwright.sync_api import sync_playwright
-    from test_dashboard_browser import CHROMIUM, HEADLAB, free_port, wait_for_port
+    from test_dashboard_browser import (
+        CHROMIUM,
+        HEADLAB,
+        HEATMAP,
+        click_cell_until,
+        free_port,
+        launch_browser,
+        new_page,
+        plot_titled,
+        wait_for_port,
+    )
 
     assert os.access(CHROMIUM, os.X_OK), "the browser test needs Debian's chromium: apt-get install chromium"
     runs = tmp_path / "runs"
@@ -659,30 +669,20 @@ def test_live_page_in_a_real_browser(tmp_path):
     try:
         wait_for_port(port, server)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-background-networking"])
+            browser = launch_browser(playwright)
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page = new_page(browser)  # every wait below may take HEADLAB_BROWSER_TIMEOUT_S (default 300 s)
                 page.goto(f"http://127.0.0.1:{port}/?page=live&model=backcopy")
                 # exact: "Run" must not match the sidebar's "Reload runs" while the page is still loading the model.
-                page.get_by_role("button", name="Load model", exact=True).click(timeout=90_000)
-                page.get_by_role("button", name="Run", exact=True).click(timeout=90_000)
-                page.wait_for_function(
-                    "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some("
-                    "p => (p.layout.title.text || '').includes('backcopy: entropy'))", timeout=90_000)
-                page.wait_for_selector(".js-plotly-plot .hm", timeout=30_000)
+                page.get_by_role("button", name="Load model", exact=True).click()
+                page.get_by_role("button", name="Run", exact=True).click()
+                page.wait_for_function(plot_titled("backcopy: entropy"))
+                page.wait_for_selector(HEATMAP)
                 z = page.evaluate("() => document.querySelector('.js-plotly-plot').data[0].z")
                 assert np.asarray(array(z) if isinstance(z, dict) else z, dtype=float).shape == (4, 4)
 
                 # Clicking the cell of layer 2, head 1 (of 4 x 4) opens that head's pattern.
-                plot = page.locator(".js-plotly-plot").first
-                plot.scroll_into_view_if_needed()
-                box = plot.locator(".nsewdrag").first.bounding_box()
-                page.mouse.click(box["x"] + box["width"] * 1.5 / 4, box["y"] + box["height"] * (1 - 2.5 / 4))
-                page.wait_for_function(
-                    "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some("
-                    "p => (p.layout.title.text || '').includes('layer 2, head 1 attention pattern'))",
-                    timeout=60_000)
+                click_cell_until(page, 2, 1, 4, 4, "layer 2, head 1 attention pattern")
                 shot = tmp_path / "live.png"
                 page.screenshot(path=str(shot), full_page=True)
                 assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,8 @@ CASES = {
     "vhd --k 0": (["vhd", "--images", ".", "--prompts", "p.txt", "--k", "0"], "--k must be at least 1"),
     "lofit select --epochs 0": (["lofit", "select", "--data", "d.jsonl", "--epochs", "0"],
                                 "--epochs must be at least 1"),
+    "circuits colored-objects:99": (["circuits", "--tasks", "colored-objects:99"], "at most 10 shots"),
+    "circuits unknown task": (["circuits", "--tasks", "ioi,nope"], "unknown task 'nope'"),
     "lofit train --lr 0": (["lofit", "train", "--data", "d.jsonl", "--heads", "sel", "--lr", "0"],
                            "--lr must be positive"),
 }

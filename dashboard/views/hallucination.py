@@ -19,6 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from headlab.analyses.hallucination_eval import MIN_CI_N
 from headlab.result import Result
 
 from ..export import table_csv
@@ -152,6 +153,12 @@ def verdicts(metrics: pd.DataFrame, metric: str, split: str | None) -> list[str]
     for label in labels:
         r = rows.loc[(label, metric)]
         name = f"**{_md(label)}**"
+        few = "n" in r.index and pd.notna(r["n"]) and int(r["n"]) < MIN_CI_N
+        if few:
+            # A bootstrap over a handful of items takes a handful of values: its interval says nothing either way.
+            lines.append(f"{name}: {metric} {interval(r['value'], r['ci_low'], r['ci_high'])}; no verdict: n = "
+                         f"{int(r['n'])} is too few for a bootstrap CI to mean anything (at least {MIN_CI_N}).")
+            continue
         if pd.isna(r["delta"]):
             text = f"{name}: {metric} {interval(r['value'], r['ci_low'], r['ci_high'])}; no `none` run to compare with"
         else:

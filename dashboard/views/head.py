@@ -1,5 +1,6 @@
 """One head of a run, opened by clicking its layer x head cell (or picking it): its full pattern on a prompt of
-the run (``head_patterns``, kept by sinks runs for their top sink heads on the first prompts), the attention
+the run where the run kept one (``head_patterns``: sinks runs keep them only for their top sink heads, on their
+first prompts; the page says so for every other head), the attention
 each token receives from it (``token_alpha``), and its entropy, key-position and distance profiles where the
 run has them. Any analysis view can call ``head_picker`` + ``render_head``."""
 
@@ -13,12 +14,14 @@ import streamlit as st
 from headlab.result import Result
 from headlab.tokens import token_label
 
+from ..labels import metric_value
 from ..plots import HOVER_DIGITS, clicked_cell, empty_figure, model_title
 from ..widgets import show_figure
 
-SCALARS = {  # [layer, head] tensors shown as numbers: name -> label
+SCALARS = {  # [layer, head] tensors shown as tiles: name -> label
     "entropy": "entropy (nats)", "first_mass": "mass on the first token", "sink_heads": "sink head (alpha > eps)",
 }
+FLAGS = {"sink_heads"}  # 0/1 tensors (uint8): a tile says yes or no, not 1
 
 
 def prompt_tokens(run: Result, prompt: int) -> tuple[list[str], list[str]]:
@@ -151,13 +154,13 @@ def run_grid(run: Result) -> tuple[int, int]:
 def render_head(run: Result, layer: int, head: int, key: str) -> None:
     """The head panel: scalar metrics, pattern on a kept prompt, attention received per token, profiles."""
     st.markdown(f"**Layer {layer}, head {head}**")
-    metrics = [(label, float(run.tensors[name][layer, head])) for name, label in SCALARS.items()
+    metrics = [(label, _tile(name, float(run.tensors[name][layer, head]))) for name, label in SCALARS.items()
                if name in run.tensors and run.tensors[name].ndim == 2]
     if "alpha" in run.tensors:
-        metrics.insert(0, ("alpha of the first token", float(run.tensors["alpha"][layer, head, 0])))
+        metrics.insert(0, ("alpha of the first token", f"{float(run.tensors['alpha'][layer, head, 0]):.4g}"))
     if metrics:
         for column, (label, value) in zip(st.columns(len(metrics)), metrics, strict=True):
-            column.metric(label, f"{value:.4g}")
+            column.metric(label, value)
     saved = saved_pattern_heads(run)
     n_prompts = int(run.tensors["head_patterns"].shape[0]) if saved else 0
     n_token_prompts = int(run.tensors["token_alpha"].shape[0]) if "token_alpha" in run.tensors else 0
@@ -168,9 +171,9 @@ def render_head(run: Result, layer: int, head: int, key: str) -> None:
             show_figure(pattern_figure(run, prompt, layer, head), key=f"{key}-head-pattern",
                         name=f"{_name(run)}-L{layer}H{head}-pattern-p{prompt}")
         else:
-            kept = ", ".join(f"L{la}H{h}" for la, h in saved) or "none"
-            where = f"prompts 0..{n_prompts - 1}" if n_prompts else "no prompt"
-            st.info(f"The run kept full patterns for heads {kept} on {where}. For this head, compute it in Python:")
+            on_prompt = f" on prompt #{prompt}" if (layer, head) in saved else ""
+            st.info(f"No stored pattern for layer {layer}, head {head}{on_prompt}. {stored_patterns_note(run)} "
+                    "For this head, compute its pattern in Python, or open the model on the Live page:")
             st.code(f'import headlab\nloaded = headlab.load("{run.model}")\n'
                     f'headlab.attention(loaded, "your prompt", layer={layer}, head={head})', language="python")
         if prompt < n_token_prompts:
@@ -182,6 +185,23 @@ def render_head(run: Result, layer: int, head: int, key: str) -> None:
     if "distance_mean" in run.tensors:
         show_figure(distance_figure(run, layer, head), key=f"{key}-head-distance",
                     name=f"{_name(run)}-L{layer}H{head}-distance")
+
+
+def stored_patterns_note(run: Result) -> str:
+    """Which heads the run kept full patterns of, and on which prompts: a sinks run keeps them only for its top
+    sink heads (``head_pattern_heads``) on its first prompts, so the page must not promise one for any head."""
+    saved = saved_pattern_heads(run)
+    if not saved:
+        return "This run keeps no full attention pattern of any head."
+    n_prompts = int(run.tensors["head_patterns"].shape[0])
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in saved)
+    prompts = "prompt #0" if n_prompts == 1 else f"prompts #0–#{n_prompts - 1}"
+    return (f"This run keeps full attention patterns only for its {len(saved)} heads with the largest alpha of the "
+            f"first token ({heads}), on {prompts}.")
+
+
+def _tile(name: str, value: float) -> str:
+    return metric_value(bool(value)) if name in FLAGS else f"{value:.4g}"
 
 
 def _prompt_caption(run: Result, prompt: int) -> str:

@@ -25,7 +25,7 @@ from ..generic import (
 from ..plots import HOVER_DIGITS, layer_head_heatmap, model_title
 from ..registry import View, register_view
 from ..widgets import show_figure, show_table
-from .head import head_picker, render_head
+from .head import head_picker, render_head, stored_patterns_note
 
 REQUIRED_TENSORS = ("alpha", "sink_rate", "first_token_norm", "median_token_norm")
 # What this page draws itself; any other table or saved figure is shown as it is, below.
@@ -142,7 +142,7 @@ class SinksView(View):
     def key_figures(self, manifest: dict) -> dict[str, object]:
         summary = manifest.get("summary") or {}
         dims = summary.get("massive_dims") or []
-        return {"Sink_1 %": summary.get("sink_1_pct"), "sink heads": summary.get("n_sink_heads"),
+        return {"Sink₁ (%)": summary.get("sink_1_pct"), "sink heads": summary.get("n_sink_heads"),
                 "layers x heads": f"{summary.get('n_layers')} x {summary.get('n_heads')}",
                 "massive dims": ", ".join(map(str, dims[:4])) or "none"}
 
@@ -165,7 +165,8 @@ class SinksView(View):
         with right:
             show_figure(norm_profile([run]), key=f"{key}-norms", name=f"{run_name(run)}-residual-norms")
         st.subheader("One head")
-        st.caption("Click a cell of the alpha heatmap above, or pick the layer and head here.")
+        st.caption(f"Click a cell of the alpha heatmap above, or pick the layer and head here. "
+                   f"{stored_patterns_note(run)}")
         top = run.tables["sink_heads"].iloc[0] if len(run.tables.get("sink_heads", [])) else None
         default = (int(top["layer"]), int(top["head"])) if top is not None else (0, 0)
         points = event.selection.points if event is not None else None

@@ -195,7 +195,7 @@ def circuits(
     """Circuits: head scores by attribution or exact path patching, top heads per task, their overlap."""
 
     def prepare(args: ModelArgs) -> Prepared:
-        from headlab.analyses.circuits import CircuitsConfig
+        from headlab.analyses.configs import CircuitsConfig
 
         config = CircuitsConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), n=n, top=top,
                                 method=method, seed=seed, batch_size=batch_size, senders_per_pass=senders_per_pass,
@@ -209,7 +209,8 @@ def circuits(
         from headlab.analyses.circuits import analyze_circuits
 
         width["hidden"] = loaded.arch.hidden_size
-        return analyze_circuits(loaded, prepared.extra, progress=not quiet)
+        return analyze_circuits(loaded, prepared.extra, progress=not quiet,
+                                log=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
 
     def show(result, path: Path) -> None:
         from headlab.analyses.circuits import export_graphs

@@ -19,7 +19,7 @@ import typer
 
 from headlab.cli import options
 from headlab.cli.model_args import ModelArgs, Runtime, takes_model
-from headlab.cli.output import console, say
+from headlab.cli.output import console, say, warn
 from headlab.cli.skeleton import Prepared, run_and_save, runs_folder_target
 from headlab.errors import InputError
 
@@ -156,6 +156,8 @@ def hallucination(
     seed: int = typer.Option(0, help="seed of the image draw, the controls and the bootstrap"),
     t_vhd: bool = typer.Option(False, "--t-vhd", help="chair: also the T-VHD of every caption token (two "
                                                        "teacher-forced passes per batch and method)"),
+    allow_missing_images: bool = typer.Option(False, help="chair: evaluate the annotated images that are on disk "
+                                                          "when some are missing; the run lists the missing ones"),
     out: Path = options.RUNS_FOLDER,
     name: str = options.run_name("hallucination"),
     quiet: bool = options.QUIET,
@@ -173,13 +175,13 @@ def hallucination(
                                      prompt=prompt, pope_suffix=pope_suffix,
                                      splits=[s.strip() for s in splits.split(",") if s.strip()], parser=parser,
                                      synonyms=str(synonyms) if synonyms is not None else None, resamples=resamples,
-                                     seed=seed, t_vhd=t_vhd)
+                                     seed=seed, t_vhd=t_vhd, allow_missing_images=allow_missing_images)
         config.check()
         if synonyms is not None and not synonyms.is_file():
             raise InputError(f"--synonyms {synonyms}: no such file")
         # Every input file is read before the model loads.
         if bench == "chair":
-            chair_images(data, n, seed)
+            chair_images(data, n, seed, allow_missing=allow_missing_images)
         else:
             pope_questions(data, config.splits, n)
         return Prepared(*runs_folder_target("hallucination", args.model, out, name), extra=config)
@@ -187,7 +189,7 @@ def hallucination(
     def run(loaded, prepared: Prepared):
         from headlab.analyses.hallucination_eval import analyze_hallucination
 
-        return analyze_hallucination(loaded, data, prepared.extra, progress=not quiet)
+        return analyze_hallucination(loaded, data, prepared.extra, progress=not quiet, warn=warn)
 
     run_and_save(model_args, command="analyze hallucination", prepare=prepare, run=run, quiet=quiet,
                  runtimes=LOCAL, show=lambda result, path: say(result.report),

@@ -84,15 +84,32 @@ class ModelArgs:
             return None
         return {"device_map": self.device_map, "max_memory": self.max_memory}
 
+    def check_plain(self, *, command: str = "this command",
+                    runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> None:
+        """The model options' checks that need no torch (they run first, with the command's own plain checks)."""
+        from headlab.checks import ndif_key
+
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {self.threads}")
+        if self.runtime not in runtimes:
+            raise InputError(f"--runtime {self.runtime.value}: `{command}` runs with "
+                             f"{' or '.join(r.value for r in runtimes)} only")
+        if self.remote:
+            if self.runtime != Runtime.nnsight:
+                raise InputError("--remote runs through nnsight: add --runtime nnsight")
+            if self.device_map is not None:
+                raise InputError("--remote runs the model on NDIF's machines, which place it themselves: drop "
+                                 "--device-map")
+            ndif_key()
+
     def check(self, *, command: str = "this command",
               runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> ModelArgs:
         """Every check that needs no model, before one loads; raises ``InputError``."""
         from headlab.kernels import check_environment
         from headlab.placement import check_placement, resolve_device, resolve_dtype
 
+        self.check_plain(command=command, runtimes=runtimes)
         check_environment()
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be at least 1, got {self.threads}")
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)
         if self.kernel_name is not None:
@@ -101,18 +118,10 @@ class ModelArgs:
             from headlab.kernels.dispatch import resolve_backend
 
             resolve_backend(torch.device(device), self.kernel_name)
-        if self.runtime not in runtimes:
-            raise InputError(f"--runtime {self.runtime.value}: `{command}` runs with "
-                             f"{' or '.join(r.value for r in runtimes)} only")
         device_map, max_memory, folder = check_placement(self.device_map, self.max_memory, self.offload_folder)
         if self.remote:
             from headlab.probes.nnsight_backend import check_remote
 
-            if self.runtime != Runtime.nnsight:
-                raise InputError("--remote runs through nnsight: add --runtime nnsight")
-            if device_map is not None:
-                raise InputError("--remote runs the model on NDIF's machines, which place it themselves: drop "
-                                 "--device-map")
             check_remote(self.model, True)
         return dataclasses.replace(self, device_map=device_map, max_memory=max_memory, offload_folder=folder)
 
