@@ -24,7 +24,7 @@ def compare_fixes(loaded, picture, image: Path, prompt: str, methods: dict[str, 
         rows.append({"method": name, "generation": decode(loaded, tokens)[0],
                      "seconds": round(time.perf_counter() - started, 2)})
     table = pd.DataFrame(rows, columns=["method", "generation", "seconds"])
-    report = [f"# Fixes on {loaded.name}", "", f"- image: {image.name}; prompt: {prompt!r}; {max_new_tokens} greedy "
+    report = [f"# Fixes on {loaded.title}", "", f"- image: {image.name}; prompt: {prompt!r}; {max_new_tokens} greedy "
               "tokens", ""] + [f"- {row['method']}: {row['generation']!r}" for row in rows]
     return Result("fix", loaded.name, {"image": str(image), "prompt": prompt, "methods": list(methods),
                                        "options": options, "max_new_tokens": max_new_tokens},

@@ -129,7 +129,7 @@ def prompt_token_ids(loaded: LoadedModel, prompts: list[str], config, progress: 
     inputs = [chat_ids(loaded, p) if config.chat_template else encode(loaded, p, config.max_tokens) for p in prompts]
     if not config.generate:
         return [ids[: config.max_tokens] for ids in inputs]
-    bar = tqdm(total=config.generate * len(prompts), unit="tok", desc=f"generating {loaded.name}",
+    bar = tqdm(total=config.generate * len(prompts), unit="tok", desc=f"generating {loaded.title}",
                disable=not progress)
     out = []
     for ids in inputs:

@@ -388,7 +388,7 @@ def _chair_result(loaded, data, config, images, outputs, described, sample: Samp
     if sample.missing:
         tables["missing_images"] = pd.DataFrame({"image": sample.missing})
     return _result(loaded, config, described, tables, summary, meta,
-                   _figure(table, CHAIR_METRICS[:5], f"{loaded.name}: CHAIR per method"), sample)
+                   _figure(table, CHAIR_METRICS[:5], f"{loaded.title}: CHAIR per method"), sample)
 
 
 def _default_synonyms(data: Path):
@@ -446,7 +446,7 @@ def _pope_result(loaded, config, questions, outputs, described, sample: Sample):
             summary[label]["delta_mean_f1"] = [m["delta"], m["ci_low"], m["ci_high"]]
     table = pd.DataFrame(rows)
     meta = {"parser": config.parser, "splits": config.splits}
-    figure = _figure(table[table["split"] == "all"], ("mean_f1",), f"{loaded.name}: POPE mean F1 per method")
+    figure = _figure(table[table["split"] == "all"], ("mean_f1",), f"{loaded.title}: POPE mean F1 per method")
     return _result(loaded, config, described, {"metrics": table, "answers": pd.DataFrame(answers)}, summary, meta,
                    figure, sample)
 
@@ -508,7 +508,7 @@ def _result(loaded, config, described, tables, summary, meta, figure, sample: Sa
     from headlab.result import Result
 
     keys = [k for k in next(iter(summary.values())) if not k.startswith("delta")]
-    lines = [f"# Hallucination fixes on {loaded.name}: {config.bench.upper()}", "",
+    lines = [f"# Hallucination fixes on {loaded.title}: {config.bench.upper()}", "",
              f"- methods: {', '.join(label for label, _, _ in config.labels())}; {sample.text}; "
              f"{config.new_tokens} new tokens; greedy", f"- scoring: {scoring_text(meta)}",
              *(f"- warning: {line}" for line in sample.warnings), "",

@@ -204,9 +204,9 @@ def select_heads(loaded, items: list[Item], config: LofitConfig | None = None, p
                # the whole ranking and curve also in manifest.json, for readers without parquet
                "ranking": [[int(r.layer), int(r.head), float(r.a_norm)] for r in ranking.itertuples()],
                "curve_task_loss": [float(x) for x in curve["task_loss"]]}
-    figures = {"ranking": heatmap(norms, f"LoFiT head selection: ‖A‖₂ per head ({loaded.name})", "‖A‖₂"),
+    figures = {"ranking": heatmap(norms, f"LoFiT head selection: ‖A‖₂ per head ({loaded.title})", "‖A‖₂"),
                "curve": curve_figure({"select (A on every head)": curve}, "LoFiT step 1: training curve")}
-    report = (f"# LoFiT head selection on {loaded.name}\n\n{len(items)} {config.objective} items, {len(curve)} steps; "
+    report = (f"# LoFiT head selection on {loaded.title}\n\n{len(items)} {config.objective} items, {len(curve)} steps; "
               f"task loss {summary['first_task_loss']:.4f} -> {summary['final_task_loss']:.4f}.\n\nTop heads by "
               f"‖A‖₂: " + ", ".join(f"{layer}.{h} ({n:.4f})" for layer, h, n in top) + "\n")
     return Result("lofit-select", loaded.name, asdict(config), tables={"ranking": ranking, "curve": curve},
@@ -262,10 +262,10 @@ def train_offsets(loaded, items: list[Item], pairs: list[Head], config: LofitCon
                   [[int(r.layer), int(r.head), float(r.a_norm)] for r in ranking.itertuples()]}
     heads = pd.DataFrame({"layer": [p[0] for p in offsets.pairs], "head": [p[1] for p in offsets.pairs],
                           "v_norm": offsets.v.detach().float().norm(dim=-1).numpy()})
-    figures = {"offsets": heatmap(v_norm, f"LoFiT offsets: ‖v‖₂ on {len(pairs)} heads ({loaded.name})", "‖v‖₂"),
+    figures = {"offsets": heatmap(v_norm, f"LoFiT offsets: ‖v‖₂ on {len(pairs)} heads ({loaded.title})", "‖v‖₂"),
                "curve": curve_figure({f"train (v on {len(pairs)} {label} heads)": curve},
                                      "LoFiT step 2: training curve")}
-    report = (f"# LoFiT offsets on {loaded.name}\n\nv trained on {len(pairs)} heads ({label}): "
+    report = (f"# LoFiT offsets on {loaded.title}\n\nv trained on {len(pairs)} heads ({label}): "
               + ", ".join(f"{layer}.{h}" for layer, h in offsets.pairs)
               + f"\n\n{len(pairs) * arch.head_dim} trained parameters; task loss {summary['first_task_loss']:.4f} -> "
               f"{summary['final_task_loss']:.4f}.\n\n"

@@ -30,7 +30,7 @@ def apply_result(loaded, offsets: HeadOffsets, prompts: list[str], max_new_token
                      "with_offsets": tok.decode(after, skip_special_tokens=True)})
     table = pd.DataFrame(rows, columns=["prompt", "without_offsets", "with_offsets"])
     changed = int((table["without_offsets"] != table["with_offsets"]).sum())
-    report = [f"# LoFiT offsets applied to {loaded.name}", "", f"- offsets: {source} ({len(offsets.pairs)} heads)",
+    report = [f"# LoFiT offsets applied to {loaded.title}", "", f"- offsets: {source} ({len(offsets.pairs)} heads)",
               f"- {len(prompts)} prompts, {max_new_tokens} greedy tokens; the offsets changed {changed} of them", ""]
     for row in rows:
         report += [f"prompt: {row['prompt']!r}", f"  without offsets: {row['without_offsets']!r}",
@@ -48,7 +48,7 @@ def export_result(loaded, offsets: HeadOffsets, source: str) -> Result:
     table = pd.DataFrame([{"layer": layer, "heads": sum(1 for lay, _ in offsets.pairs if lay == layer),
                            "bias_delta_norm": float(delta.norm())} for layer, delta in sorted(deltas.items())])
     report = "\n".join([
-        f"# LoFiT offsets exported from {loaded.name}", "", f"- offsets: {source} ({len(offsets.pairs)} heads on "
+        f"# LoFiT offsets exported from {loaded.title}", "", f"- offsets: {source} ({len(offsets.pairs)} heads on "
         f"{len(deltas)} layers)", f"- the checkpoint is in `{EXPORTED_FOLDER}/` "
         "(AutoModelForCausalLM.from_pretrained reads it); o_proj's bias carries W_O·v per layer"])
     return Result("lofit-export", loaded.name, {"offsets": source, "heads": [list(p) for p in offsets.pairs]},

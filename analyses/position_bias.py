@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from headlab.analyses.configs import PositionBiasConfig
 from headlab.batching import batches, check_max_tokens
 from headlab.errors import InputError
+from headlab.figures import model_title
 from headlab.kernels import StatsRequest, distance_bin_edges
 from headlab.kernels.dispatch import backend_in_use
 from headlab.loading import LoadedModel
@@ -192,7 +193,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
     arch = loaded.arch
     profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal)
     n_tokens = 0
-    bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.name}", disable=not progress)
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.title}", disable=not progress)
     cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), ("batch", "batches"), "")
     with torch.no_grad(), AttentionProbe(loaded, profile.add, backend=config.backend,
                                          request=StatsRequest(distance=True)):
@@ -251,7 +252,7 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
 
     summary = _summary(loaded, prompts, n_tokens, tensors, trends, rollout, retrieval, notes)
     summary["max_tokens"] = config.max_tokens
-    figures = _figures(loaded.name, profile, tensors, trends, rollout, retrieval and retrieval[0], config)
+    figures = _figures(loaded.title, profile, tensors, trends, rollout, retrieval and retrieval[0], config)
     return Result(
         analysis="position_bias",
         model=loaded.name,
@@ -532,7 +533,7 @@ def _relative_figure(model: str, tensors) -> go.Figure:
 def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
     k = summary["trend_k_mean"]
     lines = [
-        f"# Position bias: {summary['model']}",
+        f"# Position bias: {model_title(summary['model'])}",
         "",
         f"- prompts: {summary['n_prompts']}, tokens: {summary['n_tokens']}, "
         f"{'causal' if summary['causal'] else 'bidirectional'}",

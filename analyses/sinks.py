@@ -65,7 +65,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     token_rows: list[dict] = []
     n_pattern_prompts = min(len(prompts), max(0, config.pattern_prompts))
     pattern_ids: list[list[int]] = []  # ids of the first prompts, for the head-pattern pass
-    bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.name}", disable=not progress)
+    bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.title}", disable=not progress)
     with torch.no_grad(), ExitStack() as stack:
         stack.enter_context(AttentionProbe(loaded, on_stats, backend=config.backend))
         resid = stack.enter_context(ResidualProbe(loaded))
@@ -275,7 +275,7 @@ def _figures(model, alpha, sink_rate, first_norm, median_norm, config) -> dict[s
 
 def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
     lines = [
-        f"# Attention sinks: {summary['model']}",
+        f"# Attention sinks: {model_title(summary['model'])}",
         "",
         f"- prompts: {summary['n_prompts']}, tokens: {summary['n_tokens']}",
         f"- Sink_1 (eps = {summary['eps']}): {summary['sink_1_pct']:.1f}% of (sample, layer, head)",

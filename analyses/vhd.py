@@ -203,7 +203,7 @@ def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None 
             by_status[status] = {"tokens": len(part), **{f"mean_t_vhd_{a}": float(part[f"t_vhd_{a}"].mean())
                                                          for a in AGGREGATIONS}}
     heatmap = go.Figure(go.Heatmap(z=mean_vhd.numpy(), colorscale="Viridis", colorbar=dict(title="VHD")))
-    heatmap.update_layout(title=f"{loaded.name}: mean VHD per head (image {config.remove})",
+    heatmap.update_layout(title=f"{loaded.title}: mean VHD per head (image {config.remove})",
                           xaxis_title="head", yaxis_title="layer")
     figures = {"vhd_heatmap": heatmap}
     if by_status:
@@ -211,7 +211,7 @@ def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None 
         for status in ("correct", "hallucinated"):
             part = table[table["status"] == status]
             box.add_trace(go.Box(y=part["t_vhd_layer_topk_sum"], name=f"{status} ({len(part)})"))
-        box.update_layout(title=f"{loaded.name}: T-VHD (layer top-{config.k} sum) of object tokens",
+        box.update_layout(title=f"{loaded.title}: T-VHD (layer top-{config.k} sum) of object tokens",
                           yaxis_title="T-VHD")
         figures["t_vhd_objects"] = box
     heads = pd.DataFrame([{"layer": layer, "head": h, "vhd": float(mean_vhd[layer, h])}
@@ -219,7 +219,7 @@ def analyze_vhd(loaded, samples: Sequence[LvlmSample], config: VhdConfig | None 
     summary = {"samples": len(samples), "tokens": counts, "remove": config.remove, "k": config.k,
                "top_heads": heads.nlargest(5, "vhd")[["layer", "head", "vhd"]].to_dict("records"),
                "object_tokens": by_status, "answers": answers[:5]}
-    report = [f"# VHD on {loaded.name}", "", f"- {len(samples)} samples, {counts} generated tokens, image "
+    report = [f"# VHD on {loaded.title}", "", f"- {len(samples)} samples, {counts} generated tokens, image "
               f"removed by {config.remove}", f"- top heads by mean VHD: {summary['top_heads']}"]
     for status, entry in by_status.items():
         report.append(f"- {status} object tokens: {entry}")

@@ -70,6 +70,14 @@ class LoadedModel:
         return {name: str(where) for name, where in device_map.items()} if device_map else None
 
     @property
+    def title(self) -> str:
+        """The model's name for titles, tables and reports: a local folder or file is its last part, never a path
+        (``name`` keeps what the user passed, for the manifest)."""
+        from headlab.figures import model_title
+
+        return model_title(self.name)
+
+    @property
     def generates(self) -> bool:
         """A causal model with an output head: it gives next-token log-probabilities, so it can generate."""
         return bool(self.arch.causal) and self.model.get_output_embeddings() is not None

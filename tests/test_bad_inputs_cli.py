@@ -125,3 +125,24 @@ def test_hallucination_with_missing_images_refuses_then_counts_what_it_evaluated
     assert sorted(run.tables["missing_images"].iloc[:, 0]) == sorted([images[0].name, images[3].name])
     assert "n = 3 images" in run.report and "no verdict" not in run.report.split("warning")[0]
     assert "too few" in " ".join(result.output.split())
+
+
+def test_a_model_given_by_path_is_named_by_its_folder_in_tables_and_reports(tmp_path):
+    """The printed table, the report and the figure titles name ``my-model``, never ``/tmp/.../my-model``
+    (the manifest keeps the path the user passed, for reproducibility)."""
+    from headlab.result import Result
+    from headlab.zoo.tiny import build_tiny
+
+    model, tok = build_tiny("tiny-llama")
+    folder = tmp_path / "deep" / "my-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    result = runner.invoke(analyze_app, ["sinks", "--model", str(folder), "--n-prompts", "2", "--max-tokens", "16",
+                                         "--quiet", "--threads", "1", "--out", str(tmp_path / "runs"), "--name", "r"],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "Top sink heads: my-model" in result.output
+    run = Result.load(tmp_path / "runs" / "r")
+    assert run.model == str(folder) and str(tmp_path) not in run.report.splitlines()[0]
+    titles = [fig.layout.title.text or "" for fig in run.figures.values()]
+    assert titles and not any(str(tmp_path) in title for title in titles)

@@ -7,10 +7,11 @@ from pathlib import Path
 from rich.table import Table
 
 from headlab.cli.output import console, say
+from headlab.figures import model_title
 
 
 def print_sinks_summary(summary: dict, path: Path, max_tokens: int | None = None) -> None:
-    table = Table(title=f"Top sink heads: {summary['model']} (alpha of the first token)")
+    table = Table(title=f"Top sink heads: {model_title(summary['model'])} (alpha of the first token)")
     table.add_column("layer", justify="right")
     table.add_column("head", justify="right")
     table.add_column("alpha", justify="right")
@@ -40,7 +41,7 @@ def print_sinks_summary(summary: dict, path: Path, max_tokens: int | None = None
 def print_position_summary(summary: dict, path: Path) -> None:
     from headlab.analyses.position_bias import absent_sentence, rollout_sentence
 
-    table = Table(title=f"Position bias: {summary['model']}")
+    table = Table(title=f"Position bias: {model_title(summary['model'])}")
     for column in ("segment", "received / uniform"):
         table.add_column(column, justify="right")
     for segment, ratio in summary["segment_ratio_to_uniform"].items():
