@@ -17,7 +17,7 @@ from headlab.analyses import hallucination_metrics as M
 from headlab.errors import InputError
 from headlab.training import lvlm_data as D
 
-LOADED = SimpleNamespace(name="fake-lvlm")  # the analysis reads only the name once generation is replaced
+LOADED = SimpleNamespace(name="fake-lvlm", title="fake-lvlm")  # only the names are read once generation is replaced
 
 
 def _data(tmp_path, n_images: int, missing: int = 0):

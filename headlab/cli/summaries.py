@@ -7,10 +7,11 @@ from pathlib import Path
 from rich.table import Table
 
 from headlab.cli.output import console, say
-from headlab.figures import model_title
 
 
 def print_sinks_summary(summary: dict, path: Path, max_tokens: int | None = None) -> None:
+    from headlab.figures import model_title  # plotly: imported once a run has been computed, never for --help
+
     table = Table(title=f"Top sink heads: {model_title(summary['model'])} (alpha of the first token)")
     table.add_column("layer", justify="right")
     table.add_column("head", justify="right")
@@ -31,15 +32,25 @@ def print_sinks_summary(summary: dict, path: Path, max_tokens: int | None = None
     dims = summary["massive_dims"]
     console.print(f"massive activations: dims {dims} from layer {summary['first_massive_layer']}" if dims
                   else "massive activations: none", f"({summary['massive_criterion']})")
+    if "sink_category_sentence" in summary:
+        console.print(f"sink categories: {summary['sink_category_sentence']}", highlight=False, soft_wrap=True)
     if "n_sink_tokens" in summary:
         levels = f"; sink levels: {summary['n_sink_levels']}" if "n_sink_levels" in summary else ""
+        low = f", {summary['n_low_attention']} low attention" if summary.get("n_low_attention") else ""
+        criterion = f", criterion {summary['secondary_criterion']}" if "secondary_criterion" in summary else ""
         console.print(f"secondary-sink scan: {summary['n_secondary']} secondary, {summary['n_primary_like']} "
-                      f"primary-like, {summary['n_noise']} noise (lifetime bounds {summary['lifetime_bounds']})"
-                      f"{levels}")
+                      f"primary-like, {summary['n_noise']} noise{low} (lifetime bounds {summary['lifetime_bounds']}"
+                      f"{criterion}){levels}")
+        if summary.get("secondary_counts_note"):
+            console.print(summary["secondary_counts_note"], highlight=False, soft_wrap=True)
+        if summary.get("secondary_saturation_note"):
+            console.print(f"[bold yellow]warning:[/] {summary['secondary_saturation_note']}", highlight=False,
+                          soft_wrap=True)
 
 
 def print_position_summary(summary: dict, path: Path) -> None:
     from headlab.analyses.position_bias import absent_sentence, rollout_sentence
+    from headlab.figures import model_title
 
     table = Table(title=f"Position bias: {model_title(summary['model'])}")
     for column in ("segment", "received / uniform"):
