@@ -19,6 +19,7 @@ from headlab.errors import InputError
 
 MASSIVE_MEDIANS = ("layer", "token")
 BOS_POSITIONS = ("auto", "first", "max_norm")
+SECONDARY_CRITERIA = ("official", "both")  # which test labels a secondary sink: cos alone, or cos and attention
 REMOVE_MODES = ("drop", "blank")  # how an image is taken away: tokens dropped, or a grey image
 OBJECTIVES = ("sft", "dpo")
 ROLLOUT_LIMIT = 1024  # the rollout holds [layer, head, T, T] of one prompt: 40 x 40 x 1024² fp32 is 6.7 GB
@@ -47,10 +48,29 @@ class SecondarySinksConfig:
     # A later occurrence of the BOS-position token has (nearly) its residual, so it passes the cos test
     # trivially; the official code keeps it (default), True drops it (matters without a BOS token).
     skip_bos_repeats: bool = False
+    # headlab's attention criterion (docs/sinks.md): a cos-flagged token is a sink only if its sink score is at
+    # least attention_ratio x BOS's score from the same queries over the same layers, and at least
+    # attention_min_queries queries see it (a quarter of the prompt if fewer; with fewer queries its score is
+    # mostly its own row's self-attention: gemma3-270m's last token gets 0.4x BOS's attention that way).
+    # 0.2: on gemma3-270m with BOS, where the cos test flags every token, the testable tokens reach at most
+    # 0.17 of BOS (99th percentile 0.13); the hand-built sinks of training/constructed.py get 0.49-0.72.
+    criterion: str = "both"  # official: the cos test's label alone; both: a secondary sink also passes attention
+    attention_ratio: float = 0.2
+    attention_min_queries: int = 16
+    # The cos test "saturates" when it flags more than this share of the scanned (non-BOS) tokens: then it no
+    # longer singles out sinks (gemma3-270m: every token's residual is within |cos| > 0.9 of BOS's in 7-15).
+    saturation_share: float = 0.5
 
     def check(self) -> None:
         if not 0 < self.cos_threshold < 1:
             raise InputError(f"--cos-threshold must lie between 0 and 1, got {self.cos_threshold}")
+        if self.criterion not in SECONDARY_CRITERIA:
+            raise InputError(f"--secondary-criterion must be official or both, not {self.criterion!r}")
+        if not (self.attention_ratio >= 0 and math.isfinite(self.attention_ratio)):
+            raise InputError(f"--attention-ratio must be 0 or more, got {self.attention_ratio}")
+        at_least(self.attention_min_queries, 1, "attention_min_queries")
+        if not 0 < self.saturation_share <= 1:
+            raise InputError(f"saturation_share is a share of tokens in (0, 1], got {self.saturation_share}")
         if self.bos_position not in BOS_POSITIONS:
             raise InputError(f"--bos-position must be auto, first or max_norm, not {self.bos_position!r}")
         if self.lifetime_bounds is not None:
@@ -81,6 +101,11 @@ class SinksConfig:
     chat_template: bool = False  # prompts were wrapped in the chat template (BOS choice of Wong et al.)
     generate: int = 0  # greedy new tokens per prompt analysed with it (token_ids come from analyses.generation)
     secondary: SecondarySinksConfig = field(default_factory=SecondarySinksConfig)
+    # Sink categories (BOS / first text token / non-initial): a position > 0 is a non-initial sink if alpha > eps
+    # in some head of some layer while at least category_min_queries queries see it (a quarter of the prompt if
+    # fewer), so that the last positions, whose alpha is a few rows' self-attention, do not count.
+    categories: bool = True
+    category_min_queries: int = 16
 
     def check(self) -> None:
         if not 0 < self.eps < 1:
@@ -92,6 +117,7 @@ class SinksConfig:
         at_least(self.batch_size, 1, "--batch-size")
         at_least(self.n_keys, 1, "n_keys")
         at_least(self.generate, 0, "--generate")
+        at_least(self.category_min_queries, 1, "category_min_queries")
         self.secondary.check()
 
 

@@ -17,6 +17,17 @@ methods.md §1, following the official code (src/hidden_state_base.py):
   the sink's score is the mean over its flagged layers.
 - Formation: at the creation layer, cos with h_c(BOS) of the MLP input, attention output, MLP output
   and residual, and the MLP output's L2 norm.
+
+headlab's extensions (docs/sinks.md), because the cos test alone can flag nearly every token (gemma3-270m:
+every residual is within |cos| > 0.9 of BOS's in layers 7-15):
+- Saturation: the share of scanned tokens (after BOS) flagged at each layer of the window and at any layer;
+  above ``saturation_share`` the summary says the official criterion saturates.
+- Attention criterion: a flagged token passes if at least ``attention_min_queries`` queries see it (a quarter
+  of the prompt when that is fewer: ``min_queries``) and its sink score is at least ``attention_ratio`` x
+  BOS's score from the same queries (i >= s, read from the per-row mass on the first key) over the same
+  layers. ``official_label`` is the cos test's label, ``attention_pass`` the attention test, ``label`` the
+  final one: with ``criterion="both"`` a secondary or primary-like token that fails the attention test is
+  labelled ``low_attention``.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ import torch
 from headlab.analyses.configs import SecondarySinksConfig
 from headlab.probes import PARTS, LayerPartsSummary
 
-LABELS = ("secondary", "primary_like", "noise")
+OFFICIAL_LABELS = ("secondary", "primary_like", "noise")
+LABELS = (*OFFICIAL_LABELS, "low_attention")  # low_attention: flagged by cos, too little attention (criterion both)
 
 
 def lifetime_bounds(n_layers: int, config: SecondarySinksConfig) -> tuple[int, int, str]:
@@ -52,6 +64,38 @@ def label_of(lifetime: int, bounds: tuple[int, int]) -> str:
     if lifetime > lo:
         return "secondary"
     return "noise"
+
+
+def final_label(official: str, attention_pass: bool, criterion: str) -> str:
+    """The label a run reports: the official one, unless ``criterion`` is both and a sink-like token
+    (secondary or primary-like) fails the attention test. Noise stays noise: it claims no sink."""
+    if criterion == "official" or official == "noise" or attention_pass:
+        return official
+    return "low_attention"
+
+
+def min_queries(configured: int, length: int) -> int:
+    """Queries that must see a token before its mean attention received counts: ``configured`` (16), or a
+    quarter of the prompt when that is fewer. A late token's alpha averages few rows, its own among them (its
+    self-attention alone at the last position), so it is no evidence of a sink; short prompts keep a quarter."""
+    return max(1, min(configured, math.ceil(length / 4)))
+
+
+def attention_test(score: float, bos_score: float, n_queries: int, needed: int, ratio: float) -> bool:
+    """headlab's attention criterion: at least ``needed`` queries see the token, and it gets at least
+    ``ratio`` x what BOS gets from them. Without attention statistics (NaN score) the test cannot run and
+    passes, so the official label stands."""
+    if math.isnan(score) or math.isnan(bos_score):
+        return True
+    return n_queries >= needed and score >= ratio * bos_score
+
+
+def suffix_means(rows: torch.Tensor) -> torch.Tensor:
+    """``[..., query]`` -> ``[..., query]``: entry s is the mean over rows i >= s (BOS's score from the
+    queries that see a token at s, given ``rows`` = the mass each row puts on BOS)."""
+    n = rows.shape[-1]
+    total = rows.flip(-1).cumsum(-1).flip(-1)
+    return total / torch.arange(n, 0, -1, dtype=total.dtype)
 
 
 def choose_bos(norm: torch.Tensor, max_norm: bool, n_candidates: int = 3) -> int:
@@ -127,32 +171,57 @@ class SecondarySinkCollector:
         self.score_rows: list[dict] = []
         self.window_rows: list[dict] = []
         self.n_tokens = 0
+        # Saturation: per layer, tokens scanned (the layer in the prompt's window) and flagged there.
+        self.layer_scanned = np.zeros(n_layers, dtype=np.int64)
+        self.layer_flagged = np.zeros(n_layers, dtype=np.int64)
 
     def add(self, parts: LayerPartsSummary, alpha: dict[int, torch.Tensor], row: int, length: int,
-            prompt: int, tokens: list[str], shown: list[str] | None = None) -> PromptSinks:
+            prompt: int, tokens: list[str], shown: list[str] | None = None,
+            first_mass: dict[int, torch.Tensor] | None = None,
+            key_count: dict[int, torch.Tensor] | None = None) -> PromptSinks:
         """One prompt of a batch. ``alpha``: per layer ``[batch, head, key]`` mean attention received;
-        ``tokens``: the raw tokens (``token_raw``), ``shown``: readable ones (``token``; default the raw)."""
+        ``tokens``: the raw tokens (``token_raw``), ``shown``: readable ones (``token``; default the raw).
+        ``first_mass``: per layer ``[batch, head, query]`` mass each row puts on the first key, for BOS's score
+        from the same queries (without it, or with BOS elsewhere, BOS's alpha over all its queries);
+        ``key_count``: per layer ``[batch, key]`` queries that see each key (without it: causal, length - s)."""
         shown = tokens if shown is None else shown
         resid = PARTS.index("resid")
         found = detect(parts.cos[resid, :, row], parts.norm[resid, :, row], length, self.bounds, self.config,
                        self.chat_template, tokens)
-        self.n_tokens += max(0, length - found.bos - 1)
+        n_scanned = max(0, length - found.bos - 1)
+        self.n_tokens += n_scanned
+        start, end = found.window
+        self.layer_scanned[start:end] += n_scanned
+        self.layer_flagged += found.flags.sum(1).numpy()
         self.window_rows.append({"prompt": prompt, "bos_position": found.bos, "scan_start": found.window[0],
                                  "scan_end": found.window[1], "n_sinks": len(found.sinks)})
+        needed = min_queries(self.config.attention_min_queries, length)
+        bos_from = None
+        if first_mass and found.bos == 0:  # first_mass is the mass on position 0: BOS's only when BOS is there
+            bos_from = {layer: suffix_means(m[row, :, :length].double()).mean(0) for layer, m in first_mass.items()}
         for sink in found.sinks:
             scores = [float(alpha[layer][row, :, sink.position].mean()) for layer in sink.layers] if alpha else []
             self.score_rows += [{"prompt": prompt, "position": sink.position, "layer": layer, "score": score}
                                 for layer, score in zip(sink.layers, scores, strict=True)]
             c = sink.creation
+            score = float(np.mean(scores)) if scores else float("nan")
+            bos_alpha = float(np.mean([float(alpha[layer][row, :, found.bos].mean()) for layer in sink.layers])) \
+                if alpha else float("nan")
+            bos_score = float(np.mean([float(bos_from[layer][sink.position]) for layer in sink.layers])) \
+                if bos_from else bos_alpha
+            n_queries = min(int(key_count[layer][row, sink.position]) for layer in sink.layers) if key_count \
+                else length - sink.position
+            passed = attention_test(score, bos_score, n_queries, needed, self.config.attention_ratio)
             record = {
                 "prompt": prompt, "position": sink.position, "token": shown[sink.position],
                 "token_raw": tokens[sink.position],
                 "creation_layer": c, "lifetime": sink.lifetime, "last_layer": sink.layers[-1],
-                "label": sink.label,
-                "sink_score": float(np.mean(scores)) if scores else float("nan"),
+                "label": final_label(sink.label, passed, self.config.criterion),
+                "sink_score": score,
                 "sink_score_max": float(np.max(scores)) if scores else float("nan"),
-                "bos_alpha": float(np.mean([float(alpha[layer][row, :, found.bos].mean()) for layer in sink.layers]))
-                if alpha else float("nan"),
+                "bos_alpha": bos_alpha,
+                "official_label": sink.label, "attention_pass": passed, "bos_score_same_queries": bos_score,
+                "score_to_bos": _ratio(score, bos_score), "n_queries": n_queries,
             }
             for i, part in enumerate(PARTS):
                 record[f"cos_{part}"] = float(parts.cos[i, c, row, found.bos, sink.position])
@@ -162,10 +231,19 @@ class SecondarySinkCollector:
         return found
 
     def sinks_table(self) -> pd.DataFrame:
+        # The columns recorded before the attention criterion come first, in their order (tests/golden).
         columns = ["prompt", "position", "token", "token_raw", "creation_layer", "lifetime", "last_layer", "label",
                    "sink_score", "sink_score_max", "bos_alpha", *[f"cos_{p}" for p in PARTS], "mlp_out_norm",
-                   "resid_norm"]
+                   "resid_norm", "official_label", "attention_pass", "bos_score_same_queries", "score_to_bos",
+                   "n_queries"]
         return pd.DataFrame(self.sink_rows, columns=columns)
+
+    def flag_share_table(self) -> pd.DataFrame:
+        """Per layer scanned in some prompt: tokens scanned, flagged by the cos test, and the share."""
+        layers = np.flatnonzero(self.layer_scanned)
+        return pd.DataFrame({"layer": layers, "n_tokens": self.layer_scanned[layers],
+                             "n_flagged": self.layer_flagged[layers],
+                             "share": self.layer_flagged[layers] / self.layer_scanned[layers]})
 
     def tables(self) -> dict[str, pd.DataFrame]:
         sinks = self.sinks_table()
@@ -174,6 +252,7 @@ class SecondarySinkCollector:
             "secondary_sink_scores": pd.DataFrame(self.score_rows, columns=["prompt", "position", "layer", "score"]),
             "secondary_sink_windows": pd.DataFrame(
                 self.window_rows, columns=["prompt", "bos_position", "scan_start", "scan_end", "n_sinks"]),
+            "secondary_flag_share": self.flag_share_table(),
         }
         if self.config.formation:
             tables["sink_formation"] = formation_table(sinks)
@@ -182,16 +261,72 @@ class SecondarySinkCollector:
     def summary(self) -> dict:
         sinks = self.sinks_table()
         counts = sinks["label"].value_counts()
-        return {
+        official = sinks["official_label"].value_counts()
+        passed = sinks[sinks["attention_pass"].astype(bool)]
+        shares = self.flag_share_table()
+        share = len(sinks) / self.n_tokens if self.n_tokens else 0.0
+        summary = {
             "lifetime_bounds": list(self.bounds),
             "lifetime_bounds_rule": self.bounds_rule,
             "n_sink_tokens": int(len(sinks)),
             "n_scanned_tokens": self.n_tokens,
             **{f"n_{label}": int(counts.get(label, 0)) for label in LABELS},
+            "secondary_criterion": self.config.criterion,
+            **{f"n_official_{label}": int(official.get(label, 0)) for label in OFFICIAL_LABELS},
+            "n_attention_pass": int(len(passed)),
+            "n_both_secondary": int((passed["official_label"] == "secondary").sum()),
+            "attention_ratio": self.config.attention_ratio,
+            "attention_min_queries": self.config.attention_min_queries,
+            "mean_sink_score_official_secondary": _mean(sinks.loc[sinks["official_label"] == "secondary",
+                                                                  "sink_score"]),
+            "mean_sink_score_secondary": _mean(sinks.loc[sinks["label"] == "secondary", "sink_score"]),
+            "mean_bos_score": _mean(sinks["bos_score_same_queries"]),
+            "official_flag_share": share,
+            "official_flag_share_by_layer": dict(zip(shares["layer"].tolist(), shares["share"].tolist(), strict=True)),
+            "saturation_share": self.config.saturation_share,
+            "official_saturated": bool(share > self.config.saturation_share),
         }
+        summary["secondary_counts_note"] = counts_sentence(summary)
+        summary["secondary_saturation_note"] = saturation_sentence(summary)
+        return summary
 
     def figures(self, model: str) -> dict[str, go.Figure]:
         return {"sink_formation": formation_figure(model, self.sinks_table())} if self.config.formation else {}
+
+
+def _ratio(score: float, bos_score: float) -> float:
+    if math.isnan(score) or math.isnan(bos_score):
+        return float("nan")
+    return score / bos_score if bos_score > 0 else float("inf")
+
+
+def _mean(values: pd.Series) -> float | None:
+    values = values.dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def saturation_sentence(summary: dict) -> str | None:
+    """The warning the summary, report, CLI and dashboard give when the cos test flags most tokens; None otherwise."""
+    if not summary.get("official_saturated"):
+        return None
+    by_layer = summary.get("official_flag_share_by_layer") or {}
+    peak = max(by_layer.items(), key=lambda kv: kv[1]) if by_layer else None
+    at_peak = f", {peak[1]:.0%} at layer {peak[0]}" if peak else ""
+    flagged = f"{summary['official_flag_share']:.0%} of the {summary['n_scanned_tokens']} scanned tokens"
+    kept = f"{summary['n_both_secondary']} of its {summary['n_official_secondary']} secondary sinks"
+    return (f"The official secondary-sink criterion saturates: |cos| with BOS flags {flagged} (more than "
+            f"{summary['saturation_share']:.0%}{at_peak}), so it does not single out sinks here; {kept} also "
+            f"pass the attention test (>= {summary['attention_ratio']:g}x BOS's attention), which "
+            f"--secondary-criterion both requires.")
+
+
+def counts_sentence(summary: dict) -> str:
+    """Counts under each criterion, one line (CLI and report)."""
+    return (f"official (cos) criterion: {summary['n_official_secondary']} secondary, "
+            f"{summary['n_official_primary_like']} primary-like, {summary['n_official_noise']} noise; attention "
+            f"criterion (>= {summary['attention_ratio']:g}x BOS, >= {summary['attention_min_queries']} queries or a "
+            f"quarter of a shorter prompt): {summary['n_attention_pass']} pass; both: "
+            f"{summary['n_both_secondary']} secondary")
 
 
 def formation_table(sinks: pd.DataFrame) -> pd.DataFrame:

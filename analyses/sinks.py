@@ -6,6 +6,8 @@ attention matrix is materialised.
 
 Secondary sinks, sink levels and their MLP formation (Wong et al.) come from the same forward passes:
 see ``secondary_sinks.py`` and ``sink_levels.py``; ``SinksConfig.secondary`` switches parts off.
+
+Sink categories (BOS, first text token, non-initial sinks) come from the same statistics: ``sink_categories.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from headlab.result import Result, to_json_safe
 from headlab.tokens import display_tokens
 
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
+from .sink_categories import SinkCategories, prompt_stats
 from .sink_levels import count_levels, histogram, levels_figure
 
 
@@ -48,10 +51,13 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         if config.secondary.enabled else None
     importance = KeyImportance(arch.n_layers, arch.n_heads, config.n_keys, config.eps)
     rows = RowMeans(arch.n_layers, arch.n_heads)
+    categories = SinkCategories(arch.n_layers, arch.n_heads, config.eps, config.category_min_queries,
+                                arch.bos_token_id) if config.categories else None
 
     batch_alpha: dict[int, torch.Tensor] = {}
+    batch_stats: dict[str, dict[int, torch.Tensor]] = {"mass": {}, "count": {}, "first": {}, "rows": {}}
     n_kept = min(len(prompts), config.token_view_prompts)
-    need_alpha = False  # set per batch: only the secondary scan and the kept token views read batch_alpha
+    need_alpha = False  # set per batch: only the secondary scan, the categories and the token views read them
 
     def on_stats(layer, stats):
         importance.add(layer, stats)
@@ -59,6 +65,10 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         if need_alpha:
             # Mean attention each key receives, per prompt: alpha at every position, not only the first n_keys.
             batch_alpha[layer] = (stats.key_mass / stats.key_count.clamp(min=1)[:, None, :]).float().cpu()
+            batch_stats["mass"][layer] = stats.key_mass.float().cpu()
+            batch_stats["count"][layer] = stats.key_count.float().cpu()
+            batch_stats["first"][layer] = stats.first_mass.float().cpu()
+            batch_stats["rows"][layer] = stats.row_counted.sum(-1).float().cpu()
 
     first_norms, median_norms, massive, n_tokens = [], [], [], 0
     token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
@@ -73,7 +83,7 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         source = batches(loaded, prompts, config.max_tokens, config.batch_size) if token_ids is None else \
             id_batches(loaded, [ids[: config.max_tokens] for ids in token_ids], config.batch_size)
         for batch in source:
-            need_alpha = secondary is not None or batch.indices[0] < n_kept
+            need_alpha = secondary is not None or categories is not None or batch.indices[0] < n_kept
             loaded.model(input_ids=batch.input_ids.to(loaded.device),
                          attention_mask=batch.attention_mask.to(loaded.device))
             summary = resid.summary()
@@ -88,9 +98,14 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
                 norms = summary.norm[:, row, :length]  # [layer, position]
                 first_norms.append(norms[:, 0])
                 median_norms.append(norms.median(dim=1).values)
-                massive += _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config, shown)
+                found = _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config, shown)
+                massive += found
                 if secondary:
-                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row], shown)
+                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row], shown,
+                                  first_mass=batch_stats["first"], key_count=batch_stats["count"])
+                if categories:
+                    categories.add(prompt_index, ids, prompt_stats(batch_stats, row, length), found,
+                                   batch.tokens[row], shown)
                 if prompt_index < n_kept:
                     for layer, alpha_b in batch_alpha.items():
                         token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
@@ -98,6 +113,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
                                    for pos, (text, raw) in enumerate(zip(shown, batch.tokens[row][:length],
                                                                          strict=True))]
             batch_alpha.clear()
+            for kept in batch_stats.values():
+                kept.clear()
             bar.update(len(batch.indices))
     bar.close()
 
@@ -111,6 +128,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     figures = _figures(model_title(loaded.name), alpha, sink_rate, first_norm, median_norm, config)
     tensors = _head_patterns(loaded, pattern_ids, tables["sink_heads"], config)
     extra_config = {}
+    if categories:
+        tables.update(categories.tables())
     if secondary:
         tables.update(secondary.tables())
         figures.update(secondary.figures(model_title(loaded.name)))
@@ -126,6 +145,8 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         summary.update(to_json_safe(secondary.summary()))
         if config.secondary.levels:
             summary["n_sink_levels"] = int(len(tables["sink_levels"]))
+    if categories:
+        summary.update(to_json_safe(categories.summary(tables)))
     return Result(
         analysis="sinks",
         model=loaded.name,
@@ -274,6 +295,8 @@ def _figures(model, alpha, sink_rate, first_norm, median_norm, config) -> dict[s
 
 
 def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
+    secondary_lines, secondary_sections = _secondary_report(summary, tables)
+    category_lines, category_sections = _categories_report(summary, tables)
     lines = [
         f"# Attention sinks: {model_title(summary['model'])}",
         "",
@@ -282,7 +305,10 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
         f"- sink heads (alpha_first > eps): {summary['n_sink_heads']} of "
         f"{summary['n_layers'] * summary['n_heads']}",
         f"- massive activation dims: {summary['massive_dims'] or 'none'} ({summary['massive_criterion']})",
-        *_secondary_report(summary, tables),
+        *category_lines,
+        *secondary_lines,
+        *category_sections,
+        *secondary_sections,
         "",
         "## Top heads by attention received by the first token",
         "",
@@ -293,20 +319,45 @@ def _report(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _secondary_report(summary: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
+def _secondary_report(summary: dict, tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[str]]:
+    """(bullet lines, sections) of the secondary-sink scan."""
     if "n_sink_tokens" not in summary:
-        return []
+        return [], []
     lines = [
         f"- secondary-sink scan (Wong et al.): {summary['n_sink_tokens']} sink token occurrences: "
-        f"{summary['n_secondary']} secondary, {summary['n_primary_like']} primary-like, {summary['n_noise']} noise "
-        f"(lifetime bounds {summary['lifetime_bounds']}, {summary['lifetime_bounds_rule']})",
+        f"{summary['n_secondary']} secondary, {summary['n_primary_like']} primary-like, {summary['n_noise']} noise"
+        + (f", {summary['n_low_attention']} low attention" if summary.get("n_low_attention") else "")
+        + f" (lifetime bounds {summary['lifetime_bounds']}, {summary['lifetime_bounds_rule']}; labels: criterion "
+        f"{summary.get('secondary_criterion', 'official')})",
     ]
+    if "n_official_secondary" in summary:
+        lines.append(f"- {summary['secondary_counts_note']}; the cos test flags "
+                     f"{summary['official_flag_share']:.1%} of the {summary['n_scanned_tokens']} scanned tokens")
+    if summary.get("secondary_saturation_note"):
+        lines.append(f"- **{summary['secondary_saturation_note']}**")
     if "n_sink_levels" in summary:
         lines.append(f"- sink levels (DBSCAN on creation layer x lifetime): {summary['n_sink_levels']}")
-    sinks = tables["secondary_sinks"]
+    sinks, sections = tables["secondary_sinks"], []
     if len(sinks):
         top = sinks.sort_values("sink_score", ascending=False).head(10)
-        lines += ["", "## Secondary sinks with the highest sink score", "", "```",
-                  top[["prompt", "position", "token", "creation_layer", "lifetime", "label", "sink_score",
-                       "mlp_out_norm", "cos_mlp_out"]].to_string(index=False), "```"]
-    return lines
+        columns = ["prompt", "position", "token", "creation_layer", "lifetime", "official_label", "attention_pass",
+                   "label", "sink_score", "score_to_bos", "n_queries", "mlp_out_norm", "cos_mlp_out"]
+        sections = ["", "## Secondary sinks with the highest sink score", "", "```",
+                    top[[c for c in columns if c in top.columns]].to_string(index=False), "```"]
+    if "secondary_flag_share" in tables and len(tables["secondary_flag_share"]):
+        sections += ["", "## Share of scanned tokens the cos test flags, per layer", "", "```",
+                     tables["secondary_flag_share"].to_string(index=False), "```"]
+    return lines, sections
+
+
+def _categories_report(summary: dict, tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[str]]:
+    """(bullet lines, sections) of the sink categories."""
+    if "sink_categories" not in tables:
+        return [], []
+    lines = [f"- sink categories: {summary['sink_category_sentence']}"]
+    sections = ["", "## Sink categories", "", "```", tables["sink_categories"].to_string(index=False), "```"]
+    non_initial = tables["non_initial_sinks"]
+    if len(non_initial):
+        sections += ["", "## Non-initial sinks with the largest alpha", "", "```",
+                     non_initial.sort_values("max_alpha", ascending=False).head(10).to_string(index=False), "```"]
+    return lines, sections

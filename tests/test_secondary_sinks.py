@@ -38,15 +38,19 @@ def constructed():
 def _detect(loaded, text: str, config: SecondarySinksConfig | None = None):
     enc = loaded.tokenizer([text], return_tensors="pt")
     alpha: dict[int, torch.Tensor] = {}
+    first: dict[int, torch.Tensor] = {}
+    count: dict[int, torch.Tensor] = {}
 
     def on_stats(layer, stats):
         alpha[layer] = stats.key_mass / stats.key_count.clamp(min=1)[:, None, :]
+        first[layer], count[layer] = stats.first_mass, stats.key_count
 
     with torch.no_grad(), AttentionProbe(loaded, on_stats), LayerPartsProbe(loaded) as parts:
         loaded.model(**enc)
     collector = SecondarySinkCollector(loaded.arch.n_layers, config or SecondarySinksConfig())
     tokens = loaded.tokenizer.convert_ids_to_tokens(enc.input_ids[0])
-    found = collector.add(parts.summary(), alpha, 0, enc.input_ids.shape[1], 0, tokens)
+    found = collector.add(parts.summary(), alpha, 0, enc.input_ids.shape[1], 0, tokens, first_mass=first,
+                          key_count=count)
     return found, collector.sinks_table()
 
 
@@ -64,7 +68,13 @@ def test_detector_recovers_the_built_sinks_exactly(constructed):
         assert row.creation_layer == spec.creation
         assert row.lifetime == spec.lifetime
         assert row.last_layer == spec.creation + spec.lifetime - 1
-        assert row.label == EXPECTED_LABEL[token]
+        assert row.official_label == EXPECTED_LABEL[token]
+    # The attention criterion keeps every built sink but the last w7 (position 9 of 11): only two queries see
+    # it, fewer than a quarter of the prompt, so its mean attention received is no evidence (low_attention).
+    assert table["label"].tolist() == ["secondary", "primary_like", "noise", "low_attention"]
+    assert table["attention_pass"].tolist() == [True, True, True, False]
+    # Built sinks get 0.6-0.7 of what BOS gets from the same queries (gemma3-270m cos-flagged tokens: <= 0.17).
+    assert (table.loc[table["official_label"] != "noise", "score_to_bos"] > 0.6).all()
     # Formation at the creation layer: the MLP wrote the BOS-aligned vector, attention wrote nothing.
     assert np.allclose(table["mlp_out_norm"], 6.0, rtol=1e-4)
     assert (table["cos_mlp_out"] > 0.999).all()
@@ -185,14 +195,22 @@ def test_analyze_sinks_writes_the_new_tables_and_figures(constructed, tmp_path):
     sinks = loaded.tables["secondary_sinks"]
     assert sorted(sinks["token_raw"].unique()) == ["w11", "w7", "w9"]
     assert sorted(sinks["token"].unique()) == [" w11", " w7", " w9"]  # readable: the text each token adds
-    assert pd.Series(sinks["label"]).value_counts().to_dict() == {"secondary": 3, "primary_like": 2, "noise": 1}
-    # secondary and primary-like sinks are clustered; the two primary-like occurrences are fewer than
-    # level_min_tokens (3), so one level holds the three secondary ones
-    assert loaded.tables["sink_levels"]["n_tokens"].tolist() == [3]
+    assert pd.Series(sinks["official_label"]).value_counts().to_dict() == {"secondary": 3, "primary_like": 2,
+                                                                           "noise": 1}
+    # The attention criterion (default: both) drops the w7 that only two queries see (position 9 of 11).
+    assert pd.Series(sinks["label"]).value_counts().to_dict() == {"secondary": 2, "primary_like": 2, "noise": 1,
+                                                                  "low_attention": 1}
+    # Levels cluster the final secondary and primary-like sinks: four tokens on cells (5, 6) and (3, 12), too
+    # far apart for one level and each below level_min_tokens (3); under the official labels one level of three.
+    assert loaded.tables["sink_levels"].empty
+    official = analyze_sinks(constructed, PROMPTS, SinksConfig(
+        max_tokens=16, secondary=SecondarySinksConfig(criterion="official")), progress=False)
+    assert official.tables["sink_levels"]["n_tokens"].tolist() == [3]
+    assert official.summary["n_secondary"] == 3 and official.summary["n_low_attention"] == 0
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["config"]["lifetime_bounds_used"] == [4, 9]
     assert manifest["config"]["secondary"]["cos_threshold"] == 0.9
-    assert result.summary["n_secondary"] == 3
+    assert result.summary["n_secondary"] == 2 and result.summary["n_official_secondary"] == 3
     assert "token_alpha" in loaded.tensors and "sink_level_histogram" in loaded.tensors
 
 

@@ -81,7 +81,8 @@ def test_tiny_model_run_has_every_table(load_model):
     assert set(result.tables) == {"sink_heads", "key_importance", "sink_rate", "residual_norms",
                                   "massive_activations", "massive_dims", "tokens", "secondary_sinks",
                                   "secondary_sink_scores", "secondary_sink_windows", "sink_formation",
-                                  "sink_levels", "sink_level_histogram"}
+                                  "sink_levels", "sink_level_histogram", "secondary_flag_share", "sink_categories",
+                                  "head_sink_categories", "non_initial_sinks", "massive_carriers"}
     assert result.tensors["alpha"].shape == (4, 4, 8)
     assert len(result.tables["residual_norms"]) == 4
 

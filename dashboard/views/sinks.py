@@ -1,6 +1,7 @@
 """The sinks page: alpha heatmap per key position (click a cell to open that head), Sink_k bars, residual-norm
-profile, massive activations, per-prompt token view; and the comparison of two sinks runs with a difference
-heatmap."""
+profile, massive activations, sink categories (BOS / first text token / non-initial, per run and per head),
+the secondary-sink criteria (with the warning when the official cos test saturates), per-prompt token view;
+and the comparison of two sinks runs with a difference heatmap."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from .head import head_picker, render_head, stored_patterns_note
 REQUIRED_TENSORS = ("alpha", "sink_rate", "first_token_norm", "median_token_norm")
 # What this page draws itself; any other table or saved figure is shown as it is, below.
 KNOWN_TABLES = {"sink_heads", "key_importance", "sink_rate", "residual_norms", "massive_activations",
-                "massive_dims", "tokens", "head_patterns", "head_pattern_heads"}
+                "massive_dims", "tokens", "head_patterns", "head_pattern_heads", "sink_categories",
+                "head_sink_categories", "non_initial_sinks", "massive_carriers", "secondary_flag_share"}
+CATEGORY_NAMES = {"bos": "BOS", "first_text_token": "first text token", "non_initial": "non-initial"}
 KNOWN_FIGURES = {"alpha_first_token", "residual_norms", "sink_rate"}
 MASSIVE_COLUMNS = ["dim", "value", "layer", "token", "position", "prompt", "ratio_to_layer_median",
                    "ratio_to_token_median"]
@@ -83,6 +86,25 @@ def massive_table(run: Result) -> pd.DataFrame:
     columns = [c for c in MASSIVE_COLUMNS if c in table.columns]
     table = table[columns]
     return table.sort_values("value", key=abs, ascending=False, ignore_index=True) if "value" in columns else table
+
+
+def category_heatmap(run: Result) -> go.Figure | None:
+    """The dominant sink category of each head (``head_sink_categories``), coloured by category, its share on hover."""
+    heads = run.tables.get("head_sink_categories")
+    if heads is None or not {"layer", "head", "category", "mass"} <= set(heads.columns) or heads.empty:
+        return None
+    names = list(CATEGORY_NAMES)
+    code = heads.pivot(index="layer", columns="head", values="category").apply(lambda c: c.map(names.index))
+    mass = heads.pivot(index="layer", columns="head", values="mass")
+    fig = go.Figure(go.Heatmap(
+        z=code.to_numpy(), x=list(code.columns), y=list(code.index), zmin=0, zmax=len(names) - 1,
+        colorscale=[[0, "#2563eb"], [0.5, "#16a34a"], [1, "#dc2626"]], customdata=mass.to_numpy(),
+        text=code.apply(lambda c: c.map(lambda i: CATEGORY_NAMES[names[i]])).to_numpy(),
+        colorbar={"tickvals": list(range(len(names))), "ticktext": list(CATEGORY_NAMES.values())},
+        hovertemplate="layer %{y}, head %{x}<br>%{text}: %{customdata:.3f} of the attention<extra></extra>"))
+    fig.update_layout(title=f"{model_title(run.model)}: dominant sink category per head", xaxis_title="head",
+                      yaxis_title="layer")
+    return fig
 
 
 def token_attention(run: Result, prompt: int, layer: int, head: int | None) -> tuple[list[str], np.ndarray]:
@@ -142,9 +164,15 @@ class SinksView(View):
     def key_figures(self, manifest: dict) -> dict[str, object]:
         summary = manifest.get("summary") or {}
         dims = summary.get("massive_dims") or []
-        return {"Sink₁ (%)": summary.get("sink_1_pct"), "sink heads": summary.get("n_sink_heads"),
-                "layers x heads": f"{summary.get('n_layers')} x {summary.get('n_heads')}",
-                "massive dims": ", ".join(map(str, dims[:4])) or "none"}
+        figures = {"Sink₁ (%)": summary.get("sink_1_pct"), "sink heads": summary.get("n_sink_heads"),
+                   "layers x heads": f"{summary.get('n_layers')} x {summary.get('n_heads')}",
+                   "massive dims": ", ".join(map(str, dims[:4])) or "none"}
+        if summary.get("dominant_sink_category"):
+            figures["dominant sink"] = CATEGORY_NAMES.get(summary["dominant_sink_category"],
+                                                          summary["dominant_sink_category"])
+        if summary.get("official_saturated"):
+            figures["secondary scan"] = "official criterion saturates"
+        return figures
 
     def render(self, run: Result, key: str) -> None:
         missing = [name for name in REQUIRED_TENSORS if name not in run.tensors]
@@ -179,6 +207,8 @@ class SinksView(View):
             st.info("No massive activations in this run.")
         else:
             show_table(massive, key=f"{key}-massive", name=f"{run_name(run)}-massive-activations")
+        self._categories(run, key)
+        self._secondary(run, key)
         self._token_view(run, key)
         if "sink_heads" in run.tables:
             with st.expander("sink heads (all heads, by alpha of the first token)"):
@@ -190,6 +220,40 @@ class SinksView(View):
             show_saved_figures(run, key, extra_figures)
             show_tables(run, key, extra_tables)
         show_report(run)
+
+    def _categories(self, run: Result, key: str) -> None:
+        if "sink_categories" not in run.tables:
+            return
+        st.subheader("Sink categories")
+        sentence = run.summary.get("sink_category_sentence")
+        st.caption((f"{sentence}. " if sentence else "") + "BOS: position 0 is the BOS token; first text token: "
+                   "position 0 is text (no BOS); non-initial: a later position with alpha > eps in some head, seen "
+                   f"by at least {run.config.get('category_min_queries', 16)} queries (a quarter of a shorter prompt; "
+                   "docs/sinks.md). Share: the mean attention a query puts on the category.")
+        show_table(run.tables["sink_categories"], key=f"{key}-categories", name=f"{run_name(run)}-sink-categories")
+        figure = category_heatmap(run)
+        if figure is not None:
+            show_figure(figure, key=f"{key}-category-heads", name=f"{run_name(run)}-sink-category-heads")
+        for table, title in (("non_initial_sinks", "non-initial sink tokens"),
+                             ("massive_carriers", "massive dims carried at positions > 0 (KVSink)"),
+                             ("head_sink_categories", "sink category of every head")):
+            if table in run.tables and len(run.tables[table]):
+                with st.expander(title):
+                    show_table(run.tables[table], key=f"{key}-{table}", name=f"{run_name(run)}-{table}")
+
+    def _secondary(self, run: Result, key: str) -> None:
+        note, counts = run.summary.get("secondary_saturation_note"), run.summary.get("secondary_counts_note")
+        if not (note or counts):
+            return
+        st.subheader("Secondary sinks: official and attention criteria")
+        if note:
+            st.warning(note)
+        if counts:
+            st.caption(f"{counts} (labels: criterion {run.summary.get('secondary_criterion', 'both')}).")
+        shares = run.tables.get("secondary_flag_share")
+        if shares is not None and len(shares):
+            with st.expander("share of scanned tokens the cos test flags, per layer"):
+                show_table(shares, key=f"{key}-flag-share", name=f"{run_name(run)}-secondary-flag-share")
 
     def _token_view(self, run: Result, key: str) -> None:
         st.subheader("Attention received per token")

@@ -49,6 +49,10 @@ def sinks(
                                                 "layers)"),
     lifetime_high: int = typer.Option(None, help="primary-like if lifetime >= HIGH (default: L - 15, scaled below "
                                                  "24 layers)"),
+    secondary_criterion: str = typer.Option("both", help="what labels a secondary sink: official (Wong et al.'s cos "
+                                                         "test alone) or both (cos and headlab's attention test)"),
+    attention_ratio: float = typer.Option(0.2, help="attention test: sink score >= this x BOS's, from the same "
+                                                    "queries over the same layers"),
     generate: int = typer.Option(0, help="analyse the model's own N-token greedy continuations of the prompts"),
     chat_template: bool = typer.Option(False, help="wrap each prompt in the tokenizer's chat template"),
     *,
@@ -73,7 +77,8 @@ def sinks(
         bounds = None if lifetime_low is None else (lifetime_low, lifetime_high)
         secondary_config = SecondarySinksConfig(enabled=secondary, levels=levels, formation=formation,
                                                 cos_threshold=cos_threshold, bos_position=bos_position,
-                                                lifetime_bounds=bounds)
+                                                lifetime_bounds=bounds, criterion=secondary_criterion,
+                                                attention_ratio=attention_ratio)
         # Head patterns come from headlab's attention function, which a remote run does not have.
         patterns = {"pattern_prompts": 0} if args.remote else {}
         config = SinksConfig(eps=eps, max_tokens=max_tokens, batch_size=batch_size, backend=args.kernel_name,
