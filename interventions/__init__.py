@@ -36,6 +36,7 @@ from .context import Intervened, intervene, paused
 from .hook_site import Hook
 from .recombine import recombine, reweight_probs
 from .residual_site import RESIDUAL_POINTS, ResidualAdd
+from .visual_redistribute import VisualRedistribute
 from .z_site import BoundZEdit, HeadMeanAblate, HeadOffsets, HeadPatch, HeadScale, ZAffine, ZEdit
 
 __all__ = [
