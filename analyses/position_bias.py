@@ -120,16 +120,41 @@ def layer_trends(profile: PositionProfile, skip_first: int) -> list[ExpTrend | N
 # ----------------------------------------------------------------------------------------------- rollout
 
 
-def model_graph_spec(loaded: LoadedModel, n_tokens: int) -> tuple[GraphSpec, GraphSpec | None]:
-    """Theory graphs matching the model: uniform attention under its mask, content-free RoPE if it uses RoPE."""
+def _text_config(loaded: LoadedModel):
     config = loaded.model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_windows(loaded: LoadedModel) -> list[int | None]:
+    """The sliding-window size of each layer (None: the full mask), from the config's ``layer_types`` (Gemma 2/3,
+    Qwen, gpt-oss: ``sliding_attention`` layers use ``sliding_window``); without ``layer_types`` a model with a
+    ``sliding_window`` slides in every layer (Mistral's rule)."""
+    text, n_layers = _text_config(loaded), loaded.arch.n_layers
     window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None) or []
-    all_sliding = bool(window) and bool(layer_types) and all(t == "sliding_attention" for t in layer_types)
-    mask = "window" if all_sliding else ("causal" if loaded.arch.causal else "bidirectional")
+    if not window or not loaded.arch.causal:
+        return [None] * n_layers
+    layer_types = getattr(text, "layer_types", None)
+    if not layer_types:
+        return [int(window)] * n_layers
+    return [int(window) if kind == "sliding_attention" else None for kind in layer_types][:n_layers]
+
+
+def model_graph_spec(loaded: LoadedModel, n_tokens: int) -> tuple[GraphSpec, GraphSpec | None]:
+    """Theory graphs matching the model: uniform attention under its mask, content-free RoPE if it uses RoPE.
+
+    A model that mixes sliding and global layers (Gemma 3: 5 : 1) gets the mask and the RoPE base of its most
+    common layer type: one mask for every layer is the theory's premise, and it is then exact for those layers
+    at any length (and for all of them while ``n_tokens`` fits the window)."""
+    text = _text_config(loaded)
+    windows = layer_windows(loaded)
+    sliding = sum(w is not None for w in windows)
+    mostly_sliding = sliding > len(windows) - sliding
+    window = next((w for w in windows if w is not None), None)
+    mask = "window" if mostly_sliding else ("causal" if loaded.arch.causal else "bidirectional")
     uniform = GraphSpec(mask, n_tokens=n_tokens, window=window or 8)
     rope = getattr(text, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict):  # one entry per layer type
+        rope = rope["sliding_attention" if mostly_sliding else "full_attention"]
     base = rope.get("rope_theta") if isinstance(rope, dict) else None
     base = base or getattr(text, "rope_theta", None)
     if base is None:
@@ -191,7 +216,8 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
     config.check()
     check_max_tokens(loaded, config.max_tokens)
     arch = loaded.arch
-    profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal)
+    profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal,
+                              windows=layer_windows(loaded))
     n_tokens = 0
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.title}", disable=not progress)
     cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), ("batch", "batches"), "")

@@ -22,19 +22,23 @@ from headlab.kernels.stats import n_distance_bins
 SEGMENTS = ("first token", "first third", "middle third", "last third")
 
 
-def uniform_alpha(length: int, causal: bool) -> torch.Tensor:
+def uniform_alpha(length: int, causal: bool, window: int | None = None) -> torch.Tensor:
     """``[position]`` mean attention each key receives if every query attends uniformly to what it sees.
 
     Causal: query i spreads 1/(i+1) over keys 0..i, so key p receives mean_{i >= p} 1/(i+1)
-    = (H_L - H_p) / (L - p) with harmonic numbers H; bidirectional: 1/L everywhere. The baseline that
-    separates a model's own position preference from what the mask alone produces.
+    = (H_L - H_p) / (L - p) with harmonic numbers H; bidirectional: 1/L everywhere. A sliding ``window`` w
+    (transformers' rule: query i sees keys i - w < j <= i) gives query i the weight 1/min(i+1, w) and key p the
+    queries p .. min(L, p + w) - 1. The baseline that separates a model's own position preference from what the
+    mask alone produces.
     """
     if not causal:
         return torch.full((length,), 1.0 / length, dtype=torch.float64)
-    harmonic = torch.cat([torch.zeros(1, dtype=torch.float64),
-                          torch.cumsum(1.0 / torch.arange(1, length + 1, dtype=torch.float64), 0)])
+    queries = torch.arange(length, dtype=torch.float64)
+    weight = 1.0 / (queries + 1 if window is None else torch.clamp(queries + 1, max=window))
+    total = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(weight, 0)])
     positions = torch.arange(length)
-    return (harmonic[length] - harmonic[positions]) / (length - positions)
+    end = torch.full_like(positions, length) if window is None else torch.clamp(positions + window, max=length)
+    return (total[end] - total[positions]) / (end - positions)  # queries positions .. end - 1
 
 
 def relative_bins(length: int, n_bins: int) -> torch.Tensor:
@@ -64,8 +68,11 @@ class PositionProfile:
       for uniform attention under the model's mask (``uniform_alpha``) beside them.
     """
 
-    def __init__(self, n_layers: int, n_heads: int, max_tokens: int, n_relative: int = 10, causal: bool = True):
+    def __init__(self, n_layers: int, n_heads: int, max_tokens: int, n_relative: int = 10, causal: bool = True,
+                 windows: list[int | None] | None = None):
         self.causal = causal
+        # Sliding-window size of each layer (None: the full causal mask), for the uniform baseline.
+        self.windows = list(windows) if windows is not None else [None] * n_layers
         self.n_relative = n_relative
         n_bins = n_distance_bins(max_tokens - 1)
         f64 = {"dtype": torch.float64}
@@ -112,7 +119,7 @@ class PositionProfile:
         if length == 0:
             return
         alpha = alpha[:, :length]
-        uniform = uniform_alpha(length, self.causal)
+        uniform = uniform_alpha(length, self.causal, self.windows[layer])
         rel = relative_bins(length, self.n_relative)
         segment = relative_bins(length, 3) + 1  # 0 = first token, 1..3 = thirds of the rest
         for index, n, sums, uniform_sums, prompts in (
@@ -156,12 +163,15 @@ class PositionProfile:
                  "relative_uniform_sum", "relative_prompts", "segment_sum", "segment_uniform_sum", "segment_prompts")
         state = {name: getattr(self, name) for name in names}
         state["causal"] = torch.tensor(self.causal)
+        state["windows"] = torch.tensor([w or 0 for w in self.windows])  # 0: no window
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
             if name == "causal":
                 self.causal = bool(value)
+            elif name == "windows":
+                self.windows = [int(w) or None for w in value.tolist()]
             else:
                 setattr(self, name, value)
         self.n_relative = self.relative_sum.shape[-1]

@@ -46,6 +46,7 @@ from headlab.batching import batches
 from headlab.kernels import distance_bin_edges, distance_bins
 from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe
+from headlab.probes.position import relative_bins
 from headlab.prompts import bundled_prompts
 
 pytestmark = pytest.mark.slow
@@ -188,6 +189,16 @@ def test_position_bias_profiles_equal_eager_attention_per_layer_type(gemma, long
         else:
             assert far_pairs.sum() == (LONG - WINDOW) * (LONG - WINDOW + 1) / 2 and far_mass.min() > 0, layer
     assert result.summary["rollout_example_tokens"] == 16
+    # The uniform baseline under each layer's own mask: sliding layers get the window's, global layers the causal
+    # one (a hand computation from the visibility mask; they differ once the prompt is longer than the window).
+    segment_uniform = result.tensors["segment_uniform"].double()
+    for layer in range(18):
+        seen = visible(layer, LONG).double()
+        received = (seen / seen.sum(-1, keepdim=True)).sum(0) / seen.sum(0)
+        segment = relative_bins(LONG, 3) + 1
+        want = torch.stack([received[segment == s].mean() for s in range(4)])
+        torch.testing.assert_close(segment_uniform[layer], want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(segment_uniform[0], segment_uniform[5])
 
 
 def test_window_theory_graph_equals_a_hand_computation():

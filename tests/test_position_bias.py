@@ -91,6 +91,41 @@ def test_uniform_baseline_equals_uniform_attention():
     torch.testing.assert_close(uniform_alpha(4, causal=False), torch.full((4,), 0.25, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("window", [1, 3, 8, 20])
+def test_uniform_baseline_under_a_sliding_window_equals_uniform_attention(window):
+    """Query i sees keys i - w < j <= i (transformers' rule); a key's baseline is its mean over the queries that
+    see it. A window at least as long as the prompt is the causal baseline."""
+    length = 9
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    seen = ((j <= i) & (i - j < window)).double()
+    received = (seen / seen.sum(-1, keepdim=True)).sum(0) / seen.sum(0)
+    torch.testing.assert_close(uniform_alpha(length, causal=True, window=window), received)
+    if window >= length:
+        torch.testing.assert_close(uniform_alpha(length, causal=True, window=window), uniform_alpha(length, True))
+
+
+def test_layer_windows_and_the_theory_mask_of_a_mixed_model():
+    """Gemma-3-like: 5 sliding : 1 global layers; the baseline gets each layer's window, the theory the most common
+    layer type's mask and RoPE base (sliding: window 4, base 10000)."""
+    from types import SimpleNamespace
+
+    from headlab.analyses.position_bias import layer_windows, model_graph_spec
+
+    config = SimpleNamespace(sliding_window=4, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                             rope_parameters={"sliding_attention": {"rope_theta": 1e4},
+                                              "full_attention": {"rope_theta": 1e6}})
+    loaded = SimpleNamespace(model=SimpleNamespace(config=config),
+                             arch=SimpleNamespace(n_layers=6, causal=True, head_dim=8))
+    assert layer_windows(loaded) == [4, 4, 4, 4, 4, None]
+    uniform, rope = model_graph_spec(loaded, 16)
+    assert (uniform.mask, uniform.window, rope.mask, rope.rope_base) == ("window", 4, "window", 1e4)
+    config.layer_types = ["full_attention"] * 4 + ["sliding_attention"] * 2
+    uniform, rope = model_graph_spec(loaded, 16)
+    assert (uniform.mask, rope.rope_base) == ("causal", 1e6)
+    del config.layer_types  # Mistral: a sliding_window without layer types slides everywhere
+    assert layer_windows(loaded) == [4] * 6
+
+
 def test_relative_bins_leave_out_the_first_token():
     assert relative_bins(11, 10).tolist() == [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert relative_bins(7, 3).tolist() == [-1, 0, 0, 1, 1, 2, 2]
