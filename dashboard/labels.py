@@ -23,6 +23,9 @@ METRIC_LABELS = {
     "trained_parameters": "trained parameters", "circuit_size": "circuit size", "iou": "IoU",
     "n_shared": "shared heads", "max_tokens": "max tokens", "trend_k_mean": "trend k (mean)",
     "first_vs_middle": "first third / middle", "last_vs_middle": "last third / middle",
+    "n_official_secondary": "secondary (cos test only)", "n_both_secondary": "secondary (cos + attention)",
+    "official_flag_share": "share flagged by the cos test", "official_saturated": "cos test saturated",
+    "dominant_sink_category": "dominant sink",
 }
 
 
