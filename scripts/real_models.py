@@ -60,8 +60,12 @@ def measure(name: str, bos: str) -> dict:
         "model": name, "bos": bos, "layers": loaded.arch.n_layers, "heads": loaded.arch.n_heads,
         "sink_1_pct": summary["sink_1_pct"], "sink_heads": summary["n_sink_heads"],
         "massive_dims": peaks, "first_massive_layer": summary["first_massive_layer"],
-        "secondary": {key: value for key, value in summary.items() if key.startswith(("n_secondary", "secondary"))},
-        "sink_categories": summary.get("sink_categories"),
+        "secondary": {key: summary.get(key) for key in ("n_scanned_tokens", "official_flag_share", "official_saturated",
+                                                         "n_official_secondary", "n_official_primary_like",
+                                                         "n_both_secondary", "n_secondary", "secondary_counts_note")},
+        "sink_categories": {key: summary.get(key) for key in ("dominant_sink_category", "sink_category_heads",
+                                                              "sink_category_sentence")},
+        "category_shares": sinks.tables["sink_categories"].to_dict("records"),
         "segment_ratio_to_uniform": bias.summary["segment_ratio_to_uniform"],
         "ioi": ioi_logit_difference(loaded) if loaded.generates else None,
         "seconds": round(time.perf_counter() - started, 1),
@@ -70,16 +74,23 @@ def measure(name: str, bos: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | --bos | Sink_1 | sink heads | massive dims (peak \\|x\\|) | first token / uniform | "
-             "last third / uniform | IOI logit(IO) - logit(S) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | --bos | Sink_1 | sink heads | massive dims (peak \\|x\\|) | secondary: official (cos) / "
+             "both | dominant sink (heads) | first token / uniform | last third / uniform | IOI logit(IO) - logit(S) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dims = ", ".join(f"{d} ({v:,.0f})" for d, v in r["massive_dims"].items()) or "none"
         seg = r["segment_ratio_to_uniform"]
         ioi = f"{r['ioi']['mean']:.2f} ± {r['ioi']['se']:.2f} ({r['ioi']['positive']}/{r['ioi']['n']} > 0)" \
             if r["ioi"] else "n/a (encoder)"
+        sec, cat = r["secondary"], r["sink_categories"]
+        share = sec["official_flag_share"]
+        secondary = (f"{sec['n_official_secondary']} ({share:.0%} of tokens flagged) / {sec['n_both_secondary']}"
+                     if sec["n_official_secondary"] is not None else "n/a")
+        heads = (cat["sink_category_heads"] or {}).get(cat["dominant_sink_category"])
+        dominant = f"{cat['dominant_sink_category']} ({heads})" if cat["dominant_sink_category"] else "none"
         lines.append(f"| {r['model']} | {r['bos']} | {r['sink_1_pct']:.1f}% | {r['sink_heads']} of "
-                     f"{r['layers'] * r['heads']} | {dims} | {seg['first token']:.3g} | {seg['last third']:.3g} | "
-                     f"{ioi} |")
+                     f"{r['layers'] * r['heads']} | {dims} | {secondary} | {dominant} | {seg['first token']:.3g} | "
+                     f"{seg['last third']:.3g} | {ioi} |")
     return "\n".join(lines)
 
 
