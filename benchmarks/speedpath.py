@@ -20,6 +20,14 @@ rounds, after one warm-up call per case. Peak memory of a call (``--memory``): i
 script with ``--_memory``), the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading)
 of the first forward minus the RSS before it, in MiB.
 
+First forward (``--first``): each case's first forward in a fresh process (this script with ``--_first``:
+load the model, then one forward), wall and process CPU time, ``--first-rounds`` processes per case,
+alternating; the ratio is the stats process's first forward over the sdpa process's (each pays its own
+first-call costs: allocator, thread pool, the row pass's load or build).
+
+The CPU (``cpu`` in the JSON): lscpu's model name, flags and cache sizes, and the per-core caches from
+``/sys/devices/system/cpu/cpu0/cache``, so that every figure names the machine it came from.
+
 Busy machine (``--busy``): the same interleaved rounds with the default torch thread count while a
 competing CPU-bound process runs: ``python -c "while True: pass"`` started by this script (``--busy-pin``
 pins it with ``taskset`` to one cpu), killed afterwards. Both cases run under the same load, so the ratio
@@ -29,6 +37,7 @@ Usage (repository root)::
 
     python benchmarks/speedpath.py                      # T = 1k, 4k, 8k, one thread, 3 rounds
     python benchmarks/speedpath.py --busy --lengths 1024 4096
+    python benchmarks/speedpath.py --lengths 1024 4096 --first --out benchmarks/results/speedpath_cpu_x.json
 """
 
 from __future__ import annotations
@@ -48,7 +57,14 @@ from unittest import mock
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Run as a script, this folder comes first on sys.path and its kernels.py would shadow the ``kernels`` package
+# transformers imports (``ImportError: cannot import name 'CUDAProperties' from 'kernels'``).
+if sys.path and Path(sys.path[0] or ".").resolve() == RESULTS.parent:
+    sys.path.pop(0)
 BUSY_LOOP = "while True: pass"
+# Set to run an AVX-512 CPU as an AVX2 one (torch's kernels, MKL, oneDNN, the row pass's build); recorded.
+EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "HEADLAB_FUSED_ROWS_CFLAGS",
+                 "HEADLAB_CHUNK_ROWS", "OMP_NUM_THREADS")
 
 
 def cpu_time(fn: Callable[[], object]) -> float:
@@ -172,6 +188,66 @@ def status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def first_worker(case: str, n: int) -> None:
+    """Fresh process: wall and CPU seconds of the first forward of one case, printed as JSON."""
+    import headlab
+
+    torch.set_num_threads(1)
+    loaded = headlab.load("smollm2-135m", dtype="float32", device="cpu")
+    fn = (model_cases(loaded, prompt_ids(loaded, n)) | attention_cases(n))[case]
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}))
+
+
+def first_forward(n: int, rounds: int, cases=("sdpa", "stats")) -> dict:
+    """First-forward times of fresh processes, the cases alternating; minimum and all rounds, ratio to sdpa."""
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
+            done = subprocess.run([sys.executable, __file__, "--_first", case, str(n)], capture_output=True,
+                                  text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"first-forward worker {case} {n} failed: {done.stderr[-500:]}")
+            runs[case].append(json.loads(lines[-1]))
+    out: dict = {}
+    for case, values in runs.items():
+        out[case] = {key: min(v[key] for v in values) for key in ("wall_s", "cpu_s")} | {"rounds": values}
+    for case in cases:
+        for key in ("wall_s", "cpu_s"):
+            out[case][f"ratio_{key}"] = out[case][key] / out[cases[0]][key]
+    return out
+
+
+def cpu_info() -> dict:
+    """lscpu's model name, flags and caches, and the per-core caches the kernel reports in /sys."""
+    info: dict = {}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("Model name", "Vendor ID", "CPU family", "Model", "Hypervisor vendor") or "cache" in key:
+            info[key] = value
+        elif key == "Flags":
+            info["Flags"] = value
+            info["vector"] = ("avx512f" if "avx512f" in value.split() else
+                              "avx2" if "avx2" in value.split() else "other")
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level} {kind}"] = size
+    info["cpu0_caches"] = caches
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
 def memory(case: str, n: int) -> float | None:
     done = subprocess.run([sys.executable, __file__, "--_memory", case, str(n)], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -187,7 +263,8 @@ def run(args) -> dict:
     result: dict = {"model": "smollm2-135m", "dtype": "float32", "batch": 1, "rounds": args.rounds,
                     "measure": "process CPU time (time.process_time), minimum over interleaved rounds",
                     "torch": torch.__version__, "chunk_rows": {n: pick_chunk_size(1, 9, n) for n in args.lengths},
-                    "machine": platform.processor() or platform.machine(),
+                    "machine": platform.processor() or platform.machine(), "cpu": cpu_info(),
+                    "env": {name: os.environ[name] for name in EMULATION_ENV if name in os.environ},
                     "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "quiet": [], "busy": [],
                     "row_pass": fused_rows.build()[1]}
     default_threads = torch.get_num_threads()  # torch's own default: one per physical core
@@ -200,6 +277,8 @@ def run(args) -> dict:
             row.update(summarise(interleaved(attention_cases(n, compare=True), args.rounds), "attn-sdpa"))
         if args.memory:
             row["peak_mib"] = {case: memory(case, n) for case in ("sdpa", "stats")}
+        if args.first:
+            row["first"] = first_forward(n, args.first_rounds)
         result["quiet"].append(row)
         print(json.dumps({k: (v["ratio_to_sdpa"] if isinstance(v, dict) and "ratio_to_sdpa" in v else v)
                           for k, v in row.items()}), flush=True)
@@ -229,18 +308,29 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| T | threads | load | sdpa s | stats s | stats / sdpa | attention call / sdpa's "
-             "| same, torch-ops row pass: stats / sdpa | call / sdpa's |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    cpu = result.get("cpu", {})
+    lines = [f"CPU: {cpu.get('Model name', '?')} ({cpu.get('vector', '?')}; L2 {cpu.get('L2 cache', '?')}, "
+             f"L3 {cpu.get('L3 cache', '?')}), torch {result['torch']}"
+             + (f"; run with {' '.join(f'{k}={v}' for k, v in result['env'].items())}" if result.get("env") else ""),
+             "",
+             "| T | threads | load | sdpa s | stats s | stats / sdpa | attention call / sdpa's "
+             "| same, torch-ops row pass: stats / sdpa | call / sdpa's | first forward / sdpa's (wall, CPU) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(row: dict, case: str) -> str:
         return f"{row[case]['ratio_to_sdpa']:.2f}" if case in row else ""
+
+    def first(row: dict) -> str:
+        if "first" not in row:
+            return ""
+        stats = row["first"]["stats"]
+        return f"{stats['ratio_wall_s']:.2f}, {stats['ratio_cpu_s']:.2f}"
 
     for kind in ("quiet", "busy"):
         for row in result[kind]:
             lines.append(f"| {row['T']} | {row['threads']} | {kind} | {row['sdpa']['cpu_s']:.3f} | "
                          f"{row['stats']['cpu_s']:.3f} | {ratio(row, 'stats')} | {ratio(row, 'attn-stats')} | "
-                         f"{ratio(row, 'stats-torch-ops')} | {ratio(row, 'attn-stats-torch-ops')} |")
+                         f"{ratio(row, 'stats-torch-ops')} | {ratio(row, 'attn-stats-torch-ops')} | {first(row)} |")
     return "\n".join(lines)
 
 
@@ -251,15 +341,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attention-T", type=int, default=4096, help="T of the single attention call timed")
     parser.add_argument("--memory", action="store_true", help="also peak RSS growth per case (fresh processes)")
+    parser.add_argument("--first", action="store_true",
+                        help="also the first forward of a fresh process per case (wall and CPU time)")
+    parser.add_argument("--first-rounds", type=int, default=2, help="fresh processes per case for --first")
     parser.add_argument("--busy", action="store_true", help="also time under one competing CPU-bound process")
     parser.add_argument("--busy-lengths", type=int, nargs="+")
     parser.add_argument("--busy-threads", type=int, help="torch threads under load (default: torch's default)")
     parser.add_argument("--busy-pin", type=int, help="pin the competing process to this cpu (taskset)")
     parser.add_argument("--out", type=Path, default=RESULTS / "speedpath_cpu.json")
     parser.add_argument("--_memory", nargs=2, metavar=("CASE", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--_first", nargs=2, metavar=("CASE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory:
         memory_worker(args._memory[0], int(args._memory[1]))
+        return
+    if args._first:
+        first_worker(args._first[0], int(args._first[1]))
         return
     result = run(args)
     result["markdown"] = markdown(result)

@@ -9,6 +9,11 @@ name keyed by the source, the compiler and the CPU, so a cache shared between ma
 for another CPU. Without a compiler the torch ops do the same work (they stay the reference the tests hold
 the compiled pass to).
 
+The vector width follows the compiler's target (``LANES`` in ``fused_rows.c``: 16 floats under AVX-512, 8 under
+AVX2, 4 else). ``$HEADLAB_FUSED_ROWS_CFLAGS``: extra compiler flags, appended (and keyed into the cached
+name), e.g. ``-mno-avx512f`` to run an AVX2 build on an AVX-512 CPU, as ``benchmarks/speedpath.py`` does to
+measure an AVX2 machine.
+
 ``$HEADLAB_FUSED_ROWS``: ``auto`` (default: the compiled pass where it builds), ``on`` (an error where it does
 not) or ``off`` (the torch ops).
 """
@@ -34,6 +39,7 @@ from headlab.home import headlab_home
 
 log = logging.getLogger(__name__)
 FUSED_ENV = "HEADLAB_FUSED_ROWS"
+CFLAGS_ENV = "HEADLAB_FUSED_ROWS_CFLAGS"
 SOURCE = Path(__file__).with_name("fused_rows.c")
 # -O3 for the vector loops; no -ffast-math: the pass relies on IEEE infinities and NaN (a NaN row sum must
 # fail the shift's range check).
@@ -60,6 +66,11 @@ def cpu_identity() -> str:
         return "\n".join(dict.fromkeys(wanted))
     except OSError:
         return f"{platform.machine()} {platform.processor()}"
+
+
+def flags() -> list[str]:
+    """The compiler flags: ``FLAGS`` and ``$HEADLAB_FUSED_ROWS_CFLAGS``."""
+    return FLAGS + os.environ.get(CFLAGS_ENV, "").split()
 
 
 def find_compiler() -> str | None:
@@ -138,7 +149,8 @@ def _build() -> tuple[FusedRows | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"the C compiler {cc} does not run: {err}"
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    cflags = flags()
+    key = hashlib.sha256(b"\0".join([source, " ".join(cflags).encode(), version.encode(),
                                      cpu_identity().encode()])).hexdigest()[:16]
     try:
         path = headlab_home() / "kernels" / f"fused_rows-{key}.so"
@@ -150,7 +162,7 @@ def _build() -> tuple[FusedRows | None, str]:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+            done = subprocess.run([cc, *cflags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 return None, f"{cc} could not build the fused row pass: {done.stderr.strip()[-300:]}"

@@ -79,9 +79,15 @@ def expected(s, reference, sinks=None, weight=None, n_q=9, start=3, n_k=50, lo=4
                 redone=int((reference & ~keep & sees).sum()))
 
 
+@pytest.mark.parametrize("lanes", [None, 4, 8, 16])
 @pytest.mark.parametrize("reference", [True, False])
 @pytest.mark.parametrize("sinks", [None, torch.tensor([-3.0, 0.0, 40.0])])
-def test_row_pass_matches_float64(fresh_build, reference, sinks):
+def test_row_pass_matches_float64(fresh_build, monkeypatch, reference, sinks, lanes):
+    """Every vector width the source may be built with (None: the one of the compiler's target), through
+    ``$HEADLAB_FUSED_ROWS_CFLAGS``, which also keys the cached build."""
+    if lanes is not None:
+        monkeypatch.setenv(fused_rows.CFLAGS_ENV, f"-DLANES={lanes}")
+        assert f"-DLANES={lanes}" in fused_rows.flags()
     s = tile()
     weight = torch.ones(2, 9)
     weight[1, 4] = 0.0  # a row not counted in the key mass
