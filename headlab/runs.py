@@ -154,16 +154,15 @@ def _publish(tmp: Path, final: Path) -> None:
     ``os.rename`` onto a directory replaces it only when it is empty, so a second run that finishes with the
     same name fails here (ENOTEMPTY/EEXIST); an empty directory in the way is refused as well.
     """
-    if final.exists():
-        raise RunStoreError(f"run {final} was written by another run while this one computed; this run is not "
-                            "saved: run it again with another --name")
     try:
+        if final.exists():  # os.rename would replace an empty directory
+            raise FileExistsError(final)
         os.rename(tmp, final)
     except OSError as err:
-        if final.exists():
-            raise RunStoreError(f"run {final} was written by another run while this one computed; this run is not "
-                                "saved: run it again with another --name") from err
-        raise
+        if not final.exists():
+            raise
+        raise RunStoreError(f"run {final} was written by another run while this one computed; this run is not "
+                            "saved: run it again with another --name") from err
 
 
 def read_manifest(path: Path) -> dict:

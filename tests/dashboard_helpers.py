@@ -9,6 +9,19 @@ import numpy as np
 from streamlit.testing.v1 import AppTest
 
 
+def open_page(page: str, timeout: int = 120, **params: str) -> AppTest:
+    """The dashboard app run once at ``?page=…&…`` (no exception raised on the page)."""
+    from headlab.dashboard import launch
+
+    at = AppTest.from_file(str(launch.APP_FILE), default_timeout=timeout)
+    at.query_params["page"] = page
+    for name, value in params.items():
+        at.query_params[name] = value
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
 def charts(at: AppTest) -> list[dict]:
     return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
 

@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from dashboard_helpers import array, charts, texts
+from dashboard_helpers import array, charts, open_page, texts
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
@@ -65,13 +65,7 @@ def app_env(monkeypatch, runs_dir):
 
 
 def open_app(page: str = "runs", **params: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.query_params["page"] = page
-    for name, value in params.items():
-        at.query_params[name] = value
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
+    return open_page(page, **params)
 
 
 # ------------------------------------------------------------------------------------- run discovery

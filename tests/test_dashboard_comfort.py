@@ -9,6 +9,7 @@ import json
 import struct
 import zlib
 
+import dashboard_helpers
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -35,13 +36,7 @@ KEY = "run-sinks"
 
 
 def open_page(page: str, **params: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.query_params["page"] = page
-    for name, value in params.items():
-        at.query_params[name] = value
-    at.run()
-    assert not at.exception, [e.message for e in at.exception]
-    return at
+    return dashboard_helpers.open_page(page, timeout=180, **params)
 
 
 def chart_titled(at: AppTest, part: str) -> dict:

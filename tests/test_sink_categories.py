@@ -181,11 +181,10 @@ def test_smollm2_has_a_first_text_token_sink(load_model):
 
 
 def test_dashboard_sinks_page_shows_categories_and_the_saturation_warning(load_model, tmp_path, monkeypatch):
-    from dashboard_helpers import charts, texts
+    from dashboard_helpers import charts, open_page, texts
     from streamlit.testing.v1 import AppTest
 
     from headlab.analyses.sinks import SinksConfig, analyze_sinks
-    from headlab.dashboard import launch
 
     run = analyze_sinks(load_model("tiny-qwen3"), ["hello there, how are you", "abc def ghi"],
                         SinksConfig(max_tokens=16), progress=False)
@@ -195,11 +194,7 @@ def test_dashboard_sinks_page_shows_categories_and_the_saturation_warning(load_m
     monkeypatch.setenv("HEADLAB_RUNS", str(tmp_path))
 
     def page(name: str) -> AppTest:
-        at = AppTest.from_file(str(launch.APP_FILE), default_timeout=120)
-        at.query_params["page"], at.query_params["run"] = "run", name
-        at.run()
-        assert not at.exception, [e.message for e in at.exception]
-        return at
+        return open_page("run", run=name)
 
     at = page("sinks")
     assert "Sink categories" in texts(at.subheader) and note in texts(at.warning)

@@ -29,10 +29,16 @@ def test_parts_are_joined_once_and_checked(tmp_path, monkeypatch):
     path = gemma3.gemma3_gguf(cache)
     assert path == cache / "gguf" / gemma3.FILE and path.read_bytes() == b"GGUF-one-two-end"
     stamp = path.stat().st_mtime_ns
+    hashed = []
+    monkeypatch.setattr(gemma3, "sha256", lambda p: hashed.append(p) or "")
     assert gemma3.gemma3_gguf(cache) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert hashed == []  # the check is remembered: the conversion hashes the file, not this step too
+    monkeypatch.undo()
+    _fake_parts(tmp_path, monkeypatch, [b"GGUF", b"-one", b"-two", b"-end"])
     path.write_bytes(b"damaged")
     assert gemma3.gemma3_gguf(cache).read_bytes() == b"GGUF-one-two-end"  # a damaged copy is joined again
-    assert [p.name for p in (cache / "gguf").iterdir()] == [gemma3.FILE]  # no temporary file left
+    names = sorted(p.name for p in (cache / "gguf").iterdir())
+    assert names == [gemma3.FILE, f"{gemma3.FILE}.checked"]  # no temporary file left
 
 
 def test_a_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from headlab.checks import at_least
 from headlab.cli import options
 from headlab.cli.model_args import ModelArgs, Runtime, takes_model
 from headlab.cli.output import reported_errors, say
@@ -163,8 +164,7 @@ def apply(
     """Greedy completions without and with the offsets (removed again afterwards), printed and saved as a run."""
 
     def prepare(args: ModelArgs) -> Prepared:
-        if max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        at_least(max_new_tokens, 1, "--max-new-tokens")
         return Prepared(*runs_folder_target("lofit-apply", args.model, out, name), texts=list(prompt),
                         source={"kind": "command line"})
 
@@ -236,8 +236,7 @@ def evaluate(
         from headlab.analyses.lofit_data import read_items
         from headlab.analyses.lofit_eval import read_mc_csv
 
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        at_least(batch_size, 1, "--batch-size")
         is_csv = Path(data).suffix.lower() == ".csv"
         items = read_mc_csv(data) if is_csv else read_items(data, "sft")
         return Prepared(*runs_folder_target("lofit-eval", args.model, out, name), extra=(is_csv, items))

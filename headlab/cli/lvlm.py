@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 
+from headlab.checks import at_least
 from headlab.cli import options
 from headlab.cli.model_args import ModelArgs, Runtime, takes_model
 from headlab.cli.output import console, say, warn
@@ -94,8 +95,7 @@ def vhd(
 
         config = VhdConfig(max_new_tokens=max_new_tokens, remove=remove, k=k, batch_size=batch_size)
         config.check()
-        if max_images < 1:
-            raise InputError(f"--max-images must be at least 1, got {max_images}")
+        at_least(max_images, 1, "--max-images")
         from headlab.lvlm import LvlmSample, image_files, load_image  # torch: after the plain checks
 
         files = image_files(images)[:max_images]
@@ -214,8 +214,7 @@ def fix(
     def prepare(args: ModelArgs) -> Prepared:
         from headlab.analyses.hallucination_eval import HallucinationConfig
 
-        if max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        at_least(max_new_tokens, 1, "--max-new-tokens")
         methods = list(dict.fromkeys(method))
         check_method_names(methods, "--method")
         options_by_method = parse_settings(settings, methods)

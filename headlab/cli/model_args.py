@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 
+from headlab.checks import at_least
 from headlab.cli.output import warn
 from headlab.errors import InputError
 
@@ -89,8 +90,8 @@ class ModelArgs:
         """The model options' checks that need no torch (they run first, with the command's own plain checks)."""
         from headlab.checks import ndif_key
 
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be at least 1, got {self.threads}")
+        if self.threads is not None:
+            at_least(self.threads, 1, "--threads")
         if self.runtime not in runtimes:
             raise InputError(f"--runtime {self.runtime.value}: `{command}` runs with "
                              f"{' or '.join(r.value for r in runtimes)} only")
@@ -105,10 +106,15 @@ class ModelArgs:
     def check(self, *, command: str = "this command",
               runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> ModelArgs:
         """Every check that needs no model, before one loads; raises ``InputError``."""
+        self.check_plain(command=command, runtimes=runtimes)
+        return self.resolved()
+
+    def resolved(self) -> ModelArgs:
+        """The checks that need torch (device, dtype, kernel, placement, NDIF's model name), after
+        ``check_plain``; a copy with the placement parsed."""
         from headlab.kernels import check_environment
         from headlab.placement import check_placement, resolve_device, resolve_dtype
 
-        self.check_plain(command=command, runtimes=runtimes)
         check_environment()
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)

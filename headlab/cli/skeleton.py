@@ -109,14 +109,14 @@ def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs]
                  run: Callable[[Any, Prepared], Any], show: Callable[[Any, Path], None], advice: str,
                  quiet: bool = False, runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> None:
     """The skeleton: ``args.check_plain`` and ``prepare(args)`` (the command's checks, inputs and target: no
-    torch, so a bad value is reported in about a second) → ``args.check`` → load → ``run(loaded, prepared)``
+    torch, so a bad value is reported in about a second) → ``args.resolved`` → load → ``run(loaded, prepared)``
     under ``--kernel`` → provenance → atomic save → ``show(result, path)``."""
     started = time.perf_counter()
     with reported_errors(args.model, advice):
         args.check_plain(command=command, runtimes=runtimes)
         prepared = prepare(args)
         quiet_hub_progress(quiet)
-        args = args.check(command=command, runtimes=runtimes)
+        args = args.resolved()
         loaded = open_model(args)
         with args.kernel_in_use():
             result = run(loaded, prepared)
