@@ -147,9 +147,10 @@ def processor_of(loaded):
     return proc
 
 
-def clip_image_processor(size: int):
-    """CLIP preprocessing at ``size`` pixels: the Pillow implementation unless torchvision is installed (asking for
-    ``CLIPImageProcessor`` without it prints a fallback warning on every LVLM command; the numbers are the same)."""
+def clip_image_processor(size: int, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    """CLIP preprocessing at ``size`` pixels (CLIP's mean and std unless given): the Pillow implementation unless
+    torchvision is installed (asking for ``CLIPImageProcessor`` without it prints a fallback warning on every LVLM
+    command; the numbers are the same)."""
     import importlib.util
 
     import transformers
@@ -157,7 +158,8 @@ def clip_image_processor(size: int):
     # Even looking CLIPImageProcessor up prints the warning, so the Pillow class is asked for by name first.
     pil = importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil")
     kind = transformers.CLIPImageProcessorPil if pil else transformers.CLIPImageProcessor
-    return kind(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    stats = {"image_mean": list(mean), "image_std": list(std)} if mean is not None and std is not None else {}
+    return kind(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **stats)
 
 
 def _tiny_llava_processor(loaded):

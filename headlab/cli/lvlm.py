@@ -24,7 +24,7 @@ from headlab.cli.output import console, say, warn
 from headlab.cli.skeleton import Prepared, run_and_save, runs_folder_target
 from headlab.errors import InputError
 
-LVLM_HELP = "an LVLM: llava-smol, tiny-llava, tiny-qwen2-vl, llava-1.5-7b (local), …"
+LVLM_HELP = "an LVLM: llava-smol, llava-real, tiny-llava, tiny-qwen2-vl, llava-1.5-7b (local), …"
 # The fixes generate with the model's KV cache and hooks on the local modules.
 LOCAL = (Runtime.local,)
 SET_OPTION = typer.Option(None, "--set", help="a method option, METHOD.FIELD=VALUE (e.g. pai.alpha=0.5, "

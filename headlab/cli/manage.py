@@ -82,6 +82,7 @@ class ZooModel(str, Enum):
     backcopy = "backcopy"
     backcopy_nobos = "backcopy-nobos"
     llava_smol = "llava-smol"
+    llava_real = "llava-real"
 
 
 def zoo_train(
@@ -102,6 +103,8 @@ def zoo_train(
 
     llava-smol: the vision tower + projector of an LVLM on frozen smollm2-135m, with its own recipe
     (headlab/training/llava_smol.py; only --checkpoint and --seed apply; one thread, about 80 minutes).
+    llava-real: the projector between DINOv2-S and frozen smollm2-135m, trained on photo scenes
+    (headlab/training/llava_real.py; only --checkpoint and --seed apply; one thread, about 90 minutes).
     A checkpoint is a model folder, not a run: elsewhere --out is the runs folder."""
     import dataclasses
 
@@ -114,6 +117,10 @@ def zoo_train(
         from headlab.training.llava_smol import train_llava_smol_cli
 
         return train_llava_smol_cli(checkpoint, seed, fail, log)
+    if model == ZooModel.llava_real:
+        from headlab.training.llava_real import train_llava_real_cli
+
+        return train_llava_real_cli(checkpoint, seed, fail, log)
 
     from headlab.training.backcopy import BackcopyTask
     from headlab.training.backcopy_training import TrainConfig, train_backcopy

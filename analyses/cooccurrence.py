@@ -1,0 +1,109 @@
+"""Hallucination by co-occurrence: is an absent object named more often when its usual partner is in the image?
+
+COCO-trained LVLMs name a "fork" beside a "knife" that has none (Li et al., "Evaluating Object Hallucination in
+Large Vision-Language Models", EMNLP 2023, built POPE's adversarial split on exactly this). Given captions, the
+objects present in each image and a partner map, every (image, absent object) pair is one opportunity, of one of
+two kinds: **partner** (a partner of the object is present) or **other** (none is). The effect is the rate at
+which partner opportunities are named against other ones:
+
+- each rate with its Wilson 95% interval;
+- their ratio and difference with a percentile bootstrap interval over images (opportunities in one image are
+  not independent: images are resampled, not opportunities);
+- Fisher's exact one-sided test on the 2×2 table (named / not named × partner / other).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def wilson(named: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of ``named / total`` (``(nan, nan)`` when ``total`` is 0)."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = named / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (centre - half, centre + half)
+
+
+def opportunities(captions: Sequence[str], present: Sequence[set[str]], partner: Mapping[str, str],
+                  vocabulary: Sequence[str], synonyms: Mapping[str, str]) -> np.ndarray:
+    """``[images, 4]`` counts per image: partner named, partner not named, other named, other not named."""
+    from .hallucination_metrics import mentioned
+
+    counts = np.zeros((len(captions), 4), dtype=np.int64)
+    for i, (text, there) in enumerate(zip(captions, present, strict=True)):
+        named = set(mentioned(text, dict(synonyms)))
+        for obj in vocabulary:
+            if obj in there:
+                continue
+            kind = 0 if partner.get(obj) in there else 2
+            counts[i, kind + (0 if obj in named else 1)] += 1
+    return counts
+
+
+def partner_effect(captions: Sequence[str], present: Sequence[set[str]], partner: Mapping[str, str],
+                   vocabulary: Sequence[str], synonyms: Mapping[str, str] | None = None, *,
+                   resamples: int = 2000, seed: int = 0) -> dict:
+    """The partner effect of ``captions`` (see the module docstring); ``synonyms``: word → object (default: each
+    object's own word)."""
+    from scipy.stats import fisher_exact
+
+    synonyms = synonyms or {o: o for o in vocabulary}
+    counts = opportunities(captions, present, partner, vocabulary, synonyms)
+    pn, pm, on, om = (int(v) for v in counts.sum(0))
+    partner_rate = pn / (pn + pm) if pn + pm else float("nan")
+    other_rate = on / (on + om) if on + om else float("nan")
+    rng = np.random.default_rng(seed)
+    draws = counts[rng.integers(0, len(counts), size=(resamples, len(counts)))].sum(1)  # [resamples, 4]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_rate = draws[:, 0] / (draws[:, 0] + draws[:, 1])
+        o_rate = draws[:, 2] / (draws[:, 2] + draws[:, 3])
+        ratio = p_rate / o_rate
+    diff = p_rate - o_rate
+    odds, p_value = fisher_exact([[pn, pm], [on, om]], alternative="greater")
+
+    def interval(values: np.ndarray) -> list[float]:
+        values = values[np.isfinite(values)]
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [
+            float("nan"), float("nan")]
+
+    return {"images": len(captions), "partner_opportunities": pn + pm, "other_opportunities": on + om,
+            "partner_named": pn, "other_named": on,
+            "partner_named_rate": partner_rate, "partner_named_rate_ci": list(wilson(pn, pn + pm)),
+            "other_named_rate": other_rate, "other_named_rate_ci": list(wilson(on, on + om)),
+            "rate_ratio": partner_rate / other_rate if other_rate else float("inf"),
+            "rate_ratio_ci": interval(ratio), "rate_difference": partner_rate - other_rate,
+            "rate_difference_ci": interval(diff), "fisher_odds_ratio": float(odds),
+            "fisher_p_one_sided": float(p_value), "resamples": resamples}
+
+
+def false_yes_by_split(answers: Mapping[str, Sequence[str]], questions: Mapping[str, Sequence[dict]],
+                       parser: str = "official") -> dict:
+    """POPE per split: the rate of "yes" on questions whose answer is no (the hallucination POPE's splits differ
+    in), with Wilson intervals, and each split against ``random`` (Fisher's exact one-sided test: more false
+    yeses than random)."""
+    from scipy.stats import fisher_exact
+
+    from .hallucination_metrics import pope_answer
+
+    out: dict[str, dict] = {}
+    for split, items in questions.items():
+        said = [pope_answer(a, parser) for a in answers[split]]
+        negatives = [s for s, q in zip(said, items, strict=True) if q["label"] == "no"]
+        yes = sum(s == "yes" for s in negatives)
+        out[split] = {"no_questions": len(negatives), "false_yes": yes,
+                      "false_yes_rate": yes / len(negatives) if negatives else float("nan"),
+                      "false_yes_rate_ci": list(wilson(yes, len(negatives)))}
+    if "random" in out:
+        base = out["random"]
+        for split, entry in out.items():
+            if split != "random":
+                table = [[entry["false_yes"], entry["no_questions"] - entry["false_yes"]],
+                         [base["false_yes"], base["no_questions"] - base["false_yes"]]]
+                entry["fisher_p_more_than_random"] = float(fisher_exact(table, alternative="greater")[1])
+    return out

@@ -1,0 +1,88 @@
+"""The testbed's measurements against hand computations: the partner effect's counts and intervals, POPE's false
+yes per split, and visual sinks by origin (an encoder outlier made on purpose must be found, and nothing else)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from headlab.analyses.cooccurrence import false_yes_by_split, opportunities, partner_effect, wilson
+
+VOCAB = ["dog", "cat", "saw", "hammer", "apple", "key"]
+PARTNER = {"dog": "cat", "cat": "dog", "saw": "hammer", "hammer": "saw"}
+
+
+def test_wilson_interval_matches_the_formula():
+    low, high = wilson(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert np.isnan(wilson(0, 0)[0])
+
+
+def test_partner_effect_counts_by_hand():
+    captions = ["The image shows a dog and a cat.", "The image shows a saw and an apple.",
+                "The image shows an apple and a key."]
+    present = [{"dog"}, {"saw"}, {"apple"}]
+    counts = opportunities(captions, present, PARTNER, VOCAB, {w: w for w in VOCAB})
+    # image 0: cat is a partner opportunity, named; saw, hammer, apple, key: others, none named.
+    # image 1: hammer a partner opportunity, not named; dog, cat, key: others not named; apple named (other).
+    # image 2: no partner opportunity; dog, cat, saw, hammer not named, key named.
+    assert counts.tolist() == [[1, 0, 0, 4], [0, 1, 1, 3], [0, 0, 1, 4]]
+    effect = partner_effect(captions, present, PARTNER, VOCAB, resamples=200)
+    assert effect["partner_named_rate"] == pytest.approx(1 / 2)
+    assert effect["other_named_rate"] == pytest.approx(2 / 13)
+    assert effect["rate_ratio"] == pytest.approx((1 / 2) / (2 / 13))
+    low, high = effect["rate_difference_ci"]
+    assert low <= effect["rate_difference"] <= high
+
+
+def test_false_yes_by_split():
+    questions = {"random": [{"label": "no"}] * 4 + [{"label": "yes"}] * 2,
+                 "adversarial": [{"label": "no"}] * 4 + [{"label": "yes"}] * 2}
+    answers = {"random": ["No", "No", "No", "Yes", "Yes", "Yes"],
+               "adversarial": ["Yes", "Yes", "Yes", "No", "Yes", "No"]}
+    out = false_yes_by_split(answers, questions)
+    assert out["random"]["false_yes_rate"] == pytest.approx(0.25)
+    assert out["adversarial"]["false_yes_rate"] == pytest.approx(0.75)
+    assert 0 < out["adversarial"]["fisher_p_more_than_random"] < 0.5
+
+
+def test_sinks_by_origin_finds_an_encoder_outlier_made_on_purpose():
+    import headlab
+    from headlab.analyses.visual_sink_origin import encoder_outliers, sinks_by_origin
+    from headlab.analyses.visual_sinks import visual_sinks
+    from headlab.lvlm import LvlmSample, build_inputs
+    from headlab.training import lvlm_data as D
+
+    loaded = headlab.load("tiny-llava", dtype="float32", device="cpu")
+    images = [D.render(s).resize((32, 32)) for s in D.eval_scenes("in-distribution", 2, seed=3)]
+    inputs = build_inputs(loaded, [LvlmSample("Describe the image.", [im]) for im in images])
+    tower = loaded.model.model.vision_tower
+    layer = loaded.model.config.vision_feature_layer
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    # hidden_states[layer] is the output of encoder layer (layer - 1) counted from the embeddings: scale patch 5
+    # (token 6, after CLS) of image 0 tenfold there.
+    target = encoder_layers[len(encoder_layers) + layer] if layer < 0 else encoder_layers[layer - 1]
+
+    def boost(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[0, 6] *= 10
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = target.register_forward_hook(boost)
+    try:
+        norms, cosine = encoder_outliers(loaded, inputs.tensors["pixel_values"])
+        with torch.no_grad():
+            hidden = tower(inputs.tensors["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
+        assert torch.allclose(norms, hidden.norm(dim=-1), atol=1e-5)
+        found = sinks_by_origin(loaded, inputs, tau=2.0)
+        lm = visual_sinks(loaded, inputs, tau=2.0)
+    finally:
+        handle.remove()
+    flagged = found.table[found.table.vit_high_norm]
+    assert list(zip(flagged["sample"], flagged["patch"], strict=True)) == [(0, 5)]
+    # The LM side is visual_sinks' own verdict, token by token.
+    expected = int(lm.visual.any(dim=0).sum())
+    assert int(found.table.lm_sink.sum()) == expected == found.summary["lm_sink_tokens"]
+    assert found.summary["encoder_high_norm_tokens"] == 1
