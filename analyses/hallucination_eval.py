@@ -4,9 +4,9 @@ Every method generates on the same images (CHAIR: one caption each; POPE: one an
 batched with the KV cache (analyses/lvlm_fixes.py); the run holds one table of method × metric with a
 percentile bootstrap CI of each value and of its difference from ``none`` on the same images or questions
 (paired), the captions or answers themselves, and the image list (the papers' "500 random images" cannot be
-redrawn: headlab stores which images it used). ``controls=True`` adds, for every method, its random
-control of the same size (random keys, patches, sinks or heads): an effect is real only where it beats its
-control, not just zero.
+redrawn: headlab stores which images it used). ``controls=True`` adds, for every method that has one (all but
+VCD), its random control of the same size (random keys, patches, sinks or heads): an effect is real only where
+it beats its control, not just zero.
 
 Data (``--data DIR``): CHAIR reads COCO ``instances_*.json`` / ``captions_*.json`` (or headlab's
 ``annotations.json`` / ``captions.json``) with the images in ``DIR/images`` or ``DIR`` (or ``DIR/val2014``);
@@ -72,7 +72,7 @@ class HallucinationConfig:
         if unknown:
             raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(sorted(FIXES))}")
         if len(set(self.methods)) != len(self.methods) or not self.methods:
-            raise InputError("--methods: name each method once (none, vhr, var, pai, paint, vaf)")
+            raise InputError(f"--methods: name each method once ({', '.join(sorted(FIXES))})")
         stray = sorted(set(self.options) - set(self.methods))
         if stray:
             raise InputError(f"--set names {', '.join(stray)}, which is not among --methods")
@@ -87,12 +87,14 @@ class HallucinationConfig:
             self.make(name, control=False)  # unknown options fail here, before the model loads
 
     def labels(self) -> list[tuple[str, str, bool]]:
-        """(label, method, control) of every run, ``none`` first."""
+        """(label, method, control) of every run, ``none`` first; no control for a method without one (VCD)."""
+        from .lvlm_fixes import FIXES
+
         out = [("none", "none", False)] if "none" in self.methods else []
         for name in self.methods:
             if name != "none":
                 out.append((name, name, False))
-                if self.controls:
+                if self.controls and FIXES[name].has_control:
                     out.append((f"{name}-control", name, True))
         return out
 

@@ -18,13 +18,27 @@ interventions, composable, generated batched with the KV cache through headlab's
   attention in its second-to-last layer, taken out of the local set. s += α|s| (0.7) on local and β|s| (0.3)
   on summary keys, last query row, layers [2, L), every step; per image of a batch.
 - ``Vaf`` (ClearSight, Yin et al., CVPR 2025): in the middle layers (9–14 of LLaVA's 32, scaled with depth)
-  scores of image keys × 1.15 and of system-prompt keys × 0.95, before the softmax, for the text after the
-  image; spans from the processor.
+  scores of image keys × 1.15 and of the keys before the image × 0.95, before the softmax, for the text after
+  the image; spans from the processor. ``span="before-image"`` (default, the official code: every key before
+  the first image token, LLaVA-1.5's first 35 = BOS, system prompt and "USER: ") or ``"system"`` (the system
+  turn only, headlab's earlier reading of the paper's "system prompt").
 - ``Vhr`` (He et al., ACL 2025; analyses/vhd.py): z of the heads above their layer's median VHD × α.
+- ``Vcd`` (Leng et al., CVPR 2024, "Visual Contrastive Decoding"): every step's next-token logits are computed
+  twice, with the image and with the image's preprocessed pixels under forward-diffusion noise (step 500 of
+  1000), and decoding is greedy on (1 + α)·logits − α·logits_distorted (α = 1) over the tokens whose
+  probability with the image is ≥ β · max (β = 0.1), −inf elsewhere. The distorted branch has its own KV cache
+  and sees no edit. A second pass by definition.
+
+``adaptive="entropy"`` (PAI, VAF; default ``"off"``), after AdaVBoost (Zhang et al., 2026, "Token-Level Adaptive
+Visual Attention Boosting"): the edit's strength at each decoding step is its base strength × g(s), s the
+normalised entropy H / log V of the model's own next-token distribution at the previous step (at the first step,
+the unedited prompt's last position), g(s) = s. A confident step (s = 0) gets no boost, a uniform one (s = 1) the
+full boost; per sample of the batch. AdaVBoost's own signal also weighs visual grounding; headlab uses the
+entropy part alone.
 
 ``control=True`` swaps each method's choice for a random one of the same size (the baseline a real effect
 must beat): random non-image keys (PAI, VAF), random patches (PAINT), random image tokens as visual sinks
-(VAR), random heads (VHR).
+(VAR), random heads (VHR). VCD chooses no tokens or heads and has no control.
 
 ``generate_fixed(loaded, samples, [Pai(), …])`` runs greedy generation with the methods together.
 """
@@ -32,6 +46,8 @@ must beat): random non-image keys (PAI, VAF), random patches (PAINT), random ima
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -41,7 +57,7 @@ import torch
 
 from headlab.errors import InputError
 from headlab.interventions import INTERVENTIONS, Intervention, Positions, ScoreBoost, ScoreScale, register_intervention
-from headlab.interventions.context import is_paused
+from headlab.interventions.context import is_paused, paused
 from headlab.interventions.visual_redistribute import VisualRedistribute
 from headlab.lvlm import LvlmInputs, LvlmSample, build_inputs
 
@@ -109,6 +125,7 @@ class FixMethod(Intervention):
 
     site: ClassVar[str] = "composed"
     needs_reference: ClassVar[bool] = False
+    has_control: ClassVar[bool] = True  # False: the method chooses nothing a random control could swap (VCD)
 
     def edits(self, ctx: FixContext) -> list[Intervention]:
         return []
@@ -143,13 +160,92 @@ class FixMethod(Intervention):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Adaptive strength (PAI, VAF)
+
+ADAPTIVE = ("off", "entropy")
+
+
+def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) / log V of each row: ``[..., vocab]`` -> ``[...]`` fp32 in [0, 1] (0 one-hot, 1 uniform).
+
+    V is the width of the logits (the model's vocabulary, padding ids included); ``entr`` takes 0 · log 0 = 0,
+    so a one-hot row (the other logits −inf or far below) is exactly 0."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return (torch.special.entr(p).sum(dim=-1) / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def adaptive_gain(signal: torch.Tensor) -> torch.Tensor:
+    """g(s) = s: the fraction of the base strength a step gets from its signal ``[batch]`` in [0, 1].
+
+    Linear, the simplest map with g(0) = 0 (a confident step is left alone) and g(1) = 1 (a uniform step gets
+    the method as published); AdaVBoost calibrates its own map on its risk score, which headlab does not copy."""
+    return signal
+
+
+@torch.no_grad()
+def prompt_entropy(ctx: FixContext) -> torch.Tensor:
+    """``[batch]`` normalised entropy of the unedited model's next-token distribution at each prompt's last
+    position: the signal of the first step, which has no previous step. One plain forward per batch, shared by
+    every adaptive method of the batch (``ctx.runs``); it runs before any edit or hook is installed."""
+    if "prompt_entropy" not in ctx.runs:
+        out = ctx.loaded.model(**ctx.inputs.tensors, logits_to_keep=1)
+        ctx.runs["prompt_entropy"] = normalised_entropy(out.logits[:, -1]).cpu()  # left padding: the last column
+    return ctx.runs["prompt_entropy"]
+
+
+class AdaptiveBoost:
+    """``adaptive="entropy"`` for a fix whose edits are ``ScoreBoost`` / ``ScoreScale`` (PAI, VAF): each edit's
+    per-sample ``strength`` is g(normalised entropy of the previous step's next-token distribution).
+
+    The signal is read by a forward hook on the model (the model's own logits, before any logits processor such
+    as PAI's guidance); forwards of the reference streams (paused) are not steps and are skipped. Per batch:
+    ``ctx.runs[id(method)]`` holds the edits and, in ``found``, the strength each step used, ``[batch]`` each."""
+
+    adaptive: str
+
+    def initial_strength(self, ctx: FixContext) -> torch.Tensor | None:
+        """The first step's strength ``[batch]`` (None when not adaptive: the edits keep their full strength)."""
+        return adaptive_gain(prompt_entropy(ctx)) if self.adaptive == "entropy" else None
+
+    def track(self, ctx: FixContext, edits: list[Intervention]) -> list[Intervention]:
+        """Keep ``edits`` for ``adapting`` (when adaptive); returns them."""
+        if self.adaptive == "entropy":
+            ctx.runs[id(self)] = {"edits": edits, "found": []}
+        return edits
+
+    @contextlib.contextmanager
+    def adapting(self, ctx: FixContext) -> Iterator[None]:
+        if self.adaptive != "entropy":
+            yield
+            return
+        run = ctx.runs[id(self)]
+
+        def step(module, args, output):
+            logits = getattr(output, "logits", None)
+            if is_paused() or logits is None:  # a reference stream's forward, not a step of this generation
+                return None
+            run["found"].append(run["edits"][0].strength.clone())
+            strength = adaptive_gain(normalised_entropy(logits[:, -1].detach())).cpu()  # [batch], for the next step
+            for edit in run["edits"]:
+                edit.strength = strength
+            return None
+
+        handle = ctx.loaded.model.register_forward_hook(step)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
 # PAI
 
 
 @register_fix("pai")
 @dataclass
-class Pai(FixMethod):
-    """s += alpha · |s| on image keys, last query row, ``layers`` (default [2, L)); ``cfg``: image guidance."""
+class Pai(AdaptiveBoost, FixMethod):
+    """s += alpha · |s| on image keys, last query row, ``layers`` (default [2, L)); ``cfg``: image guidance;
+    ``adaptive="entropy"``: alpha × the previous step's normalised entropy (``AdaptiveBoost``)."""
 
     alpha: float = 0.2
     layers: list[int] | None = None
@@ -158,6 +254,7 @@ class Pai(FixMethod):
     plausibility: float = 0.1
     control: bool = False
     seed: int = 0
+    adaptive: str = "off"
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]
@@ -166,7 +263,11 @@ class Pai(FixMethod):
     def edits(self, ctx: FixContext) -> list[Intervention]:
         layers = self.layers_for(ctx.n_layers)
         keys = ctx.random_text_keys(self.seed, "pai") if self.control else ctx.image_keys()
-        return [ScoreBoost([(layer, None) for layer in layers], keys=keys, alpha=self.alpha, rows="last")]
+        return self.track(ctx, [ScoreBoost([(layer, None) for layer in layers], keys=keys, alpha=self.alpha,
+                                           rows="last", strength=self.initial_strength(ctx))])
+
+    def active(self, ctx: FixContext, stream):
+        return self.adapting(ctx)
 
     def logits_processor(self, ctx: FixContext, stream):
         return GuidanceProcessor(stream, self.gamma, self.plausibility) if self.cfg else None
@@ -307,17 +408,44 @@ def vaf_layers(n_layers: int) -> list[int]:
     return list(range(lo, max(lo, hi) + 1))
 
 
+VAF_SPANS = ("before-image", "system")
+
+
+def vaf_span_keys(inputs: LvlmInputs, span: str = "before-image") -> list[list[tuple[int, int]]]:
+    """Per sample, the keys VAF scales by ``system_scale``, as (start, stop) spans from the first real token.
+
+    ``"before-image"``: every key before the first image token, as the official code does (its ``:SYS_LEN`` on
+    LLaVA-1.5 holds BOS, the system prompt and ``"USER: "``; on llava-smol: the system turn and the user turn's
+    header ``<|im_start|>user\\n``); none for a sample without an image. ``"system"``: the system turn only
+    (role header, text, end marker, ``LvlmInputs.system_span``); none when the template has no system turn."""
+    if span not in VAF_SPANS:
+        raise InputError(f"vaf.span must be one of {', '.join(VAF_SPANS)}, got {span!r}")
+    out = []
+    for b, images in enumerate(inputs.image_spans):
+        if span == "system":
+            system = inputs.system_span[b]
+            out.append([system] if system is not None else [])
+        else:
+            first = min((start for start, _ in images), default=0)
+            out.append([(0, first)] if first > 0 else [])
+    return out
+
+
 @register_fix("vaf")
 @dataclass
-class Vaf(FixMethod):
-    """Scores × ``image_scale`` on image keys and × ``system_scale`` on system keys, for the text after the image,
-    in ``layers`` (default ``vaf_layers``)."""
+class Vaf(AdaptiveBoost, FixMethod):
+    """Scores × ``image_scale`` on image keys and × ``system_scale`` on the keys ``span`` names (default
+    ``"before-image"``: every key before the first image token, as the official code; ``"system"``: the system
+    turn only), for the text after the image, in ``layers`` (default ``vaf_layers``). ``adaptive="entropy"``:
+    both factors move towards 1 with the previous step's normalised entropy s, γ·s + 1 − s (``AdaptiveBoost``)."""
 
     image_scale: float = 1.15
     system_scale: float = 0.95
     layers: list[int] | None = None
     control: bool = False
     seed: int = 0
+    span: str = "before-image"
+    adaptive: str = "off"
 
     def default_layers(self, n_layers: int) -> Sequence[int]:
         return vaf_layers(n_layers)
@@ -327,9 +455,14 @@ class Vaf(FixMethod):
         heads = [(layer, None) for layer in layers]
         rows = ctx.text_after_rows()
         keys = ctx.random_text_keys(self.seed, "vaf") if self.control else ctx.image_keys()
-        system = Positions.per_sample([[span] if span is not None else [] for span in ctx.inputs.system_span])
-        return [ScoreScale(heads, gamma=self.image_scale, keys=keys, rows=rows),
-                ScoreScale(heads, gamma=self.system_scale, keys=system, rows=rows)]
+        before = Positions.per_sample(vaf_span_keys(ctx.inputs, self.span))
+        strength = self.initial_strength(ctx)
+        return self.track(ctx, [ScoreScale(heads, gamma=self.image_scale, keys=keys, rows=rows, strength=strength),
+                                ScoreScale(heads, gamma=self.system_scale, keys=before, rows=rows,
+                                           strength=strength)])
+
+    def active(self, ctx: FixContext, stream):
+        return self.adapting(ctx)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,10 +655,166 @@ class Vhr(FixMethod):
             handle.remove()
 
 
+# ---------------------------------------------------------------------------------------------------
+# VCD
+
+NOISE_SCHEDULES = ("sigmoid", "linear")
+DIFFUSION_STEPS = 1000
+
+
+def diffusion_alpha_bar(schedule: str = "sigmoid", steps: int = DIFFUSION_STEPS) -> torch.Tensor:
+    """ᾱ_t = Π_{s ≤ t} (1 − β_s) for t = 0 … steps − 1, ``[steps]`` float64.
+
+    ``"sigmoid"`` (the VCD code's ``add_diffusion_noise``): β = sigmoid(linspace(−6, 6)) · (5e-3 − 1e-5) + 1e-5,
+    ᾱ_500 ≈ 0.75; ``"linear"`` (DDPM, Ho et al. 2020): β from 1e-4 to 0.02, ᾱ_500 ≈ 0.08, a far stronger distortion."""
+    if schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6.0, 6.0, steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    elif schedule == "linear":
+        betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
+    else:
+        raise InputError(f"vcd.schedule must be one of {', '.join(NOISE_SCHEDULES)}, got {schedule!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _noise_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """ε ~ N(0, I) of ``x``'s shape from a generator seeded by ``seed`` and ``x``'s own values: the same image
+    gets the same noise in any batch, at any position, and two different images get different noise."""
+    digest = hashlib.sha256(str(seed).encode() + x.contiguous().numpy().tobytes()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32)
+
+
+def diffusion_noise(pixels: torch.Tensor, noise_step: int = 500, *, seed: int = 0,
+                    schedule: str = "sigmoid") -> torch.Tensor:
+    """VCD's distorted image: x_t = sqrt(ᾱ_t) · x + sqrt(1 − ᾱ_t) · ε on the preprocessed pixels (after the
+    processor's normalisation, as the official code), t = ``noise_step`` (0 … 999, indexing ᾱ as the code does).
+
+    ``pixels``: ``[image, ...]`` (LLaVA ``[image, channel, height, width]``: ε drawn per image, ``_noise_like``)
+    or a flat patch tensor (Qwen2-VL ``[patch, dim]``: one draw for the batch); returns the same shape, dtype and
+    device. The noise is computed in fp32 on the CPU, so it does not depend on the device."""
+    if not 0 <= noise_step < DIFFUSION_STEPS:
+        raise InputError(f"vcd.noise_step must lie in [0, {DIFFUSION_STEPS - 1}], got {noise_step}")
+    alpha_bar = float(diffusion_alpha_bar(schedule)[noise_step])
+    x = pixels.detach().float().cpu()
+    eps = torch.stack([_noise_like(image, seed) for image in x]) if x.dim() >= 4 else _noise_like(x, seed)
+    noised = math.sqrt(alpha_bar) * x + math.sqrt(1.0 - alpha_bar) * eps
+    return noised.to(device=pixels.device, dtype=pixels.dtype)
+
+
+def contrastive_logits(real: torch.Tensor, distorted: torch.Tensor, alpha: float = 1.0,
+                       beta: float = 0.1) -> torch.Tensor:
+    """VCD's scores ``[batch, vocab]`` fp32: (1 + α) · real − α · distorted where p(y | image) ≥ β · max p, else −inf.
+
+    The cutoff is taken on the logits (log β + max logit, the official code's "version 2"): the same test as on
+    the probabilities, without a softmax. β = 0 keeps every token. Greedy decoding takes the argmax."""
+    real, distorted = real.float(), distorted.float()
+    scores = (1.0 + alpha) * real - alpha * distorted
+    if beta <= 0:
+        return scores
+    cutoff = real.max(dim=-1, keepdim=True).values + math.log(beta)
+    return scores.masked_fill(real < cutoff, float("-inf"))
+
+
+class ContrastiveProcessor:
+    """VCD as a logits processor of ``generate``: at each step it runs the distorted branch on the same call as
+    the image stream's (``follow``: its arguments, read by a forward pre-hook) with the distorted pixels and its
+    own KV cache, and returns ``contrastive_logits`` of the two.
+
+    Repeating the image stream's own call keeps everything ``generate`` prepares per model (position ids, M-RoPE
+    token types, which multimodal inputs go in only at prefill) identical in both branches: the two differ in
+    the pixels and the cache, nothing else. The branch runs with every edit paused (it is the contrast, not the
+    fixed model) and calls ``model.forward`` rather than ``model(...)``: the model's own forward hooks follow the
+    generation's steps (the layout tracker, the no-image stream, the adaptive fixes' entropy hook, VHR's record)
+    and must not take this extra forward for one. Layer hooks still run; the edits among them check ``paused``."""
+
+    def __init__(self, loaded, images: dict[str, torch.Tensor], alpha: float, beta: float):
+        """``images``: the prompt's image inputs with the distorted ``pixel_values`` (and what goes with them:
+        ``image_grid_thw``, ``image_sizes``, …), given to the branch's prefill."""
+        self.loaded, self.images, self.alpha, self.beta = loaded, images, alpha, beta
+        self._cache = None
+        self._call: tuple[tuple, dict] | None = None
+
+    @contextlib.contextmanager
+    def follow(self) -> Iterator[None]:
+        """Record the arguments of each forward of the image stream (reference streams run paused: skipped)."""
+
+        def record(module, args, kwargs):
+            if not is_paused():
+                self._call = (args, kwargs)
+            return None
+
+        handle = self.loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def distorted_logits(self) -> torch.Tensor:
+        """``[batch, vocab]`` fp32 next-token logits of the distorted branch at this step."""
+        if self._call is None:
+            raise RuntimeError("VCD's processor ran outside its follow() block: no image-stream call to repeat")
+        args, kwargs = self._call
+        feed = {**kwargs, "cache": self._cache, "use_cache": True}
+        feed.pop("past_key_values", None)  # one cache argument: this branch's own
+        if self._cache is None:  # the prefill: the distorted pixels, encoded here (later steps take no pixels)
+            feed.pop("mm_encoder_outputs", None)  # generate encodes the image stream's pixels once and passes these
+            feed.update(self.images)
+        model = self.loaded.model
+        # Qwen2-VL keeps the M-RoPE offsets of its last prefill on the model: the image stream's stay its own.
+        inner = getattr(model, "model", None)
+        keeps_rope = hasattr(inner, "rope_deltas")
+        saved = inner.rope_deltas if keeps_rope else None
+        try:
+            with paused():
+                out = model.forward(*args, **feed)
+        finally:
+            if keeps_rope:
+                inner.rope_deltas = saved
+        cache = getattr(out, "cache", None)
+        self._cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1].float()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        distorted = self.distorted_logits().to(scores.device)
+        return contrastive_logits(scores, distorted, self.alpha, self.beta).to(scores.dtype)
+
+
+@register_fix("vcd")
+@dataclass
+class Vcd(FixMethod):
+    """Visual contrastive decoding (module docstring): greedy on (1 + ``cd_alpha``) · logits − ``cd_alpha`` ·
+    logits with the image under diffusion noise (``noise_step`` of 1000, ``schedule``, ``seed``), over the tokens
+    with p ≥ ``cd_beta`` · max p. Defaults are the official code's (``cd_alpha`` 1, ``cd_beta`` 0.1, step 500, its
+    sigmoid β schedule). No edits: a logits processor with its own distorted branch."""
+
+    cd_alpha: float = 1.0
+    cd_beta: float = 0.1
+    noise_step: int = 500
+    schedule: str = "sigmoid"
+    seed: int = 0
+    has_control: ClassVar[bool] = False
+
+    def logits_processor(self, ctx: FixContext, stream):
+        tensors = ctx.inputs.tensors
+        images = {k: v for k, v in tensors.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "pixel_values" in images:  # a batch without images decodes as plain greedy (both branches agree)
+            images["pixel_values"] = diffusion_noise(images["pixel_values"], self.noise_step, seed=self.seed,
+                                                     schedule=self.schedule)
+        processor = ContrastiveProcessor(ctx.loaded, images, self.cd_alpha, self.cd_beta)
+        ctx.runs[id(self)] = {"processor": processor}
+        return processor
+
+    def active(self, ctx: FixContext, stream):
+        return ctx.runs[id(self)]["processor"].follow()
+
+
 @register_fix("none")
 @dataclass
 class NoFix(FixMethod):
     """Plain generation (the baseline)."""
+
+    has_control: ClassVar[bool] = False
 
     def describe(self) -> dict:
         return {"method": "none"}
@@ -535,6 +824,8 @@ def make_fix(name: str, **options) -> FixMethod:
     """A fix by its registered name with ``options`` (its dataclass fields), checked before any compute."""
     if name not in FIXES:
         raise InputError(f"unknown fix {name!r}: use one of {', '.join(sorted(FIXES))}")
+    if options.get("control") and not FIXES[name].has_control:
+        raise InputError(f"fix {name} has no random control (it chooses no keys, patches or heads to randomise)")
     settings = sorted(f.name for f in fields(FIXES[name]) if f.init and f.name != "control")
     unknown = sorted(set(options) - {*settings, "control"})
     if unknown:
@@ -550,7 +841,10 @@ def make_fix(name: str, **options) -> FixMethod:
 
 # Settings that must lie in a range (inclusive): the rest only need their type.
 _RANGES = {"p": (0.0, 1.0), "summ": (0.0, 1.0), "rho": (0.0, 1.0), "plausibility": (0.0, 1.0),
-           "local_fraction": (1e-9, 1.0)}
+           "local_fraction": (1e-9, 1.0), "cd_alpha": (0.0, math.inf), "cd_beta": (0.0, 1.0),
+           "noise_step": (0, DIFFUSION_STEPS - 1)}
+# Settings that name one of a few choices.
+_CHOICES = {"remove": ("drop", "blank"), "adaptive": ADAPTIVE, "span": VAF_SPANS, "schedule": NOISE_SCHEDULES}
 
 
 def check_fix(method: FixMethod) -> None:
@@ -568,14 +862,15 @@ def check_fix(method: FixMethod) -> None:
             raise InputError(f"{name}.{f.name} must be true or false, got {value!r}")
         if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
             raise InputError(f"{name}.{f.name} must be a whole number, got {value!r}")
+        choices = _CHOICES.get(f.name)
+        if choices is not None and value not in choices:
+            raise InputError(f"{name}.{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if f.name == "layers" and value is not None and not (
                 isinstance(value, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
             raise InputError(f"{name}.layers must be a list of layer numbers, e.g. [20, 21], got {value!r}")
         low, high = _RANGES.get(f.name, (None, None))
         if low is not None and not low <= value <= high:
             raise InputError(f"{name}.{f.name} must lie in [{low:g}, {high:g}], got {value!r}")
-    if getattr(method, "remove", "drop") not in ("drop", "blank"):
-        raise InputError(f"{name}.remove must be drop or blank, got {method.remove!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -590,7 +885,8 @@ def generate_fixed(loaded, samples: Sequence[LvlmSample], methods: Sequence[FixM
     Without methods (or only ``NoFix``) this is plain ``model.generate`` on the model's own attention (sdpa).
     ``return_scores``: also the scores each step chose from ``[batch, n, vocab]`` (after guidance).
     ``found``: a dict that receives, per method name, what the method found on this batch (PAINT: the tokens
-    it boosts per sample; VAR: the sinks per layer; VHR: the heads per step); the methods keep nothing."""
+    it boosts per sample; VAR: the sinks per layer; VHR: the heads per step; adaptive PAI / VAF: the strength
+    ``[batch]`` each step used); the methods keep nothing."""
     from .generation import greedy
     from .reference_stream import NoImageStream
 

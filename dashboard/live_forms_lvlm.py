@@ -18,7 +18,7 @@ from .live_forms import LiveContext, register_live_intervention
 
 # llava-smol's measured sink profile (SmolLM2-135M backbone, hidden size 576, so phi <= 24): its text sinks sit
 # near the ceiling while its image tokens stay below 20, so VAR's default tau finds no visual sink there.
-VAR_TAU_HINTS = {"llava-smol": 15.0}
+VAR_TAU_HINTS = {"llava-smol": 15.0, "llava-real": 15.0}  # llava-real: the same frozen smollm2-135m
 
 
 @register_live_intervention("fix_pai", "PAI (LVLM fix)", needs_image=True, description=(

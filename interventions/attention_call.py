@@ -125,6 +125,7 @@ class LayerPlan:
                              "post-softmax key groups per layer; merge edits that share keys")
         # Everything that does not depend on the call is worked out once, not at every decoding step.
         self.score_coefficients = self._score_coefficients(n_heads) if self.pre else None
+        self.score_cover = self._score_cover(n_heads) if self.pre else None
         n_cells = 2 ** len(self.post_sets) - 1
         self.own_groups = [torch.tensor(self._groups_of(i, n_cells)) for i in range(len(self.post))]
         self.post_heads = [torch.tensor(e.heads_of(layer)) for e in self.post]
@@ -156,6 +157,17 @@ class LayerPlan:
                     mult[h, g], add[h, g] = compose(parts)
         return mult, add
 
+    def _score_cover(self, n_heads: int) -> torch.Tensor:
+        """``[edit, head, group]`` bool: pre edit i acts on head h and on the keys of group g (bitmask g + 1)."""
+        n_groups = 2 ** len(self.pre) - 1
+        cover = torch.zeros(len(self.pre), n_heads, n_groups, dtype=torch.bool)
+        for i, e in enumerate(self.pre):
+            heads = e.heads_of(self.layer)
+            for g in range(n_groups):
+                if (g + 1) >> i & 1:
+                    cover[i, heads, g] = True
+        return cover
+
     def score_edit(self, call: AttentionCall):
         """The layer's pre-softmax edits for this call as one ``ScoreEdit``, or None."""
         if not self.pre:
@@ -164,9 +176,46 @@ class LayerPlan:
 
         labels = bit_labels([call.keys(Positions.of(e.keys)) for e in self.pre])
         device = call.layout.first.device
-        mult, add = (c.to(device) for c in self.score_coefficients)
         rows = call.rows(self.pre[0].row_positions)  # the install check made every pre edit share its rows
+        if all(e.strength is None for e in self.pre):
+            mult, add = (c.to(device) for c in self.score_coefficients)
+            return ScoreEdit(labels, mult, add, rows)
+        labels, mult, add = self._per_sample(call, labels, device)
         return ScoreEdit(labels, mult, add, rows)
+
+    def _per_sample(self, call: AttentionCall, labels: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Labels ``[batch, key]`` and (mult, add_abs) ``[head, batch · groups]`` when an edit has a per-sample
+        ``strength``: the kernels' coefficients are per (head, group), so each sample gets groups of its own
+        (sample b's group g is label b · G + g); the kernels read per-(batch, head, key) tables either way.
+
+        Several edits on one group compose as in ``compose`` (slopes c± = mult ± add multiply); a group one edit
+        covers takes that edit's coefficients as they are, so full strength equals the static plan bit for bit."""
+        batch, n_groups = call.batch, 2 ** len(self.pre) - 1
+        cover = self.score_cover.to(device)[:, None]  # [edit, 1, head, group]
+        plus = torch.ones(batch, *cover.shape[2:], device=device)
+        minus = torch.ones_like(plus)
+        single_mult, single_add = torch.zeros_like(plus), torch.zeros_like(plus)
+        for i, e in enumerate(self.pre):
+            strength = e.strength
+            if strength is None:
+                strength = torch.ones(batch)
+            if strength.shape != (batch,):
+                raise InputError(f"{e.describe()}: strength must be [batch] = [{batch}], got {list(strength.shape)}")
+            m, a = (c.to(device)[:, None, None] for c in e.sample_coefficients(strength))  # [batch, 1, 1]
+            plus = torch.where(cover[i], plus * (m + a), plus)
+            minus = torch.where(cover[i], minus * (m - a), minus)
+            single_mult = torch.where(cover[i], m.expand_as(plus), single_mult)
+            single_add = torch.where(cover[i], a.expand_as(plus), single_add)
+        count = cover.sum(dim=0)  # [1, head, group]
+        mult = torch.where(count == 1, single_mult, torch.where(count == 0, 1.0, (plus + minus) / 2))
+        add = torch.where(count == 1, single_add, torch.where(count == 0, 0.0, (plus - minus) / 2))
+        labels = labels.expand(batch, -1)
+        offset = torch.arange(batch, device=labels.device)[:, None] * n_groups
+        labels = torch.where(labels >= 0, labels + offset, -1)  # [batch, key]
+        flat = (mult.permute(1, 0, 2).reshape(mult.shape[1], batch * n_groups),  # [head, batch · group]
+                add.permute(1, 0, 2).reshape(add.shape[1], batch * n_groups))
+        return labels, *flat
 
     def post_plan(self, call: AttentionCall) -> PostPlan | None:
         if not self.post:

@@ -2,7 +2,9 @@
 
 Pre-softmax (site ``"scores"``): ``ScoreBoost`` (PAI / PAINT, s += alpha |s|) and ``ScoreScale``
 (VAF, s *= gamma) on a key group; all of one layer compile to one ``ScoreEdit`` per call, which every
-kernel backend applies where it forms the scores.
+kernel backend applies where it forms the scores. Either may carry a per-sample ``strength`` ``[batch]``
+in [0, 1], read at every call (the adaptive PAI / VAF of the LVLM fixes set it at each decoding step):
+0 leaves the sample's scores as they are, 1 is the edit as written.
 
 Post-softmax (site ``"probs"``): ``Reweight`` (p' = p · w / sum p · w, per key group, with a weight for
 the rest), and the edits built on it: ``KeyKnockout`` (w = 0 on the keys), ``AttentionOverride``
@@ -17,7 +19,7 @@ plans (``attention_call.LayerPlan``) read it, and through it the edit's coeffici
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +51,13 @@ class BoundAttentionEdit(Bound):
 
     def coefficients(self) -> tuple[float, float]:
         return self.edit.coefficients()
+
+    @property
+    def strength(self) -> torch.Tensor | None:
+        return self.edit.strength
+
+    def sample_coefficients(self, strength: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.edit.sample_coefficients(strength)
 
     def keeps_sign(self) -> bool:
         return self.edit.keeps_sign()
@@ -86,10 +95,16 @@ class AttentionEdit(Intervention):
 
 
 class ScoreEditPart(AttentionEdit):
-    """A pre-softmax edit of one key group: s' = mult · s + add_abs · |s| on its keys."""
+    """A pre-softmax edit of one key group: s' = mult · s + add_abs · |s| on its keys.
+
+    ``strength``: None (the edit as written, for every sample), or ``[batch]`` fp32 in [0, 1], how much of the
+    edit each sample of the call gets: (mult, add_abs) move linearly from the identity (1, 0) at 0 to the
+    edit's own coefficients at 1. Read at every call, so whoever holds the edit may change it between decoding
+    steps; in [0, 1] an edit that keeps signs (``keeps_sign``) still does."""
 
     site = "scores"
     keys: PositionSpec
+    strength: torch.Tensor | None = None
 
     def key_specs(self) -> list[PositionSpec]:
         return [self.keys]
@@ -97,6 +112,16 @@ class ScoreEditPart(AttentionEdit):
     def coefficients(self) -> tuple[float, float]:
         """(mult, add_abs) of this edit."""
         raise NotImplementedError
+
+    def sample_coefficients(self, strength: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mult, add_abs) per sample ``[batch]`` fp32 at ``strength`` ``[batch]``: mult·w + 1 − w, add_abs·w.
+
+        Written so that w = 1 gives exactly ``coefficients()`` and w = 0 exactly the identity (1, 0) in fp32:
+        where the edit alone covers a key, a full-strength step is the plain edit bit for bit and a
+        zero-strength step no edit."""
+        mult, add = self.coefficients()
+        w = strength.float()
+        return mult * w + (1.0 - w), add * w
 
     def keeps_sign(self) -> bool:
         """True when s -> mult · s + add_abs · |s| never flips a score's sign (then edits compose)."""
@@ -107,12 +132,14 @@ class ScoreEditPart(AttentionEdit):
 @register_intervention("score_boost")
 @dataclass
 class ScoreBoost(ScoreEditPart):
-    """PAI / PAINT: s += alpha · |s| on ``keys`` for ``rows`` (PAINT: last row, alpha 0.7 local, 0.3 summary)."""
+    """PAI / PAINT: s += alpha · |s| on ``keys`` for ``rows`` (PAINT: last row, alpha 0.7 local, 0.3 summary);
+    with ``strength`` w ``[batch]``: s += alpha · w_b · |s|."""
 
     heads: HeadSpec
     keys: PositionSpec
     alpha: float
     rows: PositionSpec = "all"
+    strength: torch.Tensor | None = field(default=None, compare=False)
 
     def coefficients(self) -> tuple[float, float]:
         return 1.0, float(self.alpha)
@@ -121,12 +148,14 @@ class ScoreBoost(ScoreEditPart):
 @register_intervention("score_scale")
 @dataclass
 class ScoreScale(ScoreEditPart):
-    """VAF-style scaling: s *= gamma on ``keys`` for ``rows``."""
+    """VAF-style scaling: s *= gamma on ``keys`` for ``rows``; with ``strength`` w ``[batch]``:
+    s *= gamma · w_b + 1 − w_b."""
 
     heads: HeadSpec
     gamma: float
     keys: PositionSpec = "all"
     rows: PositionSpec = "all"
+    strength: torch.Tensor | None = field(default=None, compare=False)
 
     def coefficients(self) -> tuple[float, float]:
         return float(self.gamma), 0.0

