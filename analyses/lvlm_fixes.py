@@ -352,22 +352,24 @@ def cls_attention(ctx: FixContext) -> tuple[list[list[torch.Tensor]], list[list[
     """CLS→patch attention (summed over heads) at the vision tower's first and second-to-last layers, per
     sample and image: two lists ``[sample][image] -> [patch]``. Computed from the layers' own q/k projections,
     so it does not depend on the tower's attention implementation."""
-    tower = _vision_encoder(ctx.loaded)
+    tower, attentions = _vision_encoder(ctx.loaded)
     pixel_values = ctx.inputs.tensors.get("pixel_values")
     if pixel_values is None:
         return [[] for _ in ctx.samples], [[] for _ in ctx.samples]
-    layers = tower.encoder.layers
-    picks = {0: None, len(layers) - 2: None}
+    picks = {0: None, len(attentions) - 2: None}
     handles = []
     for index in picks:
-        attn = layers[index].self_attn
+        attn = attentions[index]
 
         def grab(module, args, kwargs, index=index):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [image, token, dim], after layer_norm1
-            heads, dim = module.num_heads, module.head_dim
+            hidden = args[0] if args else kwargs["hidden_states"]  # [image, token, dim], after the pre-norm
+            # CLIP names these num_heads / scale, DINOv2 num_attention_heads / scaling.
+            heads = getattr(module, "num_heads", None) or module.num_attention_heads
+            dim = module.head_dim
+            scale = getattr(module, "scale", None) or module.scaling
             q = module.q_proj(hidden[:, :1]).view(hidden.shape[0], 1, heads, dim)
             k = module.k_proj(hidden).view(hidden.shape[0], -1, heads, dim)
-            scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * module.scale
+            scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
             picks[index] = scores.softmax(-1)[:, :, 0, 1:].sum(1).cpu()  # [image, patch]: CLS dropped
         handles.append(attn.register_forward_pre_hook(grab, with_kwargs=True))
     try:
@@ -375,7 +377,7 @@ def cls_attention(ctx: FixContext) -> tuple[list[list[torch.Tensor]], list[list[
     finally:
         for h in handles:
             h.remove()
-    first, second_last = picks[0], picks[len(layers) - 2]
+    first, second_last = picks[0], picks[len(attentions) - 2]
     out0, out2, image = [], [], 0
     for b in range(len(ctx.samples)):
         n = len(ctx.inputs.image_spans[b])
@@ -386,16 +388,24 @@ def cls_attention(ctx: FixContext) -> tuple[list[list[torch.Tensor]], list[list[
 
 
 def _vision_encoder(loaded):
-    """The CLIP-style vision transformer (``embeddings``, ``encoder.layers``) with a CLS token, or an error."""
+    """``(tower, attention modules)`` of a ViT with a CLS token: CLIP's (``encoder.layers[i].self_attn``,
+    ``embeddings.class_embedding``) or DINOv2's (``encoder.layer[i].attention``, ``embeddings.cls_token``);
+    anything else is an error."""
     model = loaded.model
     tower = getattr(getattr(model, "model", model), "vision_tower", None) or getattr(model, "vision_tower", None)
     inner = getattr(tower, "vision_model", tower)
-    layers = getattr(getattr(inner, "encoder", None), "layers", None)
+    encoder = getattr(inner, "encoder", None)
     embeddings = getattr(inner, "embeddings", None)
-    if layers is None or not hasattr(embeddings, "class_embedding") or len(layers) < 2:
-        raise InputError(f"PAINT reads CLS→patch attention in a CLIP-style vision tower with a CLS token; "
-                         f"{loaded.name} has none (use it on LLaVA-style models: llava-smol, tiny-llava, llava-1.5)")
-    return inner
+    attentions = []
+    if hasattr(embeddings, "class_embedding") and hasattr(encoder, "layers"):
+        attentions = [layer.self_attn for layer in encoder.layers]
+    elif hasattr(embeddings, "cls_token") and hasattr(encoder, "layer"):
+        attentions = [layer.attention for layer in encoder.layer]
+    if len(attentions) < 2 or not all(hasattr(a, "q_proj") and hasattr(a, "k_proj") for a in attentions):
+        raise InputError(f"PAINT reads CLS→patch attention in a CLIP- or DINOv2-style vision tower with a CLS token; "
+                         f"{loaded.name} has none (use it on LLaVA-style models: llava-real, llava-smol, tiny-llava, "
+                         "llava-1.5)")
+    return inner, attentions
 
 
 # ---------------------------------------------------------------------------------------------------

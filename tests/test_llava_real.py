@@ -161,3 +161,67 @@ def test_processor_pixels_and_training_loss_match_llava(untrained):
                        labels=batch["labels"]).loss
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-4)
     assert (batch["input_ids"] == 15).sum(1).tolist() == [256, 256]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled model
+
+
+@pytest.fixture(scope="module")
+def llava_real():
+    import headlab
+
+    return headlab.load("llava-real", dtype="float32", device="cpu")
+
+
+def test_checkpoint_holds_only_the_projector():
+    import json
+
+    from safetensors import safe_open
+
+    from headlab.zoo import llava_real as R
+
+    path = R.FOLDER / R.WEIGHTS
+    assert path.stat().st_size < 2_000_000
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("model.multi_modal_projector.") for k in keys)
+    training = json.loads((R.FOLDER / "training.json").read_text())
+    assert training["command"].startswith("headlab zoo train llava-real")
+    assert training["language_model"] == "smollm2-135m (frozen)"
+
+
+@pytest.mark.slow
+def test_language_model_and_encoder_are_the_real_ones(llava_real, encoder):
+    import headlab
+
+    smol = headlab.load("smollm2-135m", dtype="float32", device="cpu")
+    theirs = dict(smol.model.model.named_parameters())
+    for name, param in llava_real.model.model.language_model.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+    mine = dict(encoder.named_parameters())
+    for name, param in llava_real.model.model.vision_tower.named_parameters():
+        assert torch.equal(param, mine[name]), name
+
+
+@pytest.mark.slow
+def test_paint_reads_dinov2s_cls_attention_as_eager_attention_gives_it(llava_real):
+    from headlab.analyses.lvlm_fixes import FixContext, cls_attention
+    from headlab.lvlm import LvlmSample, build_inputs
+
+    images = [S.render(s)[0] for s in S.eval_scenes("in-distribution", 2, seed=9)]
+    samples = [LvlmSample("Describe the image.", [im]) for im in images]
+    inputs = build_inputs(llava_real, samples)
+    first, second_last = cls_attention(FixContext(llava_real, samples, inputs))
+    tower = llava_real.model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attn = tower(inputs.tensors["pixel_values"], output_attentions=True).attentions
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    n = len(attn)
+    for b in range(2):
+        assert first[b][0].shape == (256,)
+        assert torch.allclose(first[b][0], attn[0][b, :, 0, 1:].sum(0), atol=1e-5)
+        assert torch.allclose(second_last[b][0], attn[n - 2][b, :, 0, 1:].sum(0), atol=1e-5)
