@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, in under 8 minutes, (1) the compiled Triton kernels against eager
 # (the GPU-only tests of tests/test_triton.py and tests/test_score_edit.py, without the interpreter) and
-# (2) benchmarks/kernels.py for Qwen3-14B and Llama attention shapes at T = 1k, 4k, 16k, 32k.
+# (2) benchmarks/attention_kernels.py for Qwen3-14B and Llama attention shapes at T = 1k, 4k, 16k, 32k.
 # Writes benchmarks/results/kernels_gpu.json, kernels_gpu.md (the table for the README) and
 # gpu_check.log. Works offline: it uses the python that has a CUDA torch ($PYTHON, else .venv, else
 # python3) and installs headlab into it without dependencies when it is not importable yet.
@@ -41,8 +41,8 @@ if ! timeout 240 "$python" -m pytest -q -p no:cacheprovider tests/test_triton.py
   status=1
 fi
 
-say "== benchmarks/kernels.py (bf16, batch 1, causal, GQA)"
-if ! timeout 300 "$python" benchmarks/kernels.py --device cuda --repeats 5 \
+say "== benchmarks/attention_kernels.py (bf16, batch 1, causal, GQA)"
+if ! timeout 300 "$python" benchmarks/attention_kernels.py --device cuda --repeats 5 \
     --out "$results/kernels_gpu.json" 2>&1 | tee -a "$log"; then
   say "benchmark FAILED or ran out of time (see $log)"
   status=1

@@ -2,10 +2,12 @@
 
 Cases (greedy, KV cache, a batch of ``--batch`` images, ``--new-tokens`` forced: no early stop):
 ``none`` (the model as loaded: transformers' sdpa, the baseline of every ratio), ``pai``, ``pai-cfg``
-(guidance: the no-image pass by definition), ``paint``, ``vaf``, ``var``, ``vhr`` (the no-image pass
-by definition), each with its defaults. Models: ``llava-smol`` (smollm2-135m behind a 16-token image)
-and ``tiny-llava`` rebuilt with a 336-pixel, patch-14 vision tower, so an image is LLaVA-1.5's 576 tokens.
-VAR on llava-smol runs at τ = 15 (at the default 20 smollm2 has no visual sink and VAR edits nothing);
+(guidance: the no-image pass by definition), ``pai-adaptive`` / ``vaf-adaptive`` (strength from the previous
+step's entropy: one extra prompt forward per batch), ``paint``, ``vaf``, ``var``, ``vhr`` (the no-image pass
+by definition), ``vcd`` (the distorted-image pass by definition), each with its defaults. Models: ``llava-real``
+(DINOv2-S → smollm2-135m, 256 image tokens), ``llava-smol`` (smollm2-135m behind a 16-token image) and
+``tiny-llava`` rebuilt with a 336-pixel, patch-14 vision tower, so an image is LLaVA-1.5's 576 tokens.
+VAR on the smollm2 models runs at τ = 15 (at the default 20 smollm2 has no visual sink and VAR edits nothing);
 on the random tiny-llava with sink dims [0, 1, 2], τ = 2.6.
 
 Time = process CPU time (this process only), minimum over ``--repeats`` rounds with the cases interleaved
@@ -13,6 +15,7 @@ within each round, one thread by default. Usage (repository root)::
 
     python benchmarks/lvlm_fixes.py                 # both models, 3 repeats
     python benchmarks/lvlm_fixes.py --models tiny-llava-576 --repeats 5
+    python benchmarks/lvlm_fixes.py --models llava-real --out benchmarks/results/lvlm_fixes_llava_real.json
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ from pathlib import Path
 import torch
 
 import headlab
-from headlab.analyses.lvlm_fixes import Pai, Paint, Vaf, Var, Vhr, generate_fixed
+from headlab.analyses.lvlm_fixes import Pai, Paint, Vaf, Var, Vcd, Vhr, generate_fixed
 from headlab.lvlm import LvlmSample
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECOND_PASS = {"pai-cfg", "vhr"}  # a no-image pass at every step, by definition
+SECOND_PASS = {"pai-cfg", "vhr", "vcd"}  # a no-image (VCD: distorted-image) pass at every step, by definition
+SMOLLM2 = ("llava-smol", "llava-real")
 
 
 def load_model(name: str):
-    if name == "llava-smol":
-        return headlab.load("llava-smol")
+    if name in SMOLLM2:
+        return headlab.load(name)
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     loaded = headlab.load("tiny-llava")
@@ -51,12 +55,17 @@ def load_model(name: str):
 def cases(name: str, dims: list[int]) -> dict[str, list]:
     # VAR finds the sink dimensions once per instance (one extra forward); a run keeps its instance, so the
     # timing gives it the dimensions found beforehand.
-    var = Var(tau=15.0, dims=dims) if name == "llava-smol" else Var(tau=2.6, dims=[0, 1, 2])
-    return {"none": [], "pai": [Pai()], "pai-cfg": [Pai(cfg=True)], "paint": [Paint()], "vaf": [Vaf()],
-            "var": [var], "vhr": [Vhr()]}
+    var = Var(tau=15.0, dims=dims) if name in SMOLLM2 else Var(tau=2.6, dims=[0, 1, 2])
+    return {"none": [], "pai": [Pai()], "pai-cfg": [Pai(cfg=True)], "pai-adaptive": [Pai(adaptive="entropy")],
+            "paint": [Paint()], "vaf": [Vaf()], "vaf-adaptive": [Vaf(adaptive="entropy")], "var": [var],
+            "vhr": [Vhr()], "vcd": [Vcd()]}
 
 
-def images(n: int):
+def images(n: int, name: str):
+    if name == "llava-real":
+        from headlab.training import photo_scenes as S
+
+        return [S.render(scene)[0] for scene in S.eval_scenes("in-distribution", n)]
     from headlab.training import lvlm_data as D
 
     scenes = D.eval_scenes("weak", n)
@@ -69,13 +78,13 @@ def run(args) -> dict:
                              "load_avg_start": os.getloadavg()},
                  "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "models": {}}
     for name in args.models:
-        loaded = load_model("llava-smol" if name == "llava-smol" else "tiny-llava")
-        pictures = images(args.batch)
+        loaded = load_model(name if name in SMOLLM2 else "tiny-llava")
+        pictures = images(args.batch, name)
         samples = [LvlmSample("Describe the image.", [im]) for im in pictures]
         from headlab.analyses.visual_sinks import find_sink_dims
         from headlab.lvlm import build_inputs
 
-        dims = find_sink_dims(loaded, build_inputs(loaded, samples).tensors)[0] if name == "llava-smol" else []
+        dims = find_sink_dims(loaded, build_inputs(loaded, samples).tensors)[0] if name in SMOLLM2 else []
         runs = cases(name, dims)
         generation = loaded.model.generation_config
         generation.min_new_tokens = args.new_tokens  # every case generates the same number of tokens
@@ -112,7 +121,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llava-smol", "tiny-llava-576"],
-                        choices=["llava-smol", "tiny-llava-576"])
+                        choices=["llava-real", "llava-smol", "tiny-llava-576"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)

@@ -57,10 +57,6 @@ from unittest import mock
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Run as a script, this folder comes first on sys.path and its kernels.py would shadow the ``kernels`` package
-# transformers imports (``ImportError: cannot import name 'CUDAProperties' from 'kernels'``).
-if sys.path and Path(sys.path[0] or ".").resolve() == RESULTS.parent:
-    sys.path.pop(0)
 BUSY_LOOP = "while True: pass"
 # Set to run an AVX-512 CPU as an AVX2 one (torch's kernels, MKL, oneDNN, the row pass's build); recorded.
 EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "HEADLAB_FUSED_ROWS_CFLAGS",

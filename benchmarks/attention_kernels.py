@@ -28,8 +28,8 @@ eager at T = 1024 (max abs error of the output and each statistic, in the JSON u
 
 Usage (repository root)::
 
-    python benchmarks/kernels.py                      # CUDA if present, else CPU
-    python benchmarks/kernels.py --device cpu --lengths 1024 2048 4096 --repeats 3
+    python benchmarks/attention_kernels.py                      # CUDA if present, else CPU
+    python benchmarks/attention_kernels.py --device cpu --lengths 1024 2048 4096 --repeats 3
 """
 
 from __future__ import annotations
