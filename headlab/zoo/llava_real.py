@@ -69,6 +69,8 @@ def assemble(language_model, encoder, projector_state: dict[str, torch.Tensor] |
     model.lm_head = language_model.lm_head
     model.config.text_config = language_model.config  # one config: attention switches reach the layers
     model.model.vision_tower = encoder.to(dtype)
+    # One vision config object too: transformers finds the tower through it when the attention is switched.
+    model.config.vision_config = encoder.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.model.multi_modal_projector = LlavaMultiModalProjector(config)
