@@ -7,10 +7,11 @@
    ``--data``: ``partner-missing`` (one object of a pair, its partner absent) and ``in-distribution``. Made from
    the installed tuxpaint stamps at run time; keep them out of version control (GPL-2).
 2. ``baseline``: plain captions → CHAIR and the partner effect (analyses/cooccurrence.py) on both sets; POPE's
-   three splits → false "yes" per split.
+   three splits on both sets → false "yes" per split (on partner-missing images the adversarial split asks about
+   the absent partner first).
 3. ``fixes``: ``analyze hallucination`` (the CLI, one run per call, saved under ``--runs``) with every fix and its
-   random control on the partner-missing set, then the adaptive variants, then POPE adversarial; the partner
-   effect of each method's captions is recomputed from the run.
+   random control on the partner-missing set, then the adaptive variants, then POPE adversarial on the same
+   images (no controls there, for time); the partner effect of each method's captions is recomputed from the run.
 4. ``origin``: visual sinks by origin (analyses/visual_sink_origin.py) on llava-real and llava-smol.
 
 Everything lands in one JSON (``--out``) with the commands that made it.
@@ -117,10 +118,11 @@ def main(argv: list[str] | None = None) -> None:
             results[f"baseline_{kind}"] = {**run_tables(run),
                                            "partner_effect": partner_effects(run, args.data / kind)["none"]}
             save()
-        run = analyze(["--bench", "pope", "--data", str(args.data / "in-distribution"), "--methods", "none",
-                       "--n", str(args.n_pope), "--name", "baseline-pope", *common], log)
-        results["baseline_pope"] = pope_summary(run)
-        save()
+        for kind in SETS:
+            run = analyze(["--bench", "pope", "--data", str(args.data / kind), "--methods", "none",
+                           "--n", str(args.n_pope), "--name", f"baseline-pope-{kind}", *common], log)
+            results[f"baseline_pope_{kind}"] = pope_summary(run)
+            save()
     if "fixes" in parts:
         run = analyze(["--bench", "chair", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
                        "--controls", "--set", VAR_TAU, "--n", str(args.n), "--max-new-tokens", "40",
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                                                "partner_effect": partner_effects(run, args.data / "partner-missing")}
         save()
     if "pope-fixes" in parts:
-        run = analyze(["--bench", "pope", "--data", str(args.data / "in-distribution"), "--methods", FIX_METHODS,
+        run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
                        "--splits", "adversarial", "--set", VAR_TAU, "--n", str(args.n_pope),
                        "--name", "fixes-pope-adversarial", *common], log)
         results["fixes_pope_adversarial"] = pope_summary(run)
