@@ -6,12 +6,13 @@
 1. ``sets``: held-out photo scenes (headlab/training/photo_scenes.py) written as COCO-style + POPE files under
    ``--data``: ``partner-missing`` (one object of a pair, its partner absent) and ``in-distribution``. Made from
    the installed tuxpaint stamps at run time; keep them out of version control (GPL-2).
-2. ``baseline``: plain captions → CHAIR and the partner effect (analyses/cooccurrence.py) on both sets; POPE's
-   three splits on both sets → false "yes" per split (on partner-missing images the adversarial split asks about
-   the absent partner first).
+2. ``baseline``: plain captions → CHAIR and the partner effect (analyses/cooccurrence.py) on both sets; ``pope``:
+   POPE's three splits on the partner-missing set → false "yes" per split (the adversarial split asks about the
+   absent partner first).
 3. ``fixes``: ``analyze hallucination`` (the CLI, one run per call, saved under ``--runs``) with every fix and its
-   random control on the partner-missing set, then the adaptive variants, then POPE adversarial on the same
-   images (no controls there, for time); the partner effect of each method's captions is recomputed from the run.
+   random control on the partner-missing set, then the adaptive variants (against the plain ones of the run before,
+   on the same images), then POPE adversarial on the same images (no controls for these two, for time); the
+   partner effect of each method's captions is recomputed from the run.
 4. ``origin``: visual sinks by origin (analyses/visual_sink_origin.py) on llava-real and llava-smol.
 
 Everything lands in one JSON (``--out``) with the commands that made it.
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=120, help="images per CHAIR set")
-    parser.add_argument("--n-pope", type=int, default=180, help="questions per POPE split")
+    parser.add_argument("--n-pope", type=int, default=120, help="questions per POPE split")
     parser.add_argument("--model", default="llava-real")
-    parser.add_argument("--parts", default="sets,baseline,fixes,adaptive,pope-fixes,origin")
+    parser.add_argument("--parts", default="sets,baseline,pope,fixes,adaptive,pope-fixes,origin")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             results[f"baseline_{kind}"] = {**run_tables(run),
                                            "partner_effect": partner_effects(run, args.data / kind)["none"]}
             save()
-        for kind in SETS:
-            run = analyze(["--bench", "pope", "--data", str(args.data / kind), "--methods", "none",
-                           "--n", str(args.n_pope), "--name", f"baseline-pope-{kind}", *common], log)
-            results[f"baseline_pope_{kind}"] = pope_summary(run)
-            save()
+    if "pope" in parts:
+        run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", "none",
+                       "--n", str(args.n_pope), "--name", "baseline-pope-partner-missing", *common], log)
+        results["baseline_pope_partner-missing"] = pope_summary(run)
+        save()
     if "fixes" in parts:
         run = analyze(["--bench", "chair", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
                        "--controls", "--set", VAR_TAU, "--n", str(args.n), "--max-new-tokens", "40",
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "adaptive" in parts:
         run = analyze(["--bench", "chair", "--data", str(args.data / "partner-missing"), "--methods",
-                       ADAPTIVE_METHODS, "--controls", "--set", "pai.adaptive=entropy", "--set", "vaf.adaptive=entropy",
+                       ADAPTIVE_METHODS, "--set", "pai.adaptive=entropy", "--set", "vaf.adaptive=entropy",
                        "--n", str(args.n), "--max-new-tokens", "40", "--name", "adaptive-partner-missing", *common],
                       log)
         results["adaptive_partner_missing"] = {**run_tables(run),
