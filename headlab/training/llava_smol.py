@@ -14,10 +14,7 @@ atomically every ``save_every`` steps, so a run cut short keeps its latest state
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +25,8 @@ import numpy as np
 import torch
 
 from headlab.training import lvlm_data as D
+from headlab.training import lvlm_recipe as recipe
+from headlab.training.lvlm_recipe import answer_batch, chat_prompt
 from headlab.zoo.llava_smol import FOLDER, IMAGE_TOKEN, WEIGHTS, assemble, llava_config, processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -103,38 +102,17 @@ def stage0(model, tokenizer, cfg: LlavaSmolConfig, log: Callable[[dict], None]) 
             log({"stage": 0, "step": step, "loss": round(loss.item(), 4), "patch_word_acc": round(acc, 3)})
 
 
-def chat_prompt(proc, prompt: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return proc.apply_chat_template(msgs, add_generation_prompt=True)
-
-
 def batch_of(samples: list[D.Sample], proc, header: list[int]) -> dict[str, torch.Tensor]:
     """Tokenised batch (right padding) with labels on the answer tokens and the closing ``<|im_end|>``."""
-    tok = proc.tokenizer
     texts = [chat_prompt(proc, s.prompt) + s.answer + "<|im_end|>" for s in samples]
     texts = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * 16) for t in texts]  # the processor's expansion, done here
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-    ids = enc.input_ids
-    labels = torch.full_like(ids, -100)
-    h = torch.tensor(header)
-    for b in range(ids.shape[0]):
-        row = ids[b]
-        starts = [i for i in range(len(row) - len(h) + 1) if torch.equal(row[i:i + len(h)], h)]
-        start = starts[-1] + len(h)
-        end = int(enc.attention_mask[b].sum())
-        labels[b, start:end] = row[start:end]
-    return {"input_ids": ids, "attention_mask": enc.attention_mask, "labels": labels,
-            "pixel_values": pixels([D.render(s.scene) for s in samples])}
+    return {**answer_batch(texts, proc.tokenizer, header), "pixel_values": pixels([D.render(s.scene) for s in samples])}
 
 
 def prefix_cache(model, proc) -> tuple[torch.Tensor, object]:
     """The KV cache of the text before the image (system prompt + user header), identical in every sample
     and upstream of everything trained: computed once, it saves ~a third of each step's LM work."""
-    text = chat_prompt(proc, "x")
-    ids = proc.tokenizer(text[:text.index(IMAGE_TOKEN)], return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    return ids[0], cache
+    return recipe.prefix_cache(model, proc, IMAGE_TOKEN)
 
 
 def forward_with_prefix(model, batch: dict[str, torch.Tensor], prefix: tuple[torch.Tensor, object]):
@@ -151,10 +129,7 @@ def forward_with_prefix(model, batch: dict[str, torch.Tensor], prefix: tuple[tor
 
 
 def lr_at(step: int, cfg: LlavaSmolConfig) -> float:
-    if step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return recipe.cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
 
 
 @torch.no_grad()
@@ -179,29 +154,11 @@ def evaluate(model, proc, header: list[int], seed: int = 999, n: int = 32) -> di
 
 def save(model, folder: Path, cfg: LlavaSmolConfig, history: list[dict], command: str) -> None:
     """Vision tower + projector + config + log, written to a temporary folder and renamed."""
-    from safetensors.torch import save_file
-
     from headlab.zoo.llava_smol import vision_state
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(vision_state(model), str(tmp / WEIGHTS))
-    config = llava_config(model.config.text_config).to_dict()
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    (tmp / "training.json").write_text(json.dumps({"command": command, "recipe": asdict(cfg),
-                                                   "language_model": "smollm2-135m (frozen)",
-                                                   "log": history}, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
+    recipe.publish_checkpoint(folder, WEIGHTS, vision_state(model), llava_config(model.config.text_config).to_dict(),
+                              {"command": command, "recipe": asdict(cfg), "language_model": "smollm2-135m (frozen)",
+                               "log": history})
 
 
 def train_llava_smol(cfg: LlavaSmolConfig, folder: Path = FOLDER, log: Callable[[str], None] = print,
