@@ -57,7 +57,7 @@ def onnx_file() -> Path:
     return found[0]
 
 
-def extract_state(path: Path) -> dict:
+def extract_state(path: Path, keys: set[str] | None = None) -> dict:
     """``Dinov2Model`` state dict (float32 tensors, HF names without ``backbone.``) read from the ONNX file."""
     import numpy as np
     import torch
@@ -90,7 +90,8 @@ def extract_state(path: Path) -> dict:
     if len(cls_pos) != 1 or len(grid) != 1:
         raise ModelFilesError(f"{path} does not have the layout headlab reads (one CLS position and one 37×37 "
                               f"grid; found {len(cls_pos)} and {len(grid)}): reinstall {PACKAGE}=={VERSION}")
-    renames = _RENAMES if "attention.q_proj.weight" in "".join(expected_keys()) else {}
+    keys = expected_keys() if keys is None else keys
+    renames = _RENAMES if any(k.endswith(".attention.q_proj.weight") for k in keys) else {}
     for old, new in renames.items():
         state = {k.replace(old, new): v for k, v in state.items()}
     state["embeddings.position_embeddings"] = torch.cat([tensor(cls_pos[0]), tensor(grid[0])], dim=1)
@@ -130,8 +131,9 @@ def encoder_folder(cache: Path | None = None) -> Path:
     meta = folder / "source.json"
     if (folder / WEIGHTS).is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
         return folder
-    state = extract_state(source)
-    missing, unexpected = expected_keys() - set(state), set(state) - expected_keys()
+    keys = expected_keys()  # one meta model for the renames and the check
+    state = extract_state(source, keys)
+    missing, unexpected = keys - set(state), set(state) - keys
     if missing or unexpected:
         raise ModelFilesError(f"{source} does not hold a DINOv2-S backbone in the layout headlab reads (missing "
                               f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): reinstall "
