@@ -42,6 +42,7 @@ import torch
 
 from headlab.analyses.configs import SecondarySinksConfig
 from headlab.probes import PARTS, LayerPartsSummary
+from headlab.tally import Mergeable
 
 OFFICIAL_LABELS = ("secondary", "primary_like", "noise")
 LABELS = (*OFFICIAL_LABELS, "low_attention")  # low_attention: flagged by cos, too little attention (criterion both)
@@ -156,8 +157,11 @@ def detect(cos: torch.Tensor, norm: torch.Tensor, length: int, bounds: tuple[int
     return PromptSinks(bos, (start, end), flags, sinks)
 
 
-class SecondarySinkCollector:
+class SecondarySinkCollector(Mergeable):
     """Streams batches in, keeps one row per sink token occurrence; builds tables and figures at the end."""
+
+    merging = {"sink_rows": "rows", "score_rows": "rows", "window_rows": "rows", "n_tokens": "sum",
+               "layer_scanned": "sum", "layer_flagged": "sum"}
 
     def __init__(self, n_layers: int, config: SecondarySinksConfig, chat_template: bool = False):
         config.check()

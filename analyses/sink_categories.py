@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from headlab.tally import Mergeable
+
 from .secondary_sinks import min_queries
 
 CATEGORIES = ("bos", "first_text_token", "non_initial")
@@ -44,8 +46,11 @@ def non_initial_sinks(alpha: torch.Tensor, count: torch.Tensor, eps: float, need
     return hits
 
 
-class _Tally:
+class _Tally(Mergeable):
     """Attention mass ``[layer, head]`` received by a set of positions, summed over prompts, and what they are."""
+
+    merging = {"mass": "sum", "n_prompts": "sum", "n_tokens": "sum", "n_sink_tokens": "sum", "dims": "counter",
+               "tokens": "counter", "layers": "set"}
 
     def __init__(self, n_layers: int, n_heads: int):
         self.mass = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -75,9 +80,14 @@ class _Tally:
                 "top_tokens": ", ".join(f"{t!r}:{n}" for t, n in top)}
 
 
-class SinkCategories:
+class SinkCategories(Mergeable):
     """Streams prompts in: attention mass per category and per massive dim carried at positions > 0, and the
     non-initial sink tokens; tables and summary at the end. Definitions: the module docstring."""
+
+    merging = {"rows": "sum", "categories": "children", "carriers": "children", "sink_rows": "rows"}
+
+    def child(self, name: str) -> _Tally:
+        return _Tally(*self.shape)
 
     def __init__(self, n_layers: int, n_heads: int, eps: float, min_queries: int, bos_id: int | None):
         self.shape = (n_layers, n_heads)

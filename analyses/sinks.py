@@ -29,6 +29,7 @@ from headlab.loading import LoadedModel
 from headlab.probes import AttentionProbe, KeyImportance, LayerPartsProbe, ResidualProbe, RowMeans, trace
 from headlab.prompts import as_prompt_list, hash_inputs
 from headlab.result import Result, to_json_safe
+from headlab.tally import Mergeable, Pass, run_pass
 from headlab.tokens import display_tokens
 
 from .secondary_sinks import SecondarySinkCollector, SecondarySinksConfig
@@ -54,9 +55,18 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
     categories = SinkCategories(arch.n_layers, arch.n_heads, config.eps, config.category_min_queries,
                                 arch.bos_token_id) if config.categories else None
 
+    n_kept = min(len(prompts), config.token_view_prompts)
+    n_pattern_prompts = min(len(prompts), max(0, config.pattern_prompts))
+    prompt_rows = PromptRows(n_kept, arch.n_layers, arch.n_heads, config.max_tokens)
+    source = batches(loaded, prompts, config.max_tokens, config.batch_size) if token_ids is None else \
+        id_batches(loaded, [ids[: config.max_tokens] for ids in token_ids], config.batch_size)
+    units = list(source)  # tokenised (and checked) before any forward pass
+    accumulators = {"importance": importance, "rows": rows, "prompts": prompt_rows,
+                    **({"secondary": secondary} if secondary else {}),
+                    **({"categories": categories} if categories else {})}
+
     batch_alpha: dict[int, torch.Tensor] = {}
     batch_stats: dict[str, dict[int, torch.Tensor]] = {"mass": {}, "count": {}, "first": {}, "rows": {}}
-    n_kept = min(len(prompts), config.token_view_prompts)
     need_alpha = False  # set per batch: only the secondary scan, the categories and the token views read them
 
     def on_stats(layer, stats):
@@ -70,53 +80,54 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
             batch_stats["first"][layer] = stats.first_mass.float().cpu()
             batch_stats["rows"][layer] = stats.row_counted.sum(-1).float().cpu()
 
-    first_norms, median_norms, massive, n_tokens = [], [], [], 0
-    token_alpha = torch.full((n_kept, arch.n_layers, arch.n_heads, config.max_tokens), float("nan"))
-    token_rows: list[dict] = []
-    n_pattern_prompts = min(len(prompts), max(0, config.pattern_prompts))
-    pattern_ids: list[list[int]] = []  # ids of the first prompts, for the head-pattern pass
+    def step(unit: int) -> None:
+        nonlocal need_alpha
+        batch = units[unit]
+        need_alpha = secondary is not None or categories is not None or batch.indices[0] < n_kept
+        loaded.model(input_ids=batch.input_ids.to(loaded.device), attention_mask=batch.attention_mask.to(loaded.device))
+        summary = resid.summary()
+        part_summary = parts.summary() if parts else None
+        for row, prompt_index in enumerate(batch.indices):
+            length = int(batch.attention_mask[row].sum())
+            ids = batch.input_ids[row, :length].tolist()
+            shown = display_tokens(loaded.text_tokenizer, ids)  # readable; batch.tokens are the raw ones
+            if prompt_index < n_pattern_prompts:
+                prompt_rows.pattern_ids.append(ids)
+            prompt_rows.n_tokens += length
+            norms = summary.norm[:, row, :length]  # [layer, position]
+            prompt_rows.first_norms.append(norms[:, 0])
+            prompt_rows.median_norms.append(norms.median(dim=1).values)
+            found = _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config, shown)
+            prompt_rows.massive += found
+            if secondary:
+                secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row], shown,
+                              first_mass=batch_stats["first"], key_count=batch_stats["count"])
+            if categories:
+                categories.add(prompt_index, ids, prompt_stats(batch_stats, row, length), found,
+                               batch.tokens[row], shown)
+            if prompt_index < n_kept:
+                for layer, alpha_b in batch_alpha.items():
+                    prompt_rows.token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
+                prompt_rows.token_rows += [{"prompt": prompt_index, "position": pos, "token": text, "token_raw": raw}
+                                           for pos, (text, raw) in enumerate(zip(shown, batch.tokens[row][:length],
+                                                                                 strict=True))]
+        batch_alpha.clear()
+        for kept in batch_stats.values():
+            kept.clear()
+
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"sinks {loaded.title}", disable=not progress)
     with torch.no_grad(), ExitStack() as stack:
         stack.enter_context(AttentionProbe(loaded, on_stats, backend=config.backend))
         resid = stack.enter_context(ResidualProbe(loaded))
         parts = stack.enter_context(LayerPartsProbe(loaded, config.secondary.bos_candidates)) if secondary else None
-        source = batches(loaded, prompts, config.max_tokens, config.batch_size) if token_ids is None else \
-            id_batches(loaded, [ids[: config.max_tokens] for ids in token_ids], config.batch_size)
-        for batch in source:
-            need_alpha = secondary is not None or categories is not None or batch.indices[0] < n_kept
-            loaded.model(input_ids=batch.input_ids.to(loaded.device),
-                         attention_mask=batch.attention_mask.to(loaded.device))
-            summary = resid.summary()
-            part_summary = parts.summary() if parts else None
-            for row, prompt_index in enumerate(batch.indices):
-                length = int(batch.attention_mask[row].sum())
-                ids = batch.input_ids[row, :length].tolist()
-                shown = display_tokens(loaded.text_tokenizer, ids)  # readable; batch.tokens are the raw ones
-                if prompt_index < n_pattern_prompts:
-                    pattern_ids.append(ids)
-                n_tokens += length
-                norms = summary.norm[:, row, :length]  # [layer, position]
-                first_norms.append(norms[:, 0])
-                median_norms.append(norms.median(dim=1).values)
-                found = _massive_rows(summary, row, length, prompt_index, batch.tokens[row], config, shown)
-                massive += found
-                if secondary:
-                    secondary.add(part_summary, batch_alpha, row, length, prompt_index, batch.tokens[row], shown,
-                                  first_mass=batch_stats["first"], key_count=batch_stats["count"])
-                if categories:
-                    categories.add(prompt_index, ids, prompt_stats(batch_stats, row, length), found,
-                                   batch.tokens[row], shown)
-                if prompt_index < n_kept:
-                    for layer, alpha_b in batch_alpha.items():
-                        token_alpha[prompt_index, layer, :, :length] = alpha_b[row, :, :length]
-                    token_rows += [{"prompt": prompt_index, "position": pos, "token": text, "token_raw": raw}
-                                   for pos, (text, raw) in enumerate(zip(shown, batch.tokens[row][:length],
-                                                                         strict=True))]
-            batch_alpha.clear()
-            for kept in batch_stats.values():
-                kept.clear()
-            bar.update(len(batch.indices))
+        run_pass(Pass("sinks", len(units), step, accumulators),
+                 on_unit=lambda unit: bar.update(len(units[unit].indices)))
     bar.close()
+    importance, rows, prompt_rows = accumulators["importance"], accumulators["rows"], accumulators["prompts"]
+    secondary, categories = accumulators.get("secondary"), accumulators.get("categories")
+    first_norms, median_norms, massive, n_tokens = (prompt_rows.first_norms, prompt_rows.median_norms,
+                                                     prompt_rows.massive, prompt_rows.n_tokens)
+    token_alpha, token_rows, pattern_ids = prompt_rows.token_alpha, prompt_rows.token_rows, prompt_rows.pattern_ids
 
     alpha = importance.alpha()  # [layer, head, key]
     sink_rate = importance.sink_rate()
@@ -163,6 +174,24 @@ def analyze_sinks(loaded: LoadedModel, prompts: list[str], config: SinksConfig |
         report=_report(summary, tables),
         input_hash=hash_inputs(prompts),
     )
+
+
+class PromptRows(Mergeable):
+    """What sinks keeps per prompt: residual norms of the first and the median token ``[layer]``, massive-activation
+    rows, the token view of the first ``n_kept`` prompts (``token_alpha [prompt, layer, head, key]``, NaN where
+    unseen, and their tokens) and the ids of the prompts the pattern pass reads."""
+
+    merging = {"first_norms": "rows", "median_norms": "rows", "massive": "rows", "token_rows": "rows",
+               "pattern_ids": "rows", "n_tokens": "sum", "token_alpha": "fill"}
+
+    def __init__(self, n_kept: int, n_layers: int, n_heads: int, max_tokens: int):
+        self.first_norms: list[torch.Tensor] = []
+        self.median_norms: list[torch.Tensor] = []
+        self.massive: list[dict] = []
+        self.token_rows: list[dict] = []
+        self.pattern_ids: list[list[int]] = []
+        self.n_tokens = 0
+        self.token_alpha = torch.full((n_kept, n_layers, n_heads, max_tokens), float("nan"))
 
 
 def _head_patterns(loaded: LoadedModel, prompt_ids: list[list[int]], heads: pd.DataFrame,

@@ -1,7 +1,8 @@
 """Streaming accumulators over prompts and batches, one small protocol for all (baukit style).
 
-Each has ``add(layer, stats)`` (one layer's ``AttentionStats`` of one forward pass),
-``state_dict()`` and ``load_state_dict()``; results are read with named methods.
+Each has ``add(layer, stats)`` (one layer's ``AttentionStats`` of one forward pass), and from
+``headlab.tally.Mergeable`` ``state_dict()``, ``load_state_dict()`` and ``merge()`` (the state of the same
+accumulator over other prompts: ranks, shards, a resumed run); results are read with named methods.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import torch
 
 from headlab.kernels import AttentionStats
+from headlab.tally import Mergeable
 
 
-class KeyImportance:
+class KeyImportance(Mergeable):
     """Gu et al.'s importance alpha[l, h, k] of the first ``n_keys`` key positions, per sample.
 
     For each sample, alpha = mass received by key k / number of queries that see it (the mean
     over queries i >= k under a causal mask, over all queries in an encoder). Positions count from
     the first real token. Sink_k^eps = 100 · mean over samples, layers, heads of 1[alpha > eps].
     """
+
+    merging = {"alpha_sum": "sum", "above": "sum", "samples": "sum", "eps": "equal"}
 
     def __init__(self, n_layers: int, n_heads: int, n_keys: int, eps: float):
         self.eps = eps
@@ -49,17 +53,11 @@ class KeyImportance:
         n_heads = self.above.shape[1]
         return (100 * self.above.sum((0, 1)) / (self.samples.sum(0) * n_heads)).float()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"alpha_sum": self.alpha_sum, "above": self.above, "samples": self.samples,
-                "eps": torch.tensor(self.eps)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.alpha_sum, self.above, self.samples = state["alpha_sum"], state["above"], state["samples"]
-        self.eps = float(state["eps"])
-
-
-class RowMeans:
+class RowMeans(Mergeable):
     """Mean over counted query rows, per (layer, head): row entropy and mass on the first real key."""
+
+    merging = {"entropy_sum": "sum", "first_mass_sum": "sum", "rows": "sum"}
 
     def __init__(self, n_layers: int, n_heads: int):
         self.entropy_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -77,10 +75,3 @@ class RowMeans:
 
     def first_mass(self) -> torch.Tensor:
         return (self.first_mass_sum / self.rows[:, None]).float()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"entropy_sum": self.entropy_sum, "first_mass_sum": self.first_mass_sum, "rows": self.rows}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.entropy_sum, self.first_mass_sum, self.rows = (
-            state["entropy_sum"], state["first_mass_sum"], state["rows"])

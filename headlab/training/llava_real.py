@@ -47,7 +47,10 @@ class LlavaRealConfig:
     lr: float = 5e-4
     warmup: int = 20
     final_lr_ratio: float = 0.1
-    question_rate: float = 0.35
+    question_rate: float = 0.5
+    # "sample": every sample's answer counts once, whatever its length; "token" (the first recipe, and what
+    # HF's loss does) lets a 13-token caption outweigh a 3-token "Yes." thirteen times over
+    loss_per: str = "sample"
     seed: int = 0
     threads: int = 1
     save_every: int = 50
@@ -127,9 +130,11 @@ def prefix_cache(model, proc, bf16: bool = True) -> tuple[torch.Tensor, object]:
     return recipe.prefix_cache(model.model.language_model, proc, IMAGE_TOKEN, bf16)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], feats: torch.Tensor, prefix) -> torch.Tensor:
+def answer_loss(model, batch: dict[str, torch.Tensor], feats: torch.Tensor, prefix, per: str = "token") -> torch.Tensor:
     """Cross-entropy on the answer tokens, from the cached prefix, with the projected features spliced in where
-    the image tokens are (what ``LlavaForConditionalGeneration`` does with pixels; the head only on answers)."""
+    the image tokens are (what ``LlavaForConditionalGeneration`` does with pixels; the head only on answers).
+    ``per="token"`` averages over every answer token of the batch; ``per="sample"`` averages within each sample
+    first, then over samples, so a one-word answer weighs as much as a caption."""
     ids, cache = prefix
     n = len(ids)
     assert bool((batch["input_ids"][:, :n] == ids).all()), "every sample must start with the cached prefix"
@@ -145,7 +150,14 @@ def answer_loss(model, batch: dict[str, torch.Tensor], feats: torch.Tensor, pref
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.lm_head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    if per == "token":
+        return torch.nn.functional.cross_entropy(logits, targets[keep])
+    if per != "sample":
+        raise ValueError(f"per must be 'token' or 'sample', not {per!r}")
+    token_loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")  # [answer tokens]
+    rows = keep.nonzero()[:, 0]
+    per_sample = torch.zeros(keep.shape[0]).index_add_(0, rows, token_loss) / keep.sum(1).clamp(min=1)
+    return per_sample[keep.any(1)].mean()
 
 
 def lr_at(step: int, cfg: LlavaRealConfig) -> float:
@@ -210,7 +222,7 @@ def train_llava_real(cfg: LlavaRealConfig, folder: Path = FOLDER, log: Callable[
         picks = [rng.randrange(cfg.n_scenes) for _ in range(cfg.batch_size)]
         batch = batch_of([(i, S.make_sample(rng, scenes[i], cfg.question_rate)) for i in picks], proc, header)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = answer_loss(model, batch, feats, prefix)
+            loss = answer_loss(model, batch, feats, prefix, per=cfg.loss_per)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
@@ -218,7 +230,7 @@ def train_llava_real(cfg: LlavaRealConfig, folder: Path = FOLDER, log: Callable[
         running.append(loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                held = answer_loss(model, eval_batch, feats, prefix).item()
+                held = answer_loss(model, eval_batch, feats, prefix, per=cfg.loss_per).item()
             record({"stage": 1, "step": step, "train_loss": round(sum(running) / len(running), 4),
                     "held_out_loss": round(held, 4), "lr": lr_at(step, cfg)})
             running = []
