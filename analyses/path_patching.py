@@ -20,6 +20,11 @@ counterfactual one" and an important head scores positive.
   projection is shared by the query heads of its group, so patching it changes all of them).
 Senders are batched: the prompt batch is tiled once per sender of a chunk, each tile with its own
 head patched, so one forward pass scores ``senders_per_pass`` heads.
+
+Each method is a set of units of work (``SenderPatching``, ``AttributionPatching``) whose accumulators merge
+(``headlab.tally``): the public functions run every unit here; ``analyze_circuits`` hands them to ``run_pass``, so
+a data-parallel, sharded or resumed run gives the scores of one run. Per-chunk sums are kept per chunk and added in
+chunk order at the end, so the scores do not depend, to the bit, on how the units were split.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from headlab.errors import InputError
+from headlab.errors import InputError, RunStoreError
 from headlab.interventions import intervene
 from headlab.interventions.z_site import BoundZEdit, ZCall, ZEdit
 from headlab.probes.activations import _qkv_readers
+from headlab.tally import Mergeable, Pass, tally
 
 from .circuit_tasks import TaskBatch
 
@@ -240,8 +246,11 @@ def _score(ld_patched: torch.Tensor, runs: Runs) -> float:
 
 
 @dataclass
-class Accumulator:
-    """Sums of per-prompt LDs over batches, so a score over all prompts is one ratio of means."""
+class Accumulator(Mergeable):
+    """Sums of per-prompt LDs over batches, so a score over all prompts is one ratio of means. Mergeable: the
+    sums of other prompts (another shard's) add."""
+
+    merging = {"ld_clean": "sum", "ld_cf": "sum", "n": "sum"}
 
     ld_clean: float = 0.0
     ld_cf: float = 0.0
@@ -259,6 +268,43 @@ class Accumulator:
             raise InputError("the clean and counterfactual runs have the same mean logit difference; the patching "
                              "score is undefined (is the counterfactual answer the clean answer?)")
         return 100.0 * (patched_sums / self.n - clean) / (cf - clean)
+
+
+class Filled(Mergeable):
+    """``values [n_rows, *shape]``, each row (or part of one) written by a unit of a pass, NaN until then, and
+    ``done``, the units that ran. Merging takes what another shard wrote (``fill``; rows are never written twice),
+    so ``total`` adds the rows in row order whatever the split: bit for bit the sum of one loop over the rows
+    (a ``sum`` accumulator would add per-shard partial sums, in another order). A merge that lacks a shard's
+    units is refused instead of read as NaN."""
+
+    merging = {"values": "fill", "done": "set"}
+
+    def __init__(self, n_rows: int, shape: Sequence[int], n_units: int, dtype: torch.dtype = torch.float32):
+        self.values = torch.full((n_rows, *shape), float("nan"), dtype=dtype)
+        self.done: set[int] = set()
+        self.n_units = n_units  # how many units write here: the check of ``complete``
+
+    def put(self, unit: int, row: int, values: torch.Tensor | float, where: slice | None = None) -> None:
+        """Unit ``unit`` writes ``values`` into ``values[row]`` (``values[row, where]`` with ``where``)."""
+        if where is None:
+            self.values[row] = values
+        else:
+            self.values[row, where] = values
+        self.done.add(unit)
+
+    def complete(self) -> torch.Tensor:
+        """``values``, once every unit has written its part (``RunStoreError`` if a shard is missing)."""
+        if len(self.done) != self.n_units:
+            raise RunStoreError(f"{self.n_units - len(self.done)} of {self.n_units} units of a pass are missing "
+                                "from the merged states: merge the states of every shard")
+        return self.values
+
+    def total(self) -> torch.Tensor:
+        """``[*shape]`` the sum over rows, added in row order from zero (as ``sums += row`` in a loop)."""
+        total = torch.zeros(self.values.shape[1:], dtype=self.values.dtype)
+        for row in self.complete():
+            total += row
+        return total
 
 
 class Stepper:
@@ -291,83 +337,160 @@ class Stepper:
         return out.logits[:, -1].float()
 
 
-def _sender_passes(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head], senders_per_pass: int,
-                   freeze_others: bool, run_pass: Callable, tick: Callable[[], object] | None = None) -> torch.Tensor:
-    """``[len(senders)]`` sums over the batch of the LD of each sender's patched pass.
+def _sender_group(loaded, batch: TaskBatch, runs: Runs, senders: Sequence[Head], freeze_others: bool,
+                  run_pass: Callable) -> torch.Tensor:
+    """``[len(senders)]`` sums over the batch of the LD of each sender's patched pass: one forward pass of the
+    batch tiled once per sender.
 
     ``run_pass(tiled_batch, mix, k)`` runs the model with ``mix`` (a ``FinalZMix``) installed where it
-    needs it and returns ``[k · batch]`` LDs; ``tick()`` is called after each pass (a progress bar)."""
-    n = len(batch)
+    needs it and returns ``[k · batch]`` LDs."""
+    n, k = len(batch), len(senders)
     final_column = batch.clean_ids.shape[1] - 1
-    sums = torch.zeros(len(senders))
-    for start in range(0, len(senders), senders_per_pass):
-        chunk = list(senders[start:start + senders_per_pass])
-        k = len(chunk)
-        patch, freeze = _masks(loaded.arch, chunk, n, freeze_others)
-        mix = FinalZMix(_tile(runs.clean_z, k), _tile(runs.cf_z, k), patch, freeze, final_column)
-        ids, mask = _tile(batch.clean_ids, k), _tile(batch.attention_mask, k)
-        tiled = TaskBatch(batch.name, ids, ids, mask, _tile(batch.answer_ids, k), _tile(batch.cf_answer_ids, k))
-        with torch.no_grad():
-            ld = run_pass(tiled, mix, k)
-        sums[start:start + k] = ld.view(n, k).sum(dim=0).cpu()
-        if tick is not None:
-            tick()
-    return sums
+    patch, freeze = _masks(loaded.arch, senders, n, freeze_others)
+    mix = FinalZMix(_tile(runs.clean_z, k), _tile(runs.cf_z, k), patch, freeze, final_column)
+    ids, mask = _tile(batch.clean_ids, k), _tile(batch.attention_mask, k)
+    tiled = TaskBatch(batch.name, ids, ids, mask, _tile(batch.answer_ids, k), _tile(batch.cf_answer_ids, k))
+    with torch.no_grad():
+        ld = run_pass(tiled, mix, k)
+    return ld.view(n, k).sum(dim=0).cpu()
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
-
-
-def _pass_bar(enabled: bool, desc: str, n_chunks: int, n_senders: int, senders_per_pass: int):
-    """A bar over every patched pass (prompt chunks x sender chunks): with a few prompts there is one prompt
-    chunk, and a bar over chunks would sit at 0 for the whole run."""
+def _pass_bar(enabled: bool, desc: str, total: int):
+    """A bar over every unit (for the sender methods every patched pass, prompt chunks x sender groups: with a
+    few prompts there is one prompt chunk, and a bar over chunks would sit at 0 for the whole run)."""
     from tqdm.auto import tqdm
 
-    total = n_chunks * -(-n_senders // senders_per_pass)
     return tqdm(total=total, desc=desc, unit="pass", leave=False, disable=not enabled)
 
 
-def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None = None, batch_size: int = 32,
-                        senders_per_pass: int = 9, progress: bool = False, use_cache: bool = True) -> torch.Tensor:
-    """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value.
-    ``use_cache``: see ``Stepper``."""
-    heads = list(heads) if heads is not None else all_heads(loaded.arch)
-    acc, sums = Accumulator(), torch.zeros(len(heads))
-    chunks = batch.chunks(batch_size)
-    bar = _pass_bar(progress, f"activation patching {batch.name}", len(chunks), len(heads), senders_per_pass)
-    for part in chunks:
+def _run_here(name: str, work: SenderPatching | AttributionPatching, progress: bool, desc: str) -> torch.Tensor:
+    """Every unit of ``work`` in this process (never under the caller's ``Scale``: these functions are parts of
+    other analyses' passes, or called directly), with a bar; the scores."""
+    bar = _pass_bar(progress, desc, work.n_units)
+    try:
+        tally(work.as_pass(name), on_unit=lambda _unit: bar.update(1))
+    finally:
+        bar.close()
+    return work.scores()
+
+
+class SenderPatching:
+    """Activation or exact path patching of ``senders`` on ``batch`` as units of work: unit ``u`` patches
+    sender group ``u % n_groups`` (``senders_per_pass`` heads, one forward pass of the chunk tiled once per
+    sender) on prompt chunk ``u // n_groups``. A chunk's clean and counterfactual runs (and prefix cache) are
+    computed by the first of its units that runs in this process and kept for the chunk's next units, so a
+    whole run costs what one loop over the chunks did, and a shard that starts inside a chunk recomputes them
+    (the same numbers: the chunk is the same batch).
+
+    ``path``: exact path patching (every other head's final z frozen to clean; ``receivers``, ``freeze_mlps``:
+    see ``path_patching``); else activation patching. Accumulators: ``ld`` (clean / cf LD sums, added by each
+    chunk's first group) and ``sums`` (``[chunk, sender]`` patched LD sums)."""
+
+    def __init__(self, loaded, batch: TaskBatch, senders: Sequence[Head], *, path: bool,
+                 receivers: Sequence[Receiver] | None = None, freeze_mlps: bool = False, batch_size: int = 32,
+                 senders_per_pass: int = 9, use_cache: bool = True):
+        self.loaded, self.senders, self.path = loaded, list(senders), path
+        self.receivers, self.freeze_mlps, self.use_cache = receivers, freeze_mlps, use_cache
+        self.senders_per_pass = senders_per_pass
+        self.chunks = batch.chunks(batch_size)
+        # at least one group per chunk: with no sender the chunk's clean runs still count (scores of no head)
+        self.n_groups = max(1, -(-len(self.senders) // senders_per_pass))
+        self.n_units = len(self.chunks) * self.n_groups
+        self.ld = Accumulator()
+        self.sums = Filled(len(self.chunks), (len(self.senders),), self.n_units)
+        self._prepared: tuple[int, Runs, dict[int, torch.Tensor] | None, Stepper] | None = None
+
+    @property
+    def accumulators(self) -> dict[str, Mergeable]:
+        return {"ld": self.ld, "sums": self.sums}
+
+    def as_pass(self, name: str) -> Pass:
+        return Pass(name, self.n_units, self.step, self.accumulators)
+
+    def _prepare(self, c: int) -> tuple[Runs, dict[int, torch.Tensor] | None, Stepper]:
+        """Chunk ``c``'s clean / cf runs, clean MLP outputs (``freeze_mlps``) and prefix cache, kept for its next
+        units (one chunk at a time: units run chunk by chunk)."""
+        if self._prepared is None or self._prepared[0] != c:
+            self._prepared = None  # free the previous chunk's cache before building this one's
+            part = self.chunks[c]
+            runs = clean_and_cf(self.loaded, part)
+            mlps = clean_mlp_out(self.loaded, part) if self.path and self.freeze_mlps else None
+            self._prepared = (c, runs, mlps, Stepper(self.loaded, part, self.use_cache))
+        return self._prepared[1:]
+
+    def step(self, unit: int) -> None:
+        c, g = divmod(unit, self.n_groups)
+        part = self.chunks[c]
+        runs, mlps, stepper = self._prepare(c)
+        if g == 0:
+            self.ld.add(runs)
+        start = g * self.senders_per_pass
+        group = self.senders[start:start + self.senders_per_pass]
+        if group:
+            run = self._path_pass if self.path else self._activation_pass
+            sums = _sender_group(self.loaded, part, runs, group, self.path,
+                                 lambda tiled, mix, k: run(tiled, mix, k, mlps, stepper))
+            self.sums.put(unit, c, sums, slice(start, start + len(group)))
+        else:
+            self.sums.done.add(unit)
+        if unit + 1 == self.n_units:
+            self.release()  # the last unit: nothing more reads the cache
+
+    def release(self) -> None:
+        """Drop the kept chunk's runs and prefix cache (a shard's last unit is not the pass's)."""
+        self._prepared = None
+
+    def _activation_pass(self, tiled: TaskBatch, mix: FinalZMix, k: int, mlps, stepper: Stepper) -> torch.Tensor:
+        with intervene(self.loaded, mix):
+            return logit_diff(stepper.logits(k), tiled)
+
+    def _path_pass(self, tiled: TaskBatch, mix: FinalZMix, k: int, mlps: dict[int, torch.Tensor] | None,
+                   stepper: Stepper) -> torch.Tensor:
+        loaded, receivers = self.loaded, self.receivers
+        with intervene(loaded, mix), _frozen_mlps(loaded, {i: _tile(v, k) for i, v in mlps.items()}
+                                                  if mlps else None):
+            if receivers is None:  # the logits are the receivers: their input is this run's final residual
+                return logit_diff(stepper.logits(k), tiled)
+            with _projection_hooks(loaded, receivers, None) as recorded:
+                stepper.logits(k)
+        # a fresh clean run (no z edit, no frozen MLP) that patches only the receivers' inputs
+        with _projection_hooks(loaded, receivers, dict(recorded)):
+            return logit_diff(stepper.logits(k), tiled)
+
+    def scores(self) -> torch.Tensor:
+        """``[len(senders)]`` scores ×100, once every unit ran (or was merged in)."""
+        return self.ld.scores(self.sums.total())
+
+
+class AttributionPatching:
+    """Attribution patching of every head on ``batch`` as units of work, one per prompt chunk (one forward and one
+    backward pass). Accumulators: ``ld`` and ``sums`` (``[chunk, layer, head]`` linear estimates of the patched
+    LD sums), as ``SenderPatching``."""
+
+    def __init__(self, loaded, batch: TaskBatch, batch_size: int = 32):
+        arch = loaded.arch
+        self.loaded = loaded
+        self.chunks = batch.chunks(batch_size)
+        self.n_units = len(self.chunks)
+        self.ld = Accumulator()
+        self.sums = Filled(self.n_units, (arch.n_layers, arch.n_heads), self.n_units)
+
+    @property
+    def accumulators(self) -> dict[str, Mergeable]:
+        return {"ld": self.ld, "sums": self.sums}
+
+    def as_pass(self, name: str) -> Pass:
+        return Pass(name, self.n_units, self.step, self.accumulators)
+
+    def step(self, unit: int) -> None:
+        loaded, arch, part = self.loaded, self.loaded.arch, self.chunks[unit]
         runs = clean_and_cf(loaded, part)
-        acc.add(runs)
-
-        step = Stepper(loaded, part, use_cache)
-
-        def run_pass(tiled: TaskBatch, mix: FinalZMix, k: int, step: Stepper = step) -> torch.Tensor:
-            with intervene(loaded, mix):
-                return logit_diff(step.logits(k), tiled)
-
-        sums += _sender_passes(loaded, part, runs, heads, senders_per_pass, False, run_pass, bar.update)
-    bar.close()
-    return acc.scores(sums)
-
-
-def attribution_patching(loaded, batch: TaskBatch, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """``[layer, head]`` scores ×100, the linear estimate of activation patching at the final position:
-    Σ_d dLD/dz · (z_cf - z_clean), from one forward and one backward pass per batch (no parameter grads)."""
-    arch = loaded.arch
-    acc, sums = Accumulator(), torch.zeros(arch.n_layers, arch.n_heads)
-    for part in _progress(batch.chunks(batch_size), progress, f"attribution patching {batch.name}"):
-        runs = clean_and_cf(loaded, part)
-        acc.add(runs)
+        self.ld.add(runs)
         width = arch.n_heads * arch.head_dim
         deltas = [torch.zeros(len(part), width, device=loaded.device, dtype=loaded.model.dtype, requires_grad=True)
                   for _ in range(arch.n_layers)]
 
-        def add_delta(layer, deltas=deltas):
+        def add_delta(layer):
             def hook(module, args):
                 x = args[0]
                 return (torch.cat([x[:, :-1], (x[:, -1] + deltas[layer])[:, None]], dim=1), *args[1:])
@@ -385,8 +508,46 @@ def attribution_patching(loaded, batch: TaskBatch, batch_size: int = 32, progres
         grad = torch.stack(grads, dim=1).float().cpu().view(len(part), arch.n_layers, arch.n_heads, arch.head_dim)
         diff = (runs.cf_z - runs.clean_z).cpu()
         # LD_patched ≈ LD_clean + grad · diff, summed over the batch
-        sums += (grad * diff).sum(dim=(0, 3)) + float(runs.ld_clean.sum())
-    return acc.scores(sums)
+        self.sums.put(unit, unit, (grad * diff).sum(dim=(0, 3)) + float(runs.ld_clean.sum()))
+
+    def scores(self) -> torch.Tensor:
+        """``[layer, head]`` scores ×100, once every unit ran (or was merged in)."""
+        return self.ld.scores(self.sums.total())
+
+
+def activation_patching(loaded, batch: TaskBatch, heads: Sequence[Head] | None = None, batch_size: int = 32,
+                        senders_per_pass: int = 9, progress: bool = False, use_cache: bool = True) -> torch.Tensor:
+    """``[len(heads)]`` scores ×100: z of each head at the final position <- its counterfactual value.
+    ``use_cache``: see ``Stepper``."""
+    heads = list(heads) if heads is not None else all_heads(loaded.arch)
+    work = SenderPatching(loaded, batch, heads, path=False, batch_size=batch_size, senders_per_pass=senders_per_pass,
+                          use_cache=use_cache)
+    return _run_here("activation", work, progress, f"activation patching {batch.name}")
+
+
+def attribution_patching(loaded, batch: TaskBatch, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """``[layer, head]`` scores ×100, the linear estimate of activation patching at the final position:
+    Σ_d dLD/dz · (z_cf - z_clean), from one forward and one backward pass per batch (no parameter grads)."""
+    return _run_here("attribution", AttributionPatching(loaded, batch, batch_size), progress,
+                     f"attribution patching {batch.name}")
+
+
+def path_senders(arch, senders: Sequence[Head] | None, receivers: str | Sequence[Receiver]
+                 ) -> tuple[list[Head], list[Receiver] | None]:
+    """The senders (default every head; only those before the first receiver layer) and the receivers (None:
+    the logits) of ``path_patching``, checked."""
+    senders = list(senders) if senders is not None else all_heads(arch)
+    if isinstance(receivers, str):
+        if receivers != "logits":
+            raise InputError(f"receivers must be 'logits' or [(layer, head, 'q'|'k'|'v'), ...], got {receivers!r}")
+        return senders, None
+    chosen = [tuple(r) for r in receivers]
+    _check_receivers(arch, chosen)
+    first = min(r[0] for r in chosen)
+    senders = [s for s in senders if s[0] < first] if senders else senders
+    if not senders:
+        raise InputError(f"no sender sits before the first receiver layer {first}; senders must come earlier")
+    return senders, chosen
 
 
 def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = None,
@@ -397,39 +558,7 @@ def path_patching(loaded, batch: TaskBatch, senders: Sequence[Head] | None = Non
     module docstring). ``senders``: default every head; ``receivers``: ``"logits"`` or
     ``[(layer, head, "q" | "k" | "v")]``, patched together; ``freeze_mlps``: MLP outputs at the final
     position frozen to clean too (the sender's direct path only); ``use_cache``: see ``Stepper``."""
-    arch = loaded.arch
-    senders = list(senders) if senders is not None else all_heads(arch)
-    to_logits = isinstance(receivers, str)
-    if to_logits and receivers != "logits":
-        raise InputError(f"receivers must be 'logits' or [(layer, head, 'q'|'k'|'v'), ...], got {receivers!r}")
-    if not to_logits:
-        receivers = [tuple(r) for r in receivers]
-        _check_receivers(arch, receivers)
-        first = min(r[0] for r in receivers)
-        senders = [s for s in senders if s[0] < first] if senders else senders
-        if not senders:
-            raise InputError(f"no sender sits before the first receiver layer {first}; senders must come earlier")
-    acc, sums = Accumulator(), torch.zeros(len(senders))
-    chunks = batch.chunks(batch_size)
-    bar = _pass_bar(progress, f"path patching {batch.name}", len(chunks), len(senders), senders_per_pass)
-    for part in chunks:
-        runs = clean_and_cf(loaded, part)
-        acc.add(runs)
-        mlps = clean_mlp_out(loaded, part) if freeze_mlps else None
-
-        step = Stepper(loaded, part, use_cache)
-
-        def run_pass(tiled: TaskBatch, mix: FinalZMix, k: int, mlps=mlps, step: Stepper = step) -> torch.Tensor:
-            with intervene(loaded, mix), _frozen_mlps(loaded, {i: _tile(v, k) for i, v in mlps.items()}
-                                                      if mlps else None):
-                if to_logits:  # the logits are the receivers: their input is this run's final residual
-                    return logit_diff(step.logits(k), tiled)
-                with _projection_hooks(loaded, receivers, None) as recorded:
-                    step.logits(k)
-            # a fresh clean run (no z edit, no frozen MLP) that patches only the receivers' inputs
-            with _projection_hooks(loaded, receivers, dict(recorded)):
-                return logit_diff(step.logits(k), tiled)
-
-        sums += _sender_passes(loaded, part, runs, senders, senders_per_pass, True, run_pass, bar.update)
-    bar.close()
-    return acc.scores(sums)
+    senders, chosen = path_senders(loaded.arch, senders, receivers)
+    work = SenderPatching(loaded, batch, senders, path=True, receivers=chosen, freeze_mlps=freeze_mlps,
+                          batch_size=batch_size, senders_per_pass=senders_per_pass, use_cache=use_cache)
+    return _run_here("path", work, progress, f"path patching {batch.name}")

@@ -9,6 +9,12 @@ Three parts, one run:
    first ``rollout_tokens`` tokens of a few prompts (T x T per layer: short prompts only), with the
    theoretical P^(t) for the model's mask and positional scheme beside it;
 3. the key-value retrieval probe task (``retrieval_task``) by position of the queried pair.
+
+Each part is a ``headlab.tally`` pass (``run_pass``), so ranks, job-array shards and resumed runs split it and
+merge to the result of one run: "profile" (the statistics, one unit per batch: ``PositionProfile`` and
+``TokenCount``), "rollout" (one unit per prompt: ``RolloutRows``) and "retrieval" (one unit per item:
+``retrieval_task.RetrievalRows``). In a job-array shard only the first, "profile", is split; the other two run
+whole when the parts are merged. Every table is built from the accumulators after their pass.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from headlab.probes.position import SEGMENTS, PositionProfile, head_mean_attenti
 from headlab.prompts import as_prompt_list, hash_inputs
 from headlab.provenance import model_settings
 from headlab.result import Result, to_json_safe
+from headlab.tally import Mergeable, Pass, run_pass
 
 from .position_graphs import (
     GraphSpec,
@@ -163,26 +170,44 @@ def model_graph_spec(loaded: LoadedModel, n_tokens: int) -> tuple[GraphSpec, Gra
                               head_dim=loaded.arch.head_dim)
 
 
+class RolloutRows(Mergeable):
+    """What the rollout keeps per prompt: ``first_mass``, one ``[variant, layer]`` per prompt (first-token mass
+    averaged over query rows), and ``example``, the first prompt's ``[variant, layer, T, T]``.
+
+    ``example`` is a list that only prompt 0's unit fills (at most one entry): as rows it merges to that one
+    tensor whichever shard or rank ran prompt 0, where a plain field would need a rule for "the first one seen"."""
+
+    merging = {"first_mass": "rows", "example": "rows"}
+
+    def __init__(self) -> None:
+        self.first_mass: list[torch.Tensor] = []
+        self.example: list[torch.Tensor] = []
+
+
 def empirical_rollout(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig,
-                      on_prompt: Callable[[], None] | None = None):
+                      on_prompt: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Head-averaged P^(t) over the model's layers on each prompt's first ``rollout_tokens`` tokens.
 
     Returns (first-token mass ``[variant, layer]`` averaged over prompts and query rows, the first
-    prompt's ``[variant, layer, T, T]``, its token count, prompts used); variant 0 is the plain rollout,
-    1 the residual-aware one.
+    prompt's ``[variant, layer, T, T]``, the number of prompts used); variant 0 is the plain rollout,
+    1 the residual-aware one. One pass named "rollout" (``headlab.tally.run_pass``), one unit per prompt.
     """
     n_tokens = min(config.max_tokens, config.rollout_tokens)
-    first_mass, example, used = [], None, 0
-    for batch in batches(loaded, prompts[:config.rollout_prompts], n_tokens, batch_size=1):
-        layers = head_mean_attention(loaded, batch.input_ids)
+    # Tokenised before any forward pass (as the statistics pass does): the pass indexes its units.
+    units = list(batches(loaded, prompts[:config.rollout_prompts], n_tokens, batch_size=1))
+    rows = RolloutRows()
+
+    def step(unit: int) -> None:
+        layers = head_mean_attention(loaded, units[unit].input_ids)
         variants = torch.stack([cumulative_attention(layers), cumulative_attention(layers, residual=True)])
-        first_mass.append(variants[..., 0].mean(-1))  # [variant, layer]
-        if example is None:
-            example = variants
-        used += 1
-        if on_prompt is not None:
-            on_prompt()
-    return torch.stack(first_mass).mean(0), example, used
+        rows.first_mass.append(variants[..., 0].mean(-1))  # [variant, layer]
+        if unit == 0:
+            rows.example.append(variants)
+
+    run_pass(Pass("rollout", len(units), step, {"rollout": rows}),
+             on_unit=None if on_prompt is None else lambda unit: on_prompt())
+    # Read the fields only now: merged or loaded states replace them (the object stays).
+    return torch.stack(rows.first_mass).mean(0), rows.example[0], len(rows.first_mass)
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -208,6 +233,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
+class TokenCount(Mergeable):
+    """The real (unpadded) tokens the statistics pass read, for the summary."""
+
+    merging = {"n_tokens": "sum"}
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+
+
 def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: PositionBiasConfig | None = None,
                           progress: bool = True, log: Callable[[str], None] | None = None) -> Result:
     """``log`` receives one line per long part, with its estimated cost, before the bulk of it runs."""
@@ -218,18 +252,28 @@ def analyze_position_bias(loaded: LoadedModel, prompts: list[str], config: Posit
     arch = loaded.arch
     profile = PositionProfile(arch.n_layers, arch.n_heads, config.max_tokens, config.n_relative, arch.causal,
                               windows=layer_windows(loaded))
-    n_tokens = 0
+    units = list(batches(loaded, prompts, config.max_tokens, config.batch_size))  # tokenised (and checked) first
+    counted = TokenCount()
+    accumulators = {"profile": profile, "tokens": counted}
     bar = tqdm(total=len(prompts), unit="prompt", desc=f"position bias {loaded.title}", disable=not progress)
-    cost = _Cost(log, "attention statistics", -(-len(prompts) // config.batch_size), ("batch", "batches"), "")
+    cost = _Cost(log, "attention statistics", len(units), ("batch", "batches"), "")
+
+    def step(unit: int) -> None:
+        batch = units[unit]
+        # The probe adds every layer's statistics of this forward into ``profile``.
+        loaded.model(input_ids=batch.input_ids.to(loaded.device), attention_mask=batch.attention_mask.to(loaded.device))
+        counted.n_tokens += int(batch.attention_mask.sum())
+
+    def on_unit(unit: int) -> None:
+        bar.update(len(units[unit].indices))
+        cost.step()
+
     with torch.no_grad(), AttentionProbe(loaded, profile.add, backend=config.backend,
                                          request=StatsRequest(distance=True)):
-        for batch in batches(loaded, prompts, config.max_tokens, config.batch_size):
-            loaded.model(input_ids=batch.input_ids.to(loaded.device),
-                         attention_mask=batch.attention_mask.to(loaded.device))
-            n_tokens += int(batch.attention_mask.sum())
-            bar.update(len(batch.indices))
-            cost.step()
+        run_pass(Pass("profile", len(units), step, accumulators), on_unit=on_unit)
     bar.close()
+    # Read the accumulators only now: merged or loaded states replace their fields (the objects stay).
+    n_tokens = counted.n_tokens
 
     trends = layer_trends(profile, config.fit_skip_first)
     notes: list[str] = []

@@ -15,6 +15,10 @@ picks anyway (``absent_baseline``). If it picks the first value most of the time
 
 Scoring reads the logits at the answer positions only (``logits_to_keep``): the output layer over the whole
 vocabulary at every prompt position was most of the task's cost.
+
+``run_retrieval`` scores the items as one ``headlab.tally`` pass named "retrieval" (one unit per item, its rows in
+``RetrievalRows``), so ranks or a resumed run split it; every item is drawn from the seed before the pass, so an
+item does not depend on which items ran before it in this process.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from headlab.analyses.configs import RetrievalConfig
 from headlab.batching import encode
 from headlab.errors import InputError
 from headlab.loading import LoadedModel
+from headlab.tally import Mergeable, Pass, run_pass
 
 PLACEMENTS = ("first", "middle", "last")
 ABSENT = "absent"  # trials whose queried key is not in the list: which slot's value is picked anyway
@@ -241,18 +246,37 @@ def slot_name(index: int, n_pairs: int) -> str:
     return next((p for p in PLACEMENTS if slot(p, n_pairs) == index), "other")
 
 
+class RetrievalRows(Mergeable):
+    """The scored items of the retrieval task: ``rows``, one ``score_item`` dict per item, in item order (a later
+    shard's items come after an earlier one's, so merged rows are the rows of one run)."""
+
+    merging = {"rows": "rows"}
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+
 def run_retrieval(loaded: LoadedModel, config: RetrievalConfig, progress=None,
                   absent: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
     """Score every item: (per-item table, accuracy and mean log-likelihood by placement, absent-key items,
-    absent-key baseline); the last two are None without ``absent``."""
+    absent-key baseline); the last two are None without ``absent``.
+
+    The items are one pass named "retrieval" (``headlab.tally.run_pass``), one unit per item; ``progress`` (a
+    tqdm-like object) gets ``update(1)`` after each."""
     if not loaded.generates:
         raise InputError(f"{loaded.name} is not a causal language model: the retrieval task needs next-token "
                          "log-probabilities")
-    rows = []
-    for item in make_items(config, absent=absent):
-        rows.append(score_item(loaded, item, config.batch_size))
-        if progress is not None:
-            progress.update(1)
+    # Every item is drawn before the pass, from the seed alone: a unit scored in another shard or rank, or
+    # skipped by a resumed run, gets the same pairs and keys as in one uninterrupted run.
+    items = make_items(config, absent=absent)
+    scored = RetrievalRows()
+
+    def step(unit: int) -> None:
+        scored.rows.append(score_item(loaded, items[unit], config.batch_size))
+
+    run_pass(Pass("retrieval", len(items), step, {"rows": scored}),
+             on_unit=None if progress is None else lambda unit: progress.update(1))
+    rows = scored.rows  # only now: merged or loaded states replace the list (under ranks: every rank's rows)
     trials = pd.DataFrame([r for r in rows if r["placement"] != ABSENT])
     if not absent:
         return trials, summarize(trials), None, None

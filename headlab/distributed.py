@@ -50,17 +50,18 @@ def rank_device(ranks: Ranks, requested: str) -> str:
     return "cpu" if requested == "auto" else requested
 
 
-def start(ranks: Ranks, device: str) -> None:
-    """Join the process group (NCCL when this rank runs on a GPU, gloo otherwise)."""
+def start(ranks: Ranks, device: str) -> str:
+    """Join the process group (NCCL when this rank runs on a GPU, gloo otherwise); returns the backend."""
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return dist.get_backend()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world)
+    return backend
 
 
 def stop() -> None:

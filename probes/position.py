@@ -1,8 +1,8 @@
 """What position bias reads from a running model.
 
-- ``PositionProfile``: a streaming accumulator (the ``add`` / ``state_dict`` / ``load_state_dict``
-  protocol of ``accumulators.py``) of attention received by key position and by query-key distance,
-  from the statistics path (O(H·T) per layer, any T).
+- ``PositionProfile``: a streaming accumulator (``add``, and ``state_dict`` / ``load_state_dict`` / ``merge``
+  from ``headlab.tally.Mergeable``, as in ``accumulators.py``) of attention received by key position and by
+  query-key distance, from the statistics path (O(H·T) per layer, any T).
 - ``head_mean_attention``: the head-averaged T x T attention of every layer for one short prompt,
   from the model's own eager attention, for the cumulative rollout P^(t) over layers. It materialises
   ``[layer, head, T, T]``, so callers cap T.
@@ -18,6 +18,7 @@ import torch
 from headlab.kernels import AttentionStats
 from headlab.kernels.attention_function import other_attention
 from headlab.kernels.stats import n_distance_bins
+from headlab.tally import Mergeable
 
 SEGMENTS = ("first token", "first third", "middle third", "last third")
 
@@ -54,7 +55,7 @@ def relative_bins(length: int, n_bins: int) -> torch.Tensor:
     return bins
 
 
-class PositionProfile:
+class PositionProfile(Mergeable):
     """Attention received by key position and by distance, per (layer, head), over prompts and batches.
 
     Positions count from the first real token. Per layer and head:
@@ -66,7 +67,15 @@ class PositionProfile:
     - by relative position (lost in the middle) and by segment (first token, thirds of the rest): the
       mean over prompts of each prompt's mean attention received in that bin, with the same numbers
       for uniform attention under the model's mask (``uniform_alpha``) beside them.
+
+    Every statistic is a sum over prompts (the means are taken when read), so the profiles of disjoint sets of
+    prompts merge by adding; the mask settings must agree, or the uniform baselines would mix two masks.
     """
+
+    merging = {"distance_mass": "sum", "distance_count": "sum", "rows": "sum", "key_mass": "sum", "key_count": "sum",
+               "relative_sum": "sum", "relative_uniform_sum": "sum", "relative_prompts": "sum", "segment_sum": "sum",
+               "segment_uniform_sum": "sum", "segment_prompts": "sum",
+               "causal": "equal", "windows": "equal", "n_relative": "equal"}
 
     def __init__(self, n_layers: int, n_heads: int, max_tokens: int, n_relative: int = 10, causal: bool = True,
                  windows: list[int | None] | None = None):
@@ -157,24 +166,6 @@ class PositionProfile:
         """``[layer, head, segment]`` (``SEGMENTS``) mean attention received, and the uniform ``[layer, segment]``."""
         return ((self.segment_sum / self.segment_prompts[:, None]).float(),
                 (self.segment_uniform_sum / self.segment_prompts).float())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        names = ("distance_mass", "distance_count", "rows", "key_mass", "key_count", "relative_sum",
-                 "relative_uniform_sum", "relative_prompts", "segment_sum", "segment_uniform_sum", "segment_prompts")
-        state = {name: getattr(self, name) for name in names}
-        state["causal"] = torch.tensor(self.causal)
-        state["windows"] = torch.tensor([w or 0 for w in self.windows])  # 0: no window
-        return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
-            if name == "causal":
-                self.causal = bool(value)
-            elif name == "windows":
-                self.windows = [int(w) or None for w in value.tolist()]
-            else:
-                setattr(self, name, value)
-        self.n_relative = self.relative_sum.shape[-1]
 
 
 @contextmanager

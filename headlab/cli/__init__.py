@@ -26,6 +26,7 @@ COMMANDS = [
     (headlab_app, "models", manage.models),
     (headlab_app, "dashboard", manage.dashboard),
     (runs_app, "clean", manage.runs_clean),
+    (runs_app, "merge", manage.runs_merge),
     (zoo_app, "train", manage.zoo_train),
     (lofit_app, "select", lofit_commands.select),
     (lofit_app, "train", lofit_commands.train),

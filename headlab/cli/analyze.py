@@ -29,7 +29,7 @@ from headlab.errors import InputError
 DEFAULT_MODEL = "smollm2-135m"
 
 
-@takes_model(DEFAULT_MODEL)
+@takes_model(DEFAULT_MODEL, scalable=True)
 def sinks(
     prompts: str = options.PROMPTS,
     n_prompts: int = options.N_PROMPTS,

@@ -33,9 +33,11 @@ headlab_app.add_typer(lofit_app, name="lofit")
 
 
 @analyze_app.callback()
-def _analyze_group() -> None:
+def _analyze_group(ctx: typer.Context) -> None:
     """Run a headlab analysis and save it as a run directory."""
     _on_sigterm()
+    # Which program a command ran under, for a merge that runs it again (cli.scaling.command_argv).
+    ctx.ensure_object(dict)["program"] = "analyze"
 
 
 @headlab_app.callback()

@@ -78,6 +78,45 @@ def runs_clean(
     console.print(f"{len(removed)} leftover(s) {verb}, {len(spared)} kept", highlight=False)
 
 
+def runs_merge(
+    parts: list[Path] = typer.Argument(..., help="the partial runs of every shard (written with --shard i/n)"),
+    out: Path = typer.Option(None, help="runs folder for the merged run (default: $HEADLAB_RUNS or ./runs)"),
+    name: str = typer.Option(None, help="name of the merged run (default: <analysis>-<model>-<time>)"),
+) -> None:
+    """Join the parts of a job array (--shard i/n) into the one run a single process would have written.
+
+    The parts must be the n shards of one command (same model, settings, prompts and headlab version). The merge
+    runs the command again with the parts' accumulator states in place of its first pass: the model is opened
+    (for what follows that pass, e.g. the head-pattern pass of sinks), the prompts are not run through it."""
+    import tempfile
+
+    from headlab.cli.apps import analyze_app, headlab_app
+    from headlab.cli.scaling import MergeParts, argv_with_prompts, merging
+    from headlab.partial_runs import check_parts, part_prompts, part_states, read_part
+
+    try:
+        ordered = check_parts([read_part(p) for p in parts])
+        first = ordered[0]
+        states = [part_states(p) for p in ordered]
+        prompts = part_prompts(first)
+    except HeadlabError as err:
+        fail(str(err))
+    program, *argv = first.manifest["argv"]
+    if out is not None:
+        argv += ["--out", str(out)]
+    if name is not None:
+        argv += ["--name", name]
+    with tempfile.TemporaryDirectory(prefix="headlab-merge-") as tmp:
+        if prompts is not None:
+            prompts_file = Path(tmp) / "prompts.txt"
+            prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            argv = argv_with_prompts(argv, prompts_file)
+        console.print(f"merging {len(ordered)} parts: {program} {' '.join(argv)}", highlight=False, soft_wrap=True)
+        with merging(MergeParts(states, prompts, first.manifest["fingerprint"], [p.path for p in ordered])):
+            app = analyze_app if program == "analyze" else headlab_app
+            app(args=argv, prog_name=program, standalone_mode=False)
+
+
 class ZooModel(str, Enum):
     backcopy = "backcopy"
     backcopy_nobos = "backcopy-nobos"

@@ -21,6 +21,7 @@ import typer
 
 from headlab.checks import at_least
 from headlab.cli.output import warn
+from headlab.cli.scaling import ScaleArgs, scale_parameters
 from headlab.errors import InputError
 
 PANEL = "Model and placement"
@@ -72,6 +73,7 @@ class ModelArgs:
     kernel: Kernel = Kernel.auto
     runtime: Runtime = Runtime.local
     remote: bool = False
+    scale: ScaleArgs = ScaleArgs()  # --shard, --resume, --checkpoint-every (commands made with scalable=True)
 
     @property
     def kernel_name(self) -> str | None:
@@ -216,18 +218,22 @@ def _from_backend(values: dict) -> None:
 
 def takes_model(model_default: str | None, model_help: str = "alias, tiny-* zoo model, minilm, local folder or hub "
                                                                 "id", *, dtype: str = "auto",
-                device: str = "auto") -> Callable:
-    """Decorator: the command gets the model options and is called with ``model_args=ModelArgs(...)``."""
-    names = [f.name for f in dataclasses.fields(ModelArgs)]
+                device: str = "auto", scalable: bool = False) -> Callable:
+    """Decorator: the command gets the model options and is called with ``model_args=ModelArgs(...)``.
+    ``scalable``: its analysis runs its passes through ``headlab.tally.run_pass``, so it also gets ``--shard``,
+    ``--resume`` and ``--checkpoint-every`` and runs under torchrun."""
+    names = [f.name for f in dataclasses.fields(ModelArgs) if f.name != "scale"]
+    scale_names = [f.name for f in dataclasses.fields(ScaleArgs) if f.name != "scalable"]
 
     def decorate(func: Callable) -> Callable:
         own = [p for name, p in inspect.signature(func, eval_str=True).parameters.items() if name != "model_args"]
-        added = model_parameters(model_default, model_help, dtype, device)
+        added = model_parameters(model_default, model_help, dtype, device) + (scale_parameters() if scalable else [])
 
         @functools.wraps(func)
         def command(**values):
             _from_backend(values)
-            args = ModelArgs(**{name: values.pop(name) for name in names})
+            scale = ScaleArgs(scalable=scalable, **{n: values.pop(n) for n in scale_names if n in values})
+            args = ModelArgs(**{name: values.pop(name) for name in names}, scale=scale)
             return func(**values, model_args=args)
 
         command.__signature__ = inspect.Signature(own + added)

@@ -6,6 +6,8 @@ target), so a bad flag never waits for a model to load; the run is written atomi
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +18,9 @@ from typing import Any
 from headlab.checks import check_positive_tokens
 from headlab.cli.model_args import ModelArgs, Runtime, open_model
 from headlab.cli.output import note, print_written, reported_errors, warn
-from headlab.errors import InputError
+from headlab.cli.scaling import adopt_parts, command_argv, fingerprint_of_parts, plan_scale
+from headlab.errors import HeadlabError, InputError, RunStoreError
+from headlab.partial_runs import write_partial
 from headlab.runs import check_new_run, check_writable, default_run_name, default_runs_dir, runs_dir_flag
 
 # Below this many tokens per prompt, per-prompt statistics (Sink_1, position profiles) describe almost nothing.
@@ -110,17 +114,73 @@ def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs]
                  quiet: bool = False, runtimes: Sequence[Runtime] = (Runtime.local, Runtime.nnsight)) -> None:
     """The skeleton: ``args.check_plain`` and ``prepare(args)`` (the command's checks, inputs and target: no
     torch, so a bad value is reported in about a second) → ``args.resolved`` → load → ``run(loaded, prepared)``
-    under ``--kernel`` → provenance → atomic save → ``show(result, path)``."""
+    under ``--kernel`` and the scale plan (``cli.scaling``: shards, ranks, checkpoints) → provenance → atomic save
+    → ``show(result, path)``. A ``--shard`` job writes a partial run instead; ranks after 0 write nothing."""
     started = time.perf_counter()
     with reported_errors(args.model, advice):
         args.check_plain(command=command, runtimes=runtimes)
+        plan = plan_scale(args.scale, command=command, device_map=args.device_map, remote=args.remote,
+                          runtime=args.runtime.value)
         prepared = prepare(args)
+        if plan.merge is not None:
+            adopt_parts(plan.merge, prepared)
         quiet_hub_progress(quiet)
+        if plan.ranks is not None:
+            from headlab.distributed import rank_device
+
+            args = dataclasses.replace(args, device=rank_device(plan.ranks, args.device))
+            if not plan.ranks.main:
+                os.environ["TQDM_DISABLE"] = "1"  # one set of progress bars: rank 0's
         args = args.resolved()
-        loaded = open_model(args)
-        with args.kernel_in_use():
-            result = run(loaded, prepared)
+        fingerprint = plan.fingerprint(command, args.model, prepared.extra, prepared.texts)
+        if plan.merge is not None and fingerprint_of_parts(plan.merge) != {**fingerprint, "shard": None}:
+            raise RunStoreError("the parts were made with other settings or prompts than this command has now "
+                                "(a prompt file changed?): merge them where they were made")
+        checkpoint = plan.open_checkpoint(prepared.runs_dir, prepared.run_name, fingerprint)
+        for line in plan.notes:
+            note(line)
+        from headlab.tally import ShardDone  # here, not above: importing it imports torch
+
+        try:
+            loaded, result = _run_scaled(args, plan, checkpoint, prepared, run)
+        except ShardDone as done:
+            path = write_partial(prepared.runs_dir, prepared.run_name, pass_name=done.name, states=done.states,
+                                 prompts=prepared.texts,
+                                 record={"command": command, "argv": command_argv(), "model": args.model,
+                                         "fingerprint": fingerprint, "shard": str(plan.shard)})
+            plan.drop_checkpoint()
+            note(f"shard {plan.shard} of pass {done.name!r} written to {path}; when every shard is done: "
+                 f"headlab runs merge <the {plan.shard.count} parts> --out RUNS")
+            return
+        except HeadlabError:
+            plan.drop_checkpoint()  # a refused input: nothing worth resuming
+            raise
+        if not plan.writes:
+            plan.drop_checkpoint()
+            return
         record_provenance(result, loaded, args, prepared)
+        result.provenance = {**result.provenance, "scale": plan.describe()}
         path = result.save(prepared.runs_dir, prepared.run_name)
+        plan.drop_checkpoint()
     show(result, path)
     print_written(path, args.threads_used(), time.perf_counter() - started)
+
+
+def _run_scaled(args: ModelArgs, plan, checkpoint, prepared: Prepared, run: Callable[[Any, Prepared], Any]):
+    """Load and run under the plan's scale; a torchrun rank joins its process group first and leaves it after."""
+    from headlab.tally import scaled
+
+    if plan.ranks is not None:
+        from headlab.distributed import start
+
+        plan.backend = start(plan.ranks, args.device)
+    try:
+        loaded = open_model(args)
+        with args.kernel_in_use(), scaled(plan.scale(checkpoint)):
+            result = run(loaded, prepared)
+        return loaded, result
+    finally:
+        if plan.ranks is not None:
+            from headlab.distributed import stop
+
+            stop()
