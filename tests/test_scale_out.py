@@ -7,7 +7,6 @@ another order), counts and token-level rows exactly.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -40,6 +39,13 @@ from headlab.tally import (
 
 runner = CliRunner()
 SINKS = ["sinks", "--model", "tiny-llama", "--n-prompts", "9", "--batch-size", "2", "--max-tokens", "24", "--quiet"]
+# Each scalable analysis, small: the run of one process is the oracle of its shards, ranks and merges.
+COMMANDS = {
+    "sinks": SINKS,
+    "position-bias": ["position-bias", "--model", "tiny-llama", "--n-prompts", "7", "--batch-size", "2",
+                      "--max-tokens", "32", "--rollout-tokens", "16", "--rollout-prompts", "3", "--retrieval-trials",
+                      "2", "--retrieval-pairs", "3", "--quiet"],
+}
 
 
 class Everything(Mergeable):
@@ -188,32 +194,46 @@ def _same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def whole_sinks(tmp_path_factory):
+def whole_runs(tmp_path_factory):
+    """The run of one process of each command, made once."""
     runs = tmp_path_factory.mktemp("whole")
-    result = runner.invoke(analyze_app, SINKS + ["--out", str(runs), "--name", "whole"])
-    assert result.exit_code == 0, result.output
-    return runs / "whole"
+    made: dict[str, Path] = {}
+
+    def whole(command: str) -> Path:
+        if command not in made:
+            result = runner.invoke(analyze_app, COMMANDS[command] + ["--out", str(runs), "--name", command])
+            assert result.exit_code == 0, result.output
+            made[command] = runs / command
+        return made[command]
+
+    return whole
 
 
-def _shards(tmp_path: Path, n: int, extra: list[str] | None = None) -> list[Path]:
+@pytest.fixture
+def whole_sinks(whole_runs):
+    return whole_runs("sinks")
+
+
+def _shards(tmp_path: Path, n: int, extra: list[str] | None = None, command: str = "sinks") -> list[Path]:
     parts = []
     for k in range(n):
-        result = runner.invoke(analyze_app, SINKS + (extra or []) + ["--shard", f"{k}/{n}", "--out",
-                                                                     str(tmp_path / "parts"), "--name", f"p{k}"])
+        result = runner.invoke(analyze_app, COMMANDS[command] + (extra or []) + [
+            "--shard", f"{k}/{n}", "--out", str(tmp_path / "parts"), "--name", f"p{k}"])
         assert result.exit_code == 0, result.output
         parts.append(tmp_path / "parts" / f"p{k}")
     return parts
 
 
-def test_job_array_shards_merge_into_the_run_of_one_process(tmp_path, whole_sinks):
-    parts = _shards(tmp_path, 3)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_job_array_shards_merge_into_the_run_of_one_process(tmp_path, whole_runs, command):
+    parts = _shards(tmp_path, 3, command=command)
     manifest = json.loads((parts[0] / "manifest.json").read_text())
-    assert manifest["partial"] and manifest["shard"] == "0/3" and manifest["argv"][:2] == ["analyze", "sinks"]
+    assert manifest["partial"] and manifest["shard"] == "0/3" and manifest["argv"][:2] == ["analyze", command]
     assert "--shard" not in manifest["argv"] and "--out" not in manifest["argv"]
     result = runner.invoke(headlab_app, ["runs", "merge", *map(str, parts[::-1]), "--out", str(tmp_path / "runs"),
                                          "--name", "merged"])
     assert result.exit_code == 0, result.output
-    _same_run(whole_sinks, tmp_path / "runs" / "merged")
+    _same_run(whole_runs(command), tmp_path / "runs" / "merged")
     scale = json.loads((tmp_path / "runs" / "merged" / "manifest.json").read_text())["provenance"]["scale"]
     assert scale["mode"] == "merged" and scale["parts"] == 3
 
@@ -324,18 +344,18 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, whole_sinks):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, whole_sinks):
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, whole_runs, command):
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                 str(29400 + os.getpid() % 500)]
     analyze = Path(sys.executable).parent / "analyze"
-    done = subprocess.run([*torchrun, str(analyze), *SINKS, "--out", str(runs), "--name", "ranks"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*torchrun, str(analyze), *COMMANDS[command], "--out", str(runs), "--name", "ranks"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run written to") == 1  # rank 0 writes and prints; rank 1 is silent
-    _same_run(whole_sinks, runs / "ranks")
+    _same_run(whole_runs(command), runs / "ranks")
     scale = json.loads((runs / "ranks" / "manifest.json").read_text())["provenance"]["scale"]
     assert scale == {"mode": "ranks", "world_size": 2, "backend": "gloo"}
     assert sorted(p.name for p in runs.iterdir()) == ["ranks"]  # no checkpoint folder of either rank is left
-    assert math.isfinite(Result.load(runs / "ranks").summary["sink_1_pct"])

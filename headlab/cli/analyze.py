@@ -128,7 +128,7 @@ def fit_generation(loaded, texts: list[str], max_tokens: int, generate: int, cha
     return needed
 
 
-@takes_model(DEFAULT_MODEL)
+@takes_model(DEFAULT_MODEL, scalable=True)
 def position_bias(
     prompts: str = options.PROMPTS,
     n_prompts: int = options.N_PROMPTS,

@@ -107,10 +107,10 @@ class ScalePlan:
     def fingerprint(self, command: str, model: str, config: Any, texts: list[str] | None) -> dict:
         """What a checkpoint must match to be resumed (and a partial run to be merged)."""
         from headlab.prompts import hash_inputs
-        from headlab.result import to_json_safe
 
-        config_dict = dataclass_dict(config)
-        return {"command": command, "model": model, "config": to_json_safe(config_dict),
+        # str for what JSON cannot hold (an image, a path): the fingerprint only has to tell settings apart
+        config_json = json.loads(json.dumps(dataclass_dict(config), default=str))
+        return {"command": command, "model": model, "config": config_json,
                 "input_hash": hash_inputs(texts) if texts is not None else None,
                 "shard": str(self.shard) if self.shard is not None else None}
 
@@ -213,7 +213,7 @@ def plan_scale(args: ScaleArgs, *, command: str, device_map: Any, remote: bool, 
             what = "--shard" if args.shard is not None else "--resume" if args.resume else "torchrun (several ranks)"
             raise InputError(f"`{command}` does not run in parts: drop {what} (docs/scale.md lists the analyses "
                              "that do)")
-        return ScalePlan()
+        return ScalePlan(checkpoint_every=0)
     if args.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be 0 (never) or a number of batches, got {args.checkpoint_every}")
     plan = ScalePlan(resume=args.resume, checkpoint_every=args.checkpoint_every)

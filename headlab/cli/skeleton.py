@@ -132,11 +132,12 @@ def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs]
             if not plan.ranks.main:
                 os.environ["TQDM_DISABLE"] = "1"  # one set of progress bars: rank 0's
         args = args.resolved()
-        fingerprint = plan.fingerprint(command, args.model, prepared.extra, prepared.texts)
+        fingerprint = plan.fingerprint(command, args.model, prepared.extra, prepared.texts) if args.scale.scalable \
+            else None
         if plan.merge is not None and fingerprint_of_parts(plan.merge) != {**fingerprint, "shard": None}:
             raise RunStoreError("the parts were made with other settings or prompts than this command has now "
                                 "(a prompt file changed?): merge them where they were made")
-        checkpoint = plan.open_checkpoint(prepared.runs_dir, prepared.run_name, fingerprint)
+        checkpoint = plan.open_checkpoint(prepared.runs_dir, prepared.run_name, fingerprint) if fingerprint else None
         for line in plan.notes:
             note(line)
         from headlab.tally import ShardDone  # here, not above: importing it imports torch
