@@ -100,6 +100,10 @@ def discover_runs(runs_dir: Path) -> RunListing:
             continue
         try:
             manifest = read_manifest(entry)
+            if manifest.get("partial"):
+                broken.append(BrokenRun(entry.name, f"a part (shard {manifest.get('shard')}) of a run split with "
+                                                    "--shard: `headlab runs merge` joins the parts into the run"))
+                continue
             _check_files(entry, manifest)
         except RunStoreError as err:
             broken.append(BrokenRun(entry.name, str(err)))

@@ -238,6 +238,17 @@ def test_job_array_shards_merge_into_the_run_of_one_process(tmp_path, whole_runs
     assert scale["mode"] == "merged" and scale["parts"] == 3
 
 
+def test_the_dashboard_lists_a_part_as_a_part_not_as_a_run(tmp_path):
+    from headlab.dashboard.discovery import discover_runs
+
+    parts = _shards(tmp_path, 2)
+    listing = discover_runs(parts[0].parent)
+    assert listing.runs == []
+    reasons = {b.name: b.reason for b in listing.broken}
+    assert sorted(reasons) == ["p0", "p1"]
+    assert "shard 0/2" in reasons["p0"] and "shard 1/2" in reasons["p1"] and "runs merge" in reasons["p1"]
+
+
 def test_merge_refuses_parts_that_do_not_make_one_run(tmp_path, whole_sinks):
     parts = _shards(tmp_path, 3)
     other = _shards(tmp_path / "other", 3, ["--eps", "0.2"])
