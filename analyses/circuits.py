@@ -10,16 +10,24 @@ writes a circuit in the EAP-IG / MIB graph JSON.
 Cost is counted in passes (forward passes over a task's prompts): clean runs 2, attribution ~4, path
 ~0.075 x (heads + 1) more, role tags 3 on at most 16 prompts, the ablation test ``draws + 3``, most of
 a default run. Each phase has a bar; each task's estimate is logged once its clean runs are timed.
+
+Scale (``headlab.tally``): the run is two passes. ``scores``: every task's clean runs (one unit per prompt
+chunk), attribution patching (one per chunk) and, with ``method="path"``, path patching (one per prompt chunk x
+sender group): the cost of a run, split over ranks and job-array shards alike. ``ablation``: one unit per
+mean-ablation run of every task (each random draw, the clean model, the circuit); it depends on the circuits, so
+it runs after the scores are merged: split over ranks, whole in a job array's merge. The role tags (3 passes on
+at most 16 prompts) stay a plain loop between them. Every split gives the tables of one run.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -30,16 +38,20 @@ from headlab.analyses.configs import CircuitsConfig
 from headlab.errors import InputError
 from headlab.interventions import HeadMeanAblate, intervene
 from headlab.result import Result
+from headlab.tally import Mergeable, Pass, run_pass, tally
 
 from .circuit_roles import ROLE_PASSES, tag_roles
 from .circuit_tasks import TaskBatch, make_task, tokenize_task
 from .path_patching import (
+    AttributionPatching,
+    Filled,
     Head,
+    Runs,
+    SenderPatching,
     all_heads,
-    attribution_patching,
+    clean_and_cf,
     final_logits,
     logit_diff,
-    path_patching,
     z_names,
 )
 
@@ -144,33 +156,142 @@ def ablation_passes(draws: int) -> int:
     return draws + 3
 
 
+class AblationRuns:
+    """``ablation_test`` of one task as units of work: unit ``i`` is one mean LD over the task's prompts, with
+    the ``i``-th of ``draws`` random head sets mean-ablated, then (``i = draws``) the clean model, then the
+    circuit. The random sets are drawn here, from ``seed`` alone, so they do not depend on which units run in
+    this process. The mean z (the ablation value) is computed by the first unit that runs in this process
+    (one pass over the prompts, the same in every process). Accumulator ``lds``: ``[draws + 2]`` float64.
+
+    ``tick``: called after the mean z and after each unit (``ablation_passes(draws)`` calls in a whole run)."""
+
+    def __init__(self, loaded, batch: TaskBatch, circuit: Sequence[Head], draws: int = 20, seed: int = 0,
+                 batch_size: int = 32, tick: Callable[[], object] | None = None):
+        self.loaded, self.batch, self.batch_size, self.draws = loaded, batch, batch_size, draws
+        self.tick = tick or (lambda: None)
+        self.circuit = [tuple(h) for h in circuit]
+        rng = random.Random(seed)
+        heads = all_heads(loaded.arch)
+        # None: the clean model (no head ablated)
+        self.sets: list[list[Head] | None] = [rng.sample(heads, len(self.circuit)) for _ in range(draws)]
+        self.sets += [None, self.circuit]
+        self.n_units = len(self.sets)
+        # float64: mean_ld is a Python float, kept exactly
+        self.lds = Filled(self.n_units, (), self.n_units, dtype=torch.float64)
+        self._means: dict[Head, torch.Tensor] | None = None
+
+    def as_pass(self, name: str = "ablation") -> Pass:
+        return Pass(name, self.n_units, self.step, {"lds": self.lds})
+
+    def step(self, unit: int) -> None:
+        if self._means is None:
+            self._means = mean_z(self.loaded, self.batch, self.batch_size)
+            self.tick()
+        chosen = self.sets[unit]
+        edits = () if chosen is None else [HeadMeanAblate(chosen, mean={h: self._means[h] for h in chosen})]
+        self.lds.put(unit, unit, mean_ld(self.loaded, self.batch, edits, self.batch_size))
+        self.tick()
+        if unit + 1 == self.n_units:
+            self._means = None  # the last unit: nothing more reads them
+
+    def result(self) -> dict:
+        """The table row of ``ablation_test``, once every unit ran (or was merged in)."""
+        lds = [float(x) for x in self.lds.complete()]
+        random_lds, clean, ld_circuit = lds[:self.draws], lds[self.draws], lds[self.draws + 1]
+        drops = torch.tensor([clean - x for x in random_lds])
+        draws = self.draws
+        return {"ld_clean": clean, "ld_circuit_ablated": ld_circuit, "drop_circuit": clean - ld_circuit,
+                "drop_random_mean": float(drops.mean()), "drop_random_std": float(drops.std()) if draws > 1 else 0.0,
+                "drop_random_max": float(drops.max()), "draws": draws,
+                "random_at_least_circuit": int((drops >= clean - ld_circuit).sum())}
+
+
 def ablation_test(loaded, batch: TaskBatch, circuit: Sequence[Head], draws: int = 20, seed: int = 0,
                   batch_size: int = 32, step: Callable[[], object] | None = None) -> dict:
     """Mean LD of the clean model, with the circuit mean-ablated, and with ``draws`` random head sets
     of the same size mean-ablated (means over the task's clean prompts, every position).
 
-    ``step``: called after each of the ``ablation_passes(draws)`` passes over the prompts (a progress bar)."""
-    step = step or (lambda: None)
-    means = mean_z(loaded, batch, batch_size)
-    step()
-    heads = all_heads(loaded.arch)
-    circuit = [tuple(h) for h in circuit]
+    ``step``: called after each of the ``ablation_passes(draws)`` passes over the prompts (a progress bar).
+    Every unit runs here, whatever the caller's ``Scale``."""
+    work = AblationRuns(loaded, batch, circuit, draws, seed, batch_size, step)
+    tally(work.as_pass())
+    return work.result()
 
-    def ablated(chosen: list[Head]) -> float:
-        ld = mean_ld(loaded, batch, [HeadMeanAblate(chosen, mean={h: means[h] for h in chosen})], batch_size)
-        step()
-        return ld
 
-    rng = random.Random(seed)
-    random_lds = [ablated(rng.sample(heads, len(circuit))) for _ in range(draws)]
-    clean = mean_ld(loaded, batch, (), batch_size)
-    step()
-    ld_circuit = ablated(circuit)
-    drops = torch.tensor([clean - x for x in random_lds])
-    return {"ld_clean": clean, "ld_circuit_ablated": ld_circuit, "drop_circuit": clean - ld_circuit,
-            "drop_random_mean": float(drops.mean()), "drop_random_std": float(drops.std()) if draws > 1 else 0.0,
-            "drop_random_max": float(drops.max()), "draws": draws,
-            "random_at_least_circuit": int((drops >= clean - ld_circuit).sum())}
+class CleanRuns(Mergeable):
+    """Per prompt chunk (one entry each, in prompt order): LD of the clean and of the counterfactual run
+    ``[chunk]``, and whether the answer is the clean model's argmax ``[chunk]`` bool."""
+
+    merging = {"ld_clean": "rows", "ld_cf": "rows", "top1": "rows"}
+
+    def __init__(self) -> None:
+        self.ld_clean: list[torch.Tensor] = []
+        self.ld_cf: list[torch.Tensor] = []
+        self.top1: list[torch.Tensor] = []
+
+    def add(self, runs: Runs) -> None:
+        self.ld_clean.append(runs.ld_clean.cpu())
+        self.ld_cf.append(runs.ld_cf.cpu())
+        self.top1.append(runs.top1.cpu())
+
+
+@dataclass
+class _Segment:
+    """Units ``[start, start + n_units)`` of a combined pass: one phase of one task, with its bar."""
+
+    start: int
+    n_units: int
+    step: Callable[[int], None]  # of the segment's own unit index
+    open_phase: Callable[[], _Phase]
+    finish: Callable[[_Phase, int], None] | None = None  # after its last unit: (phase, units run here)
+    tick: bool = True  # one bar step per unit (False: the work steps the bar itself, see ``AblationRuns``)
+    phase: _Phase | None = None
+    ran: int = 0
+
+    def step_bar(self) -> None:
+        if self.phase is not None:
+            self.phase.step()
+
+
+class _Units:
+    """Several phases' units as one pass: unit ``u`` is unit ``u - start`` of the segment holding it. A phase's
+    bar opens at its first unit run in this process and closes after its last (or when the pass ends: a shard
+    may stop inside a phase)."""
+
+    def __init__(self) -> None:
+        self.segments: list[_Segment] = []
+        self.n_units = 0
+
+    def add(self, n_units: int, step: Callable[[int], None], open_phase: Callable[[], _Phase],
+            finish: Callable[[_Phase, int], None] | None = None, tick: bool = True) -> _Segment:
+        segment = _Segment(self.n_units, n_units, step, open_phase, finish, tick)
+        if n_units:
+            self.segments.append(segment)
+        self.n_units += n_units
+        return segment
+
+    def step(self, unit: int) -> None:
+        index = bisect.bisect_right([s.start for s in self.segments], unit) - 1
+        segment = self.segments[index]
+        if segment.phase is None:
+            segment.phase = segment.open_phase()
+        segment.step(unit - segment.start)
+        segment.ran += 1
+        if segment.tick:
+            segment.step_bar()
+        if unit + 1 == segment.start + segment.n_units:
+            phase, segment.phase = segment.phase, None
+            if segment.finish is not None:
+                segment.finish(phase, segment.ran)
+            else:
+                phase.close()
+
+    def close(self) -> None:
+        """Close the bars a shard left open."""
+        for segment in self.segments:
+            if segment.phase is not None:
+                segment.phase.close()
+                segment.phase = None
 
 
 # Rough cost of the scores in forward passes over a task's prompts, which turns the time of the clean runs into an
@@ -252,32 +373,58 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
         batches[task.name] = tokenize_task(loaded, task)
     clean_rows, score_rows, circuit_rows, ablation_rows, agreement_rows, role_tables = [], [], [], [], [], []
     tensors, figures, circuits = {}, {}, {}
-    from .path_patching import clean_and_cf
+    n_heads = loaded.arch.n_layers * loaded.arch.n_heads
 
+    # Pass 1, "scores": per task its clean runs, attribution and (path) path patching units, in that order.
+    units, accumulators, works = _Units(), {}, {}
     for name, batch in batches.items():
-        ld, ld_cf, top1 = [], [], []
         chunks = batch.chunks(config.batch_size)
-        phase = _Phase(f"clean runs {name}", len(chunks), progress)
-        for part in chunks:
-            runs = clean_and_cf(loaded, part)
-            ld.append(runs.ld_clean)
-            ld_cf.append(runs.ld_cf)
-            top1.append(runs.top1)
-            phase.step()
-        seconds = phase.close()
-        if log is not None:  # two passes (clean and counterfactual) over the prompts: the unit of the estimate
-            log(task_estimate(batch, seconds / 2, config, loaded.arch.n_layers * loaded.arch.n_heads))
-        ld, ld_cf, top1 = torch.cat(ld), torch.cat(ld_cf), torch.cat(top1)
+        clean = CleanRuns()
+        attribution = AttributionPatching(loaded, batch, config.batch_size)
+        path = SenderPatching(loaded, batch, all_heads(loaded.arch), path=True, batch_size=config.batch_size,
+                              senders_per_pass=config.senders_per_pass) if config.method == "path" else None
+        works[name] = (clean, attribution, path)
+        accumulators[f"{name}.clean"] = clean
+        accumulators.update({f"{name}.attribution.{k}": v for k, v in attribution.accumulators.items()})
+        if path is not None:
+            accumulators.update({f"{name}.path.{k}": v for k, v in path.accumulators.items()})
+
+        def clean_step(c: int, chunks=chunks, clean=clean) -> None:
+            clean.add(clean_and_cf(loaded, chunks[c]))
+
+        def timed(phase: _Phase, ran: int, batch=batch, n_chunks=len(chunks)) -> None:
+            seconds = phase.close()
+            if log is not None and ran:  # two passes (clean and counterfactual) over the prompts: the estimate's
+                # unit; a shard that ran part of the chunks scales its time to all of them
+                log(task_estimate(batch, seconds / 2 * (n_chunks / ran), config, n_heads))
+
+        units.add(len(chunks), clean_step, lambda name=name, n=len(chunks): _Phase(f"clean runs {name}", n, progress),
+                  timed)
+        units.add(attribution.n_units, attribution.step,
+                  lambda name=name, n=attribution.n_units: _Phase(f"attribution patching {name}", n, progress))
+        if path is not None:
+            units.add(path.n_units, path.step,
+                      lambda name=name, n=path.n_units: _Phase(f"path patching {name}", n, progress))
+    try:
+        run_pass(Pass("scores", units.n_units, units.step, accumulators))
+    finally:
+        units.close()
+        for _, _, path in works.values():
+            if path is not None:
+                path.release()  # a shard's last chunk's prefix cache
+
+    ablations = {}
+    for name, batch in batches.items():
+        clean, attribution_work, path = works[name]
+        ld, ld_cf, top1 = torch.cat(clean.ld_clean), torch.cat(clean.ld_cf), torch.cat(clean.top1)
         clean_rows.append({"task": name, "n": len(batch), "accuracy": float((ld > 0).float().mean()),
                            "top1": float(top1.float().mean()), "ld_clean": float(ld.mean()),
                            "ld_cf": float(ld_cf.mean())})
-        attribution = attribution_patching(loaded, batch, config.batch_size, progress)
-        if config.method == "attribution":
+        attribution = attribution_work.scores()
+        if path is None:
             scores = attribution
         else:
-            flat = path_patching(loaded, batch, batch_size=config.batch_size,
-                                 senders_per_pass=config.senders_per_pass, progress=progress)
-            scores = flat.view(loaded.arch.n_layers, loaded.arch.n_heads)
+            scores = path.scores().view(loaded.arch.n_layers, loaded.arch.n_heads)
             tensors[f"attribution.{name}"] = attribution
             agreement_rows.append({"task": name, "spearman_attribution_path": spearman(attribution, scores),
                                    "top_shared": len(set(top_heads(attribution, config.top))
@@ -297,12 +444,27 @@ def analyze_circuits(loaded, config: CircuitsConfig | None = None, progress: boo
             phase = _Phase(f"role tags {name}", ROLE_PASSES, progress)
             role_tables.append(tag_roles(loaded, batch, circuit + negative, scores, step=phase.step))
             phase.close()
-        if config.draws:
-            phase = _Phase(f"ablation test {name}", ablation_passes(config.draws), progress, log,
-                           "--draws sets the number of random head sets, --draws 0 skips the test")
-            ablation_rows.append({"task": name, **ablation_test(loaded, batch, circuit, config.draws, config.seed,
-                                                                config.batch_size, phase.step)})
-            phase.close()
+
+    # Pass 2, "ablation": every task's mean-ablation runs (they need the circuits, so they come after the scores).
+    if config.draws:
+        units = _Units()
+        for name, batch in batches.items():
+            holder: list[_Segment] = []  # this task's segment, made after its work: the work steps the bar itself
+            work = AblationRuns(loaded, batch, circuits[name], config.draws, config.seed, config.batch_size,
+                                lambda holder=holder: holder[0].step_bar())
+            ablations[name] = work
+
+            def open_phase(name=name) -> _Phase:
+                return _Phase(f"ablation test {name}", ablation_passes(config.draws), progress, log,
+                              "--draws sets the number of random head sets, --draws 0 skips the test")
+
+            holder.append(units.add(work.n_units, work.step, open_phase, tick=False))
+        try:
+            run_pass(Pass("ablation", units.n_units, units.step,
+                          {f"{name}.lds": work.lds for name, work in ablations.items()}))
+        finally:
+            units.close()
+        ablation_rows = [{"task": name, **work.result()} for name, work in ablations.items()]
     overlap_rows = []
     names = list(circuits)
     for i, a in enumerate(names):

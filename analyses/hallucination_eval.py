@@ -14,6 +14,13 @@ POPE reads ``pope_{split}.jsonl`` or the POPE repository's ``coco_pope_{split}.j
 ``{question_id, image, text, label}``). An annotated CHAIR image missing on disk is refused unless
 ``allow_missing_images`` (then the run lists the missing ones). Below ``MIN_CI_N`` images or questions per
 split the report shows the CIs but gives no verdict on them, and the run carries a warning.
+
+Scale (``headlab.tally``): the generation is one pass, ``generate``, whose units are (run, batch of images or
+questions) pairs, run by run; each unit's captions or answers (and T-VHD rows) are ``rows``, so a sharded, ranked
+or resumed run holds the outputs of one run, and the metrics, bootstrap CIs (seeded by ``seed`` alone) and
+tables are computed from them after the merge. A batch's generation depends on that batch only (the random
+controls draw from a seed and the batch); VAR, which finds its sink dimensions on its first batch, is shown that
+batch first in a process that starts later in its run.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from headlab.errors import InputError
+from headlab.errors import InputError, RunStoreError
+
+if TYPE_CHECKING:
+    from headlab.tally import Pass
 
 BENCHES = ("chair", "pope")
 SPLITS = ("random", "popular", "adversarial")
@@ -305,25 +316,151 @@ def analyze_hallucination(loaded, data: Path, config: HallucinationConfig | None
     if warn is not None:
         for line in sample.warnings:
             warn(line)
+    from headlab.tally import run_pass
+
     bar = tqdm(total=len(jobs) * len(runs), desc="generating", unit="sample", disable=not progress)
-    outputs: dict[str, list[str]] = {}
-    described: dict[str, dict] = {}
-    token_rows: list[dict] = []
-    for label, name, control in runs:
-        method = config.make(name, control)
-        bar.set_postfix_str(label)
-        rows = [] if config.t_vhd and config.bench == "chair" else None
-        outputs[label] = generate_all(loaded, jobs, method, batch_size=config.batch_size,
-                                      max_new_tokens=config.new_tokens, progress=bar.update, token_rows=rows)
-        token_rows += [{"method": label, **row} for row in rows or []]
-        described[label] = method.settings()
-    bar.close()
+    generation = Generation(loaded, jobs, runs, config)
+    try:
+        run_pass(generation.as_pass(), on_unit=lambda unit: _advance(bar, generation, unit))
+    finally:
+        bar.close()
+    outputs, described, token_rows = generation.texts(), generation.described(), generation.records.token_rows
     if config.bench == "chair":
         result = _chair_result(loaded, data, config, images, outputs, described, sample)
         if token_rows:
             result.tables["t_vhd"] = pd.DataFrame(token_rows)
         return result
     return _pope_result(loaded, config, questions, outputs, described, sample)
+
+
+class Outputs:
+    """Per generated batch, in job order: ``texts``, one row per (image, prompt) ``{"run", "job", "text"}``;
+    ``token_rows``, the T-VHD rows (``--t-vhd``); ``settings``, each run's settings once per process that ran
+    it (``{"run", "settings"}``: what VAR found on its first batch is among them).
+
+    A ``headlab.tally.Mergeable`` by its protocol, not by inheritance: tally imports torch, and the CLI imports
+    this module to check its inputs before any model (or torch) loads."""
+
+    merging = {"texts": "rows", "token_rows": "rows", "settings": "rows"}
+
+    def __init__(self) -> None:
+        self.texts: list[dict[str, Any]] = []
+        self.token_rows: list[dict[str, Any]] = []
+        self.settings: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        from headlab.tally import Mergeable
+
+        return Mergeable.state_dict(self)  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from headlab.tally import Mergeable
+
+        Mergeable.load_state_dict(self, state)  # type: ignore[arg-type]
+
+    def merge(self, state: dict[str, Any]) -> None:
+        from headlab.tally import Mergeable
+
+        Mergeable.merge(self, state)  # type: ignore[arg-type]
+
+
+class Generation:
+    """Every run's generation on ``jobs`` as units: unit ``u`` generates batch ``u % n_batches`` (``batch_size``
+    jobs) under run ``u // n_batches`` of ``runs`` (``(label, method, control)``, as ``config.labels()``), into
+    ``records`` (an ``Outputs``). Each process makes its own method objects."""
+
+    def __init__(self, loaded, jobs: Sequence[tuple[Path, str]], runs: Sequence[tuple[str, str, bool]],
+                 config: HallucinationConfig):
+        self.loaded, self.jobs, self.runs, self.config = loaded, list(jobs), list(runs), config
+        self.n_batches = -(-len(self.jobs) // config.batch_size)
+        self.n_units = len(self.runs) * self.n_batches
+        self.records = Outputs()
+        self.methods: dict[str, Any] = {}  # label -> the method object of this process
+        self.t_vhd = config.t_vhd and config.bench == "chair"
+
+    def as_pass(self) -> Pass:
+        """The pass ``generate``."""
+        from headlab.tally import Pass
+
+        return Pass("generate", self.n_units, self.step, {"outputs": self.records})
+
+    def label(self, unit: int) -> str:
+        return self.runs[unit // self.n_batches][0]
+
+    def batch(self, b: int) -> list[tuple[Path, str]]:
+        return self.jobs[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+
+    def _method(self, r: int, b: int):
+        """Run ``r``'s method object, made on its first unit in this process; a method that learns from its
+        first batch (VAR's sink dimensions, when not given) is shown batch 0 first when this process starts
+        later in the run, so every batch is generated as in one run."""
+        label, name, control = self.runs[r]
+        if label not in self.methods:
+            method = self.config.make(name, control)
+            if b > 0:
+                _first_batch(self.loaded, method, self.batch(0), self.config)
+            self.methods[label] = method
+            return method, True
+        return self.methods[label], False
+
+    def step(self, unit: int) -> None:
+        r, b = divmod(unit, self.n_batches)
+        label = self.runs[r][0]
+        method, first = self._method(r, b)
+        chunk = self.batch(b)
+        rows: list[dict] | None = [] if self.t_vhd else None
+        texts = generate_all(self.loaded, chunk, method, batch_size=self.config.batch_size,
+                             max_new_tokens=self.config.new_tokens, token_rows=rows)
+        start = b * self.config.batch_size
+        self.records.texts += [{"run": label, "job": start + i, "text": text} for i, text in enumerate(texts)]
+        self.records.token_rows += [{"method": label, **row} for row in rows or []]
+        if first or b == 0:  # the settings once this process's method has seen its first batch
+            self.records.settings.append({"run": label, "settings": method.settings()})
+
+    def texts(self) -> dict[str, list[str]]:
+        """label -> one text per job, in job order (``RunStoreError`` when a merge lacks a shard's units)."""
+        out: dict[str, list[str]] = {label: [] for label, _, _ in self.runs}
+        for row in self.records.texts:
+            out[row["run"]].append(row["text"])
+        for label in out:
+            jobs = [row["job"] for row in self.records.texts if row["run"] == label]
+            if jobs != list(range(len(self.jobs))):
+                raise RunStoreError(f"the merged generations of {label} hold {len(jobs)} of {len(self.jobs)} "
+                                    "outputs, or not in order: merge the states of every shard, in shard order")
+        return out
+
+    def described(self) -> dict[str, dict]:
+        """label -> the method's settings (after its first batch), in run order. Every process that ran a method
+        recorded them; they must agree (settings that depend on which batches a process saw would make the
+        merged outputs those of no single run)."""
+        found: dict[str, dict] = {}
+        for row in self.records.settings:
+            first = found.setdefault(row["run"], row["settings"])
+            if first != row["settings"]:
+                raise RunStoreError(f"the shards ran {row['run']} with different settings ({first} and "
+                                    f"{row['settings']}): it learns from the batches it sees, and the shards "
+                                    "saw different ones")
+        return {label: found[label] for label, _, _ in self.runs}
+
+
+def _first_batch(loaded, method, chunk: Sequence[tuple[Path, str]], config: HallucinationConfig) -> None:
+    """Let ``method`` learn what it learns from its first batch (VAR: the sink dimensions of the model, when
+    ``dims`` is not given) without generating on it: the same inputs ``generate_fixed`` builds for that batch."""
+    if not hasattr(method, "sink_dims") or getattr(method, "dims", None) is not None:
+        return  # every other method draws only from its seed and the batch at hand
+    from headlab.lvlm import LvlmSample, build_inputs, load_image
+
+    from .lvlm_fixes import FixContext
+
+    samples = [LvlmSample(prompt, [load_image(image)]) for image, prompt in chunk]
+    inputs = build_inputs(loaded, samples, padding_side="left").to(loaded.device)
+    method.sink_dims(FixContext(loaded, samples, inputs))
+
+
+def _advance(bar, generation: Generation, unit: int) -> None:
+    """One generated batch on the bar, named by its run."""
+    bar.set_postfix_str(generation.label(unit))
+    bar.update(len(generation.batch(unit % generation.n_batches)))
 
 
 def _rows_with_ci(label: str, metric: str, value: float, ci: Sequence[float], delta: dict | None,

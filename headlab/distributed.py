@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from headlab.tally import Scale, Shard, State
+from headlab.shards import Shard
+
+if TYPE_CHECKING:
+    from headlab.tally import Scale, State
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ def exchange(state: dict[str, State]) -> list[dict[str, State]]:
 
 
 def ranks_scale(ranks: Ranks, checkpoint=None) -> Scale:
+    from headlab.tally import Scale
+
     return Scale(mode="ranks", shard=ranks.shard, checkpoint=checkpoint, exchange=exchange)
 
 

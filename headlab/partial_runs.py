@@ -47,7 +47,7 @@ def write_partial(runs_dir: Path, name: str, *, pass_name: str, states: dict, re
 def read_part(path: Path) -> Part:
     """One partial run's manifest (refusing complete runs and anything else)."""
     from headlab.runs import read_manifest
-    from headlab.tally import Shard
+    from headlab.shards import Shard
 
     path = Path(path)
     if not (path / MANIFEST).is_file():

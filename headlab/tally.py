@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from headlab.errors import InputError, RunStoreError
+from headlab.errors import RunStoreError
+from headlab.shards import Shard
 
 State = dict[str, Any]
 
@@ -129,45 +129,6 @@ def _equal(a, b) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shards
-
-
-SHARD_SPEC = re.compile(r"^(\d+)/(\d+)$")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Part ``index`` of ``count`` (0-based): a contiguous block of the units, so that concatenating the shards'
-    rows in shard order gives the rows of one run in input order."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str, flag: str = "--shard") -> Shard:
-        """``"i/n"`` with 0 <= i < n."""
-        match = SHARD_SPEC.match(text.strip())
-        if not match:
-            raise InputError(f"{flag} {text!r} is not of the form i/n (shard i of n, counting from 0): e.g. "
-                             f"{flag} 0/4 … {flag} 3/4")
-        index, count = int(match[1]), int(match[2])
-        if count < 1 or index >= count:
-            raise InputError(f"{flag} {text}: i must be in 0 … n-1 and n at least 1, e.g. {flag} 0/{max(count, 2)}")
-        return cls(index, count)
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    def units(self, n_units: int) -> range:
-        """This shard's units of ``n_units``: shard i gets ``[i·n/c, (i+1)·n/c)`` (sizes differ by at most one)."""
-        return range(self.index * n_units // self.count, (self.index + 1) * n_units // self.count)
-
-    @property
-    def whole(self) -> bool:
-        return self.count == 1
-
-
-# ---------------------------------------------------------------------------------------------
 # The driver
 
 
@@ -199,6 +160,7 @@ class Checkpoint:
 
     folder: Path
     every: int = 20
+    create: Callable[[], None] | None = None  # called once, before the first save (makes and claims the folder)
 
     def load(self, name: str) -> tuple[int, dict[str, State]] | None:
         folder = self.folder / name
@@ -208,6 +170,9 @@ class Checkpoint:
         return int(meta["done"]), states
 
     def save(self, name: str, done: int, states: dict[str, State]) -> None:
+        if self.create is not None:
+            self.create()
+            self.create = None
         save_states(self.folder / name, states, {"done": done})
 
 

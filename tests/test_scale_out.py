@@ -193,8 +193,42 @@ def _same_run(a: Path, b: Path) -> None:
     assert x.prompts == y.prompts and x.input_hash == y.input_hash
 
 
+def _circuit_task(folder: Path, name: str, where: int) -> Path:
+    """Byte-level prompts for tiny-llama's tokenizer: the letter at ``where`` differs, the answer is that letter."""
+    from headlab.analyses.circuit_tasks import CircuitExample, CircuitTask, write_jsonl
+
+    letters = "abcdefgh"
+    examples = []
+    for i in range(6):
+        a, b = letters[i], letters[(i + 3) % 8]
+        clean, cf = list("xyzw"), list("xyzw")
+        clean[where], cf[where] = a, b
+        examples.append(CircuitExample("".join(clean), a, "".join(cf), b))
+    path = folder / f"{name}.jsonl"
+    write_jsonl(CircuitTask(name, examples), path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lvlm_and_circuit_commands(tmp_path_factory):
+    """circuits (path patching, two tasks, the ablation test) and hallucination (CHAIR with controls) need files."""
+    from headlab.training import lvlm_data as D
+
+    folder = tmp_path_factory.mktemp("inputs")
+    tasks = f"{_circuit_task(folder, 'first', 0)},{_circuit_task(folder, 'second', 1)}"
+    D.write_dataset(folder / "set", D.eval_scenes("weak", 5))
+    COMMANDS["circuits"] = ["circuits", "--model", "tiny-llama", "--tasks", tasks, "--n", "6", "--top", "0.25",
+                            "--method", "path", "--draws", "3", "--batch-size", "4", "--senders-per-pass", "5",
+                            "--quiet"]
+    COMMANDS["hallucination"] = ["hallucination", "--model", "tiny-llava", "--bench", "chair", "--data",
+                                 str(folder / "set"), "--methods", "none,pai", "--controls", "--n", "5",
+                                 "--batch-size", "2", "--resamples", "50", "--max-new-tokens", "6", "--quiet"]
+    yield
+    del COMMANDS["circuits"], COMMANDS["hallucination"]
+
+
 @pytest.fixture(scope="module")
-def whole_runs(tmp_path_factory):
+def whole_runs(tmp_path_factory, lvlm_and_circuit_commands):
     """The run of one process of each command, made once."""
     runs = tmp_path_factory.mktemp("whole")
     made: dict[str, Path] = {}
@@ -224,7 +258,10 @@ def _shards(tmp_path: Path, n: int, extra: list[str] | None = None, command: str
     return parts
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+SCALABLE = ["sinks", "position-bias", "circuits", "hallucination"]
+
+
+@pytest.mark.parametrize("command", SCALABLE)
 def test_job_array_shards_merge_into_the_run_of_one_process(tmp_path, whole_runs, command):
     parts = _shards(tmp_path, 3, command=command)
     manifest = json.loads((parts[0] / "manifest.json").read_text())
@@ -275,6 +312,12 @@ def test_bad_scale_options_are_refused_before_the_model_loads(tmp_path, monkeypa
     assert result.exit_code == 2 and "--shard 4/4" in result.output
     result = runner.invoke(analyze_app, SINKS + out + ["--checkpoint-every", "-1"])
     assert result.exit_code == 2 and "--checkpoint-every" in result.output
+    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "0"])
+    assert result.exit_code == 2 and "--nproc must be at least 1" in result.output
+    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2", "--shard", "0/2"])
+    assert result.exit_code == 2 and "split the inputs twice" in result.output
+    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2", "--device-map", "auto"])
+    assert result.exit_code == 2 and "own replica" in result.output
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = runner.invoke(analyze_app, SINKS + out + ["--shard", "0/2"])
@@ -283,6 +326,8 @@ def test_bad_scale_options_are_refused_before_the_model_loads(tmp_path, monkeypa
     assert result.exit_code == 2 and "own replica" in result.output
     result = runner.invoke(analyze_app, SINKS + out + ["--runtime", "nnsight"])
     assert result.exit_code == 2 and "torchrun ranks" in result.output
+    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2"])
+    assert result.exit_code == 2 and "ranks of ranks" in result.output
     assert not (tmp_path / "runs").exists()
 
 
@@ -342,7 +387,10 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, whole_sinks):
     runs = tmp_path / "runs"
     plan = plan_scale(ScaleArgs(scalable=True), command="analyze sinks", device_map=None, remote=False,
                       runtime="local")
-    plan.open_checkpoint(runs, "old", plan.fingerprint("analyze sinks", "tiny-llama", {"eps": 0.2}, ["a"]))
+    checkpoint = plan.open_checkpoint(runs, "old", plan.fingerprint("analyze sinks", "tiny-llama", {"eps": 0.2},
+                                                                     ["a"]))
+    assert not runs.exists()  # nothing on disk before the first save
+    checkpoint.save("sinks", 1, {})
     (next(runs.iterdir()) / ".writer.json").unlink()  # writer gone
     other = plan_scale(ScaleArgs(scalable=True, resume=True), command="analyze sinks", device_map=None,
                        remote=False, runtime="local")
@@ -354,16 +402,25 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, whole_sinks):
     assert same.resumed_from is not None and same.resumed_from.name.startswith(".old.tmp-")
 
 
+# torchrun reads every option that abbreviates one of its own, also after the script: `--n` (circuits,
+# hallucination) is ambiguous to it, so those two go through --nproc, which starts the ranks itself.
+LAUNCHERS = [("sinks", "torchrun"), ("position-bias", "torchrun"), ("circuits", "nproc"), ("hallucination", "nproc"),
+             ("sinks", "nproc")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_two_gloo_ranks_under_torchrun_equal_one_process(tmp_path, whole_runs, command):
+@pytest.mark.parametrize("command,launcher", LAUNCHERS)
+def test_two_gloo_ranks_equal_one_process(tmp_path, whole_runs, command, launcher):
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(29400 + os.getpid() % 500)]
-    analyze = Path(sys.executable).parent / "analyze"
-    done = subprocess.run([*torchrun, str(analyze), *COMMANDS[command], "--out", str(runs), "--name", "ranks"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    analyze = str(Path(sys.executable).parent / "analyze")
+    args = [*COMMANDS[command], "--out", str(runs), "--name", "ranks"]
+    if launcher == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(29400 + os.getpid() % 500), analyze, *args]
+    else:
+        argv = [analyze, *args, "--nproc", "2"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run written to") == 1  # rank 0 writes and prints; rank 1 is silent
     _same_run(whole_runs(command), runs / "ranks")

@@ -178,7 +178,7 @@ def position_bias(
                         "--device-map auto")
 
 
-@takes_model(DEFAULT_MODEL, "alias, tiny-* zoo model, local folder or hub id")
+@takes_model(DEFAULT_MODEL, "alias, tiny-* zoo model, local folder or hub id", scalable=True)
 def circuits(
     tasks: str = typer.Option("ioi,name-induction", help="comma-separated: ioi, name-induction, colored-objects "
                                                         "(colored-objects:K for K shots) or .jsonl task files"),

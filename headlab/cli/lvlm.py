@@ -133,7 +133,7 @@ def vhd(
                  runtimes=LOCAL, advice="lower --batch-size or --max-images, or use --dtype bfloat16")
 
 
-@takes_model("llava-smol", LVLM_HELP)
+@takes_model("llava-smol", LVLM_HELP, scalable=True)
 def hallucination(
     bench: str = typer.Option("chair", help="chair (captions against COCO annotations) or pope (yes/no questions)"),
     data: Path = typer.Option(..., help="folder with COCO annotations + images (chair) or pope_{split}.jsonl + "
@@ -181,10 +181,12 @@ def hallucination(
             raise InputError(f"--synonyms {synonyms}: no such file")
         # Every input file is read before the model loads.
         if bench == "chair":
-            chair_images(data, n, seed, allow_missing=allow_missing_images)
+            inputs = chair_images(data, n, seed, allow_missing=allow_missing_images)
         else:
-            pope_questions(data, config.splits, n)
-        return Prepared(*runs_folder_target("hallucination", args.model, out, name), extra=config)
+            inputs = pope_questions(data, config.splits, n)
+        # The images and questions (and the folder they came from) identify a run's inputs for --resume and merges.
+        return Prepared(*runs_folder_target("hallucination", args.model, out, name), extra=config,
+                        inputs={"data": str(data.resolve()), "items": inputs})
 
     def run(loaded, prepared: Prepared):
         from headlab.analyses.hallucination_eval import analyze_hallucination

@@ -91,7 +91,7 @@ def runs_merge(
     import tempfile
 
     from headlab.cli.apps import analyze_app, headlab_app
-    from headlab.cli.scaling import MergeParts, argv_with_prompts, merging
+    from headlab.cli.scaling import MergeParts, argv_with_prompts, merging, write_prompts_file
     from headlab.partial_runs import check_parts, part_prompts, part_states, read_part
 
     try:
@@ -108,13 +108,13 @@ def runs_merge(
         argv += ["--name", name]
     with tempfile.TemporaryDirectory(prefix="headlab-merge-") as tmp:
         if prompts is not None:
-            prompts_file = Path(tmp) / "prompts.txt"
-            prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-            argv = argv_with_prompts(argv, prompts_file)
+            argv = argv_with_prompts(argv, write_prompts_file(Path(tmp), prompts))
         console.print(f"merging {len(ordered)} parts: {program} {' '.join(argv)}", highlight=False, soft_wrap=True)
         with merging(MergeParts(states, prompts, first.manifest["fingerprint"], [p.path for p in ordered])):
             app = analyze_app if program == "analyze" else headlab_app
-            app(args=argv, prog_name=program, standalone_mode=False)
+            code = app(args=argv, prog_name=program, standalone_mode=False)
+    if code:  # the command said what went wrong; its exit code is the merge's
+        raise typer.Exit(code)
 
 
 class ZooModel(str, Enum):

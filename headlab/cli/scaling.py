@@ -48,6 +48,9 @@ def scale_parameters() -> list[inspect.Parameter]:
                                                   "killed run left one in the runs folder", rich_help_panel=PANEL)),
         ("checkpoint_every", int, typer.Option(20, help="save the accumulators every N batches, for --resume "
                                                         "(0: never)", rich_help_panel=PANEL)),
+        ("nproc", int, typer.Option(1, help="ranks on this machine: headlab starts N processes itself, as torchrun "
+                                            "--nproc-per-node N would (a GPU each when there are GPUs, else CPU "
+                                            "processes)", rich_help_panel=PANEL)),
     ]
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
             for name, kind, option in spec]
@@ -58,6 +61,7 @@ class ScaleArgs:
     shard: str | None = None
     resume: bool = False
     checkpoint_every: int = 20
+    nproc: int = 1
     scalable: bool = False
 
 
@@ -88,7 +92,7 @@ def merging(parts: MergeParts):
 class ScalePlan:
     """What this process does with the run (see the module docstring)."""
 
-    mode: str = "whole"  # whole, ranks, shard, merge
+    mode: str = "whole"  # whole, ranks, shard, merge, launch (start --nproc ranks and wait)
     shard: Any = None  # headlab.tally.Shard
     ranks: Any = None  # headlab.distributed.Ranks
     resume: bool = False
@@ -97,6 +101,7 @@ class ScalePlan:
     checkpoint_folder: Path | None = None
     resumed_from: Path | None = None
     backend: str | None = None  # torch.distributed's, once the ranks have joined
+    nproc: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -104,14 +109,17 @@ class ScalePlan:
         """Whether this process writes a run (all but the ranks after 0)."""
         return self.ranks is None or self.ranks.main
 
-    def fingerprint(self, command: str, model: str, config: Any, texts: list[str] | None) -> dict:
-        """What a checkpoint must match to be resumed (and a partial run to be merged)."""
+    def fingerprint(self, command: str, model: str, config: Any, texts: list[str] | None,
+                    inputs: Any = None) -> dict:
+        """What a checkpoint must match to be resumed (and a partial run to be merged): the command, the model,
+        the settings, the prompts' hash and a hash of anything else the run reads (``inputs``)."""
         from headlab.prompts import hash_inputs
 
         # str for what JSON cannot hold (an image, a path): the fingerprint only has to tell settings apart
         config_json = json.loads(json.dumps(dataclass_dict(config), default=str))
         return {"command": command, "model": model, "config": config_json,
                 "input_hash": hash_inputs(texts) if texts is not None else None,
+                "other_inputs": _digest(json.loads(json.dumps(inputs, default=str))) if inputs is not None else None,
                 "shard": str(self.shard) if self.shard is not None else None}
 
     def open_checkpoint(self, runs_dir: Path, run_name: str, fingerprint: dict) -> Any:
@@ -121,7 +129,7 @@ class ScalePlan:
         from headlab.runs import TMP_MARKER, leftovers
         from headlab.tally import Checkpoint
 
-        if self.mode == "merge" or self.checkpoint_every <= 0:
+        if self.mode in ("merge", "launch") or self.checkpoint_every <= 0:
             return None
         key = _digest(fingerprint)
         if self.resume:
@@ -144,14 +152,16 @@ class ScalePlan:
                 self.notes.append(f"resuming from the checkpoint in {folder}")
                 return Checkpoint(folder / "passes", self.checkpoint_every)
             self.notes.append("--resume: no checkpoint of this run in the runs folder: starting from the beginning")
-        runs_dir.mkdir(parents=True, exist_ok=True)
         folder = runs_dir.resolve() / f".{run_name}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
-        folder.mkdir()
-        _claim(folder)
-        (folder / CHECKPOINT_FILE).write_text(json.dumps({"key": key, "run": run_name, **fingerprint}),
-                                               encoding="utf-8")
-        self.checkpoint_folder = folder
-        return Checkpoint(folder / "passes", self.checkpoint_every)
+
+        def create() -> None:  # at the first save: a run that fails before it leaves nothing behind
+            folder.mkdir(parents=True)
+            _claim(folder)
+            (folder / CHECKPOINT_FILE).write_text(json.dumps({"key": key, "run": run_name, **fingerprint}),
+                                                   encoding="utf-8")
+            self.checkpoint_folder = folder
+
+        return Checkpoint(folder / "passes", self.checkpoint_every, create)
 
     def drop_checkpoint(self) -> None:
         if self.checkpoint_folder is not None:
@@ -203,14 +213,15 @@ def dataclass_dict(config: Any) -> Any:
 def plan_scale(args: ScaleArgs, *, command: str, device_map: Any, remote: bool, runtime: str) -> ScalePlan:
     """The plan for this process; refuses combinations that cannot work, before any model loads."""
     from headlab.distributed import from_environment
-    from headlab.tally import Shard
+    from headlab.shards import Shard
 
     parts = _MERGING.get()
     ranks = from_environment()
-    asked = args.shard is not None or args.resume or ranks is not None
+    asked = args.shard is not None or args.resume or ranks is not None or args.nproc != 1
     if not args.scalable:
         if asked:
-            what = "--shard" if args.shard is not None else "--resume" if args.resume else "torchrun (several ranks)"
+            what = "--shard" if args.shard is not None else "--resume" if args.resume else \
+                "--nproc" if args.nproc != 1 else "torchrun (several ranks)"
             raise InputError(f"`{command}` does not run in parts: drop {what} (docs/scale.md lists the analyses "
                              "that do)")
         return ScalePlan(checkpoint_every=0)
@@ -219,6 +230,21 @@ def plan_scale(args: ScaleArgs, *, command: str, device_map: Any, remote: bool, 
     plan = ScalePlan(resume=args.resume, checkpoint_every=args.checkpoint_every)
     if parts is not None:
         plan.mode, plan.merge, plan.checkpoint_every = "merge", parts, 0
+        return plan
+    if args.nproc < 1:
+        raise InputError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        if ranks is not None:
+            raise InputError("--nproc inside torchrun would start ranks of ranks: use one of them")
+        if args.shard is not None:
+            raise InputError("--shard and --nproc split the inputs twice: use --nproc on one machine, --shard i/n "
+                             "across the jobs of an array")
+        if device_map is not None:
+            raise InputError("--device-map spreads one model over the GPUs, and --nproc gives each rank its own "
+                             "replica: use one of them (docs/scale.md)")
+        if remote or runtime == "nnsight":
+            raise InputError("NDIF and nnsight runs are not split over ranks: drop --nproc")
+        plan.mode, plan.nproc = "launch", args.nproc
         return plan
     if ranks is not None:
         if args.shard is not None:
@@ -250,10 +276,10 @@ def fingerprint_of_parts(parts: MergeParts) -> dict:
 
 
 # Options that say where and how this process runs, not what is computed: a merge re-runs the command without them.
-_NOT_RECORDED = {"shard", "resume", "checkpoint_every", "out", "name", "quiet"}
+_NOT_RECORDED = {"shard", "resume", "checkpoint_every", "nproc", "out", "name", "quiet"}
 
 
-def command_argv() -> list[str]:
+def command_argv(drop: set[str] = _NOT_RECORDED) -> list[str]:
     """The current command as arguments its program parses again: the program (``analyze`` or ``headlab``), the
     command's path, then every option whose value is not the default, without the options in ``_NOT_RECORDED``."""
     ctx = _current_context()
@@ -261,18 +287,26 @@ def command_argv() -> list[str]:
     argv = [program, *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in _NOT_RECORDED or value is None or value == param.default or not param.opts:
+        if param.name in drop or value is None or value == param.default or not param.opts or \
+                (isinstance(value, (list, tuple)) and not value):
             continue
-        if hasattr(value, "value"):  # an Enum
-            value = value.value
         if getattr(param, "is_flag", False):
             if value:
                 argv.append(param.opts[0])
             elif param.secondary_opts:
                 argv.append(param.secondary_opts[0])
             continue
-        argv += [param.opts[0], str(value)]
+        for item in value if isinstance(value, (list, tuple)) else [value]:  # a repeatable option: once per value
+            argv += [param.opts[0], _argument(item)]
     return argv
+
+
+def _argument(value: Any) -> str:
+    if hasattr(value, "value"):  # an Enum
+        return str(value.value)
+    if isinstance(value, Path):  # absolute: the merge may run in another folder
+        return str(value.resolve())
+    return str(value)
 
 
 def _current_context():
@@ -285,15 +319,45 @@ def _current_context():
 
 
 def argv_with_prompts(argv: list[str], prompts_file: Path) -> list[str]:
-    """``argv`` reading its prompts from ``prompts_file`` when it read them from stdin (a merge has no stdin)."""
+    """``argv`` reading its prompts from ``prompts_file``, the prompts the parts recorded (the shards may have read
+    them from stdin, or from a file that is elsewhere now)."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
             skip = False
             continue
-        if arg == "--prompts" and i + 1 < len(argv) and argv[i + 1] == "-":
-            out += ["--prompts", str(prompts_file)]
+        if arg == "--prompts" and i + 1 < len(argv):
             skip = True
             continue
         out.append(arg)
-    return out
+    return [*out, "--prompts", str(prompts_file)]
+
+
+def launch_ranks(nproc: int, prompts: list[str] | None) -> int:
+    """Start ``nproc`` ranks of this very command (torchrun's launcher, on this machine) and wait for them; rank 0
+    writes the run. Returns the exit code (a rank's own, when one fails: it has said why)."""
+    import sys
+    import tempfile
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="headlab-ranks-") as tmp:
+        argv = command_argv(drop={"nproc"})
+        if prompts is not None:  # the ranks cannot share this process's stdin
+            argv = argv_with_prompts(argv, write_prompts_file(Path(tmp), prompts))
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+        try:
+            elastic_launch(config, sys.executable)("-m", "headlab", *argv)
+        except ChildFailedError as err:
+            return max((f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 0), default=1)
+    return 0
+
+
+def write_prompts_file(folder: Path, prompts: list[str]) -> Path:
+    """The prompts as a prompt file: one per line (a newline inside a prompt is written as \\n, as files are read)."""
+    path = folder / "prompts.txt"
+    path.write_text("".join(p.replace("\n", "\\n") + "\n" for p in prompts), encoding="utf-8")
+    return path

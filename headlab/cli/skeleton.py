@@ -18,7 +18,7 @@ from typing import Any
 from headlab.checks import check_positive_tokens
 from headlab.cli.model_args import ModelArgs, Runtime, open_model
 from headlab.cli.output import note, print_written, reported_errors, warn
-from headlab.cli.scaling import adopt_parts, command_argv, fingerprint_of_parts, plan_scale
+from headlab.cli.scaling import adopt_parts, command_argv, fingerprint_of_parts, launch_ranks, plan_scale
 from headlab.errors import HeadlabError, InputError, RunStoreError
 from headlab.partial_runs import write_partial
 from headlab.runs import check_new_run, check_writable, default_run_name, default_runs_dir, runs_dir_flag
@@ -36,6 +36,7 @@ class Prepared:
     texts: list[str] | None = None
     source: dict | None = None
     extra: Any = None
+    inputs: Any = None  # what else a run reads (images, questions): part of its fingerprint for --resume and merges
 
 
 def runs_folder_target(analysis: str, model: str, out: Path | None, name: str | None) -> tuple[Path, str]:
@@ -124,6 +125,11 @@ def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs]
         prepared = prepare(args)
         if plan.merge is not None:
             adopt_parts(plan.merge, prepared)
+        if plan.mode == "launch":  # this process only starts the ranks: they load, run and write
+            code = launch_ranks(plan.nproc, prepared.texts)
+            if code:
+                raise SystemExit(code)
+            return
         quiet_hub_progress(quiet)
         if plan.ranks is not None:
             from headlab.distributed import rank_device
@@ -132,8 +138,8 @@ def run_and_save(args: ModelArgs, *, command: str, prepare: Callable[[ModelArgs]
             if not plan.ranks.main:
                 os.environ["TQDM_DISABLE"] = "1"  # one set of progress bars: rank 0's
         args = args.resolved()
-        fingerprint = plan.fingerprint(command, args.model, prepared.extra, prepared.texts) if args.scale.scalable \
-            else None
+        fingerprint = plan.fingerprint(command, args.model, prepared.extra, prepared.texts, prepared.inputs) \
+            if args.scale.scalable else None
         if plan.merge is not None and fingerprint_of_parts(plan.merge) != {**fingerprint, "shard": None}:
             raise RunStoreError("the parts were made with other settings or prompts than this command has now "
                                 "(a prompt file changed?): merge them where they were made")
