@@ -1,8 +1,9 @@
 """What data parallelism buys on this machine: one process against two torchrun ranks and a two-job array.
 
-Each case runs the real command line (``analyze sinks`` or ``analyze position-bias`` on smollm2-135m, the
-bundled prompts) in fresh processes and times the wall clock from start to the run on disk, model loading
-included, because that is what a user waits for:
+Each case runs the real command line (``analyze sinks`` or ``analyze position-bias`` on smollm2-135m) in fresh
+processes and times the wall clock from start to the run on disk, model loading included, because that is what
+a user waits for. The prompts: ``--n-prompts`` distinct English prompts made by joining two of the bundled ones
+(prompt i = bundled[i mod m] + bundled[(7i + 3) mod m]), long enough for ``--max-tokens``. Cases:
 
 - ``one process, 1 thread`` and ``one process, 2 threads``: the baselines (``--threads``);
 - ``torchrun 2 ranks x 1 thread``: ``torchrun --nproc-per-node 2`` (gloo), each rank its own replica;
@@ -10,9 +11,11 @@ included, because that is what a user waits for:
   ``headlab runs merge`` (which opens the model again for what follows the first pass).
 
 Every parallel run is checked against the one-process run (tables within 1e-6) before its time counts.
-The speed-up is the 1-thread process's time over the case's. Usage (repository root, an idle machine)::
+The speed-up is the 1-thread process's time over the case's; ``startup`` (the same command on one prompt) is
+the fixed cost in every process (imports, model load), and the second column of speed-ups takes it out of
+both sides. Usage (repository root, an idle machine)::
 
-    python benchmarks/scale_out.py                       # sinks, 64 prompts x 128 tokens
+    python benchmarks/scale_out.py                       # sinks, 256 prompts x 128 tokens
     python benchmarks/scale_out.py --analysis position-bias --n-prompts 32
 """
 
@@ -33,8 +36,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 
 
-def command(args: argparse.Namespace) -> list[str]:
-    base = [args.analysis, "--model", args.model, "--n-prompts", str(args.n_prompts), "--max-tokens",
+def prompt_file(folder: Path, n: int) -> Path:
+    from headlab.prompts import bundled_prompts
+
+    bundled = bundled_prompts()
+    lines = [f"{bundled[i % len(bundled)]} {bundled[(7 * i + 3) % len(bundled)]}" for i in range(n)]
+    path = folder / "prompts.txt"
+    path.write_text("".join(line.replace("\n", "\\n") + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def command(args: argparse.Namespace, prompts: Path) -> list[str]:
+    base = [args.analysis, "--model", args.model, "--prompts", str(prompts), "--max-tokens",
             str(args.max_tokens), "--batch-size", str(args.batch_size), "--quiet"]
     if args.analysis == "position-bias":  # the profile pass only: rollout and retrieval are small fixed costs
         base += ["--rollout-tokens", "0", "--retrieval-trials", "0"]
@@ -77,6 +90,8 @@ def cases(base: list[str], runs: Path, env: dict) -> dict:
         return timed(jobs, env) + timed([merge], env)
 
     return {
+        "startup (1 prompt, 1 thread)": lambda: timed([[analyze, *base, "--n-prompts", "1", "--threads", "1",
+                                                        *out("startup")]], env),
         "one process, 1 thread": lambda: timed([[analyze, *base, "--threads", "1", *out("one")]], env),
         "one process, 2 threads": lambda: timed([[analyze, *base, "--threads", "2", *out("two")]],
                                                 {**env, "OMP_NUM_THREADS": "2"}),
@@ -90,15 +105,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--analysis", default="sinks", choices=["sinks", "position-bias"])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--n-prompts", type=int, default=64)
+    parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="rounds, cases interleaved; the minimum counts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    base = command(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     work = Path(tempfile.mkdtemp(prefix="headlab-scale-"))
+    base = command(args, prompt_file(work, args.n_prompts))
     times: dict[str, list[float]] = {}
     try:
         for round_ in range(args.repeats):
@@ -111,15 +126,19 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {name: min(t) for name, t in times.items()}
+    startup = best.pop("startup (1 prompt, 1 thread)")
     base_time = best["one process, 1 thread"]
     print(f"\n{args.analysis} on {args.model}: {args.n_prompts} prompts x {args.max_tokens} tokens, batch "
-          f"{args.batch_size}; wall clock incl. model load, min of {args.repeats}")
-    print("| case | seconds | speed-up vs 1 thread |\n|---|---|---|")
+          f"{args.batch_size}; wall clock incl. model load, min of {args.repeats}; startup {startup:.1f} s")
+    print("| case | seconds | speed-up vs 1 thread | without the startup |\n|---|---|---|---|")
     for name, seconds in best.items():
-        print(f"| {name} | {seconds:.1f} | {base_time / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.1f} | {base_time / seconds:.2f}x | "
+              f"{(base_time - startup) / (seconds - startup):.2f}x |")
     record = {"analysis": args.analysis, "model": args.model, "n_prompts": args.n_prompts,
               "max_tokens": args.max_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
-              "seconds": times, "best": best, "speedup_vs_1_thread": {k: base_time / v for k, v in best.items()},
+              "seconds": times, "best": best, "startup_seconds": startup,
+              "speedup_vs_1_thread": {k: base_time / v for k, v in best.items()},
+              "speedup_without_startup": {k: (base_time - startup) / (v - startup) for k, v in best.items()},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "command": " ".join(["python", "benchmarks/scale_out.py", *sys.argv[1:]])}
     out_file = args.out or RESULTS / f"scale_out_{args.analysis}_cpu.json"
