@@ -23,6 +23,7 @@ import torch
 from headlab.errors import InputError
 from headlab.interventions import HeadOffsets, intervene
 from headlab.result import Result
+from headlab.tally import Mergeable, Pass, run_pass
 
 from .lofit import binomial_summary, completion_logprobs
 from .lofit_batches import completion_batch
@@ -35,6 +36,15 @@ def _edited(loaded, offsets: HeadOffsets | None):
     return intervene(loaded, offsets) if offsets is not None else contextlib.nullcontext()
 
 
+def _exact_chunk(loaded, chunk: list[SFTItem], max_tokens: int) -> list[bool]:
+    """One forward pass: which items of ``chunk`` greedy decoding would reproduce."""
+    batch = completion_batch(loaded, [(i.prompt, i.target) for i in chunk], max_tokens).to(loaded.device)
+    logits = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    hit = logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]  # [batch, pos - 1]
+    mask = batch.target_mask[:, 1:]
+    return [bool(x) for x in (hit | ~mask).all(-1).cpu()]
+
+
 @torch.no_grad()
 def exact_match(loaded, items: list[SFTItem], offsets: HeadOffsets | None = None, batch_size: int = 16,
                 max_tokens: int = 512) -> list[bool]:
@@ -44,12 +54,7 @@ def exact_match(loaded, items: list[SFTItem], offsets: HeadOffsets | None = None
     right: list[bool] = []
     with _edited(loaded, offsets):
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            batch = completion_batch(loaded, [(i.prompt, i.target) for i in chunk], max_tokens).to(loaded.device)
-            logits = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            hit = logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]  # [batch, pos - 1]
-            mask = batch.target_mask[:, 1:]
-            right.extend(bool(x) for x in (hit | ~mask).all(-1).cpu())
+            right.extend(_exact_chunk(loaded, items[start : start + batch_size], max_tokens))
     return right
 
 
@@ -102,22 +107,61 @@ def answer_logprobs(loaded, item: MCItem, answers: list[str], max_tokens: int = 
     return total.double().cpu()
 
 
+def _mc_row(loaded, item: MCItem, max_tokens: int) -> dict:
+    true, false = item.true_answers(), list(item.incorrect)
+    best = answer_logprobs(loaded, item, [item.best], max_tokens)[0]
+    scores_true = answer_logprobs(loaded, item, true, max_tokens)
+    scores_false = answer_logprobs(loaded, item, false, max_tokens)
+    mc1 = float(best > scores_false.max())
+    # share of probability mass, in log space (answer probabilities underflow for long answers)
+    log_true, log_false = scores_true.logsumexp(0), scores_false.logsumexp(0)
+    mc2 = float((log_true - torch.logaddexp(log_true, log_false)).exp())
+    return {"question": item.question, "mc1": mc1, "mc2": mc2}
+
+
 def multiple_choice(loaded, items: list[MCItem], offsets: HeadOffsets | None = None,
                     max_tokens: int = 512) -> pd.DataFrame:
     """One row per question: mc1 (0/1) and mc2 (true-answer probability share)."""
-    rows = []
     with _edited(loaded, offsets):
-        for item in items:
-            true, false = item.true_answers(), list(item.incorrect)
-            best = answer_logprobs(loaded, item, [item.best], max_tokens)[0]
-            scores_true = answer_logprobs(loaded, item, true, max_tokens)
-            scores_false = answer_logprobs(loaded, item, false, max_tokens)
-            mc1 = float(best > scores_false.max())
-            # share of probability mass, in log space (answer probabilities underflow for long answers)
-            log_true, log_false = scores_true.logsumexp(0), scores_false.logsumexp(0)
-            mc2 = float((log_true - torch.logaddexp(log_true, log_false)).exp())
-            rows.append({"question": item.question, "mc1": mc1, "mc2": mc2})
-    return pd.DataFrame(rows)
+        return pd.DataFrame([_mc_row(loaded, item, max_tokens) for item in items])
+
+
+class ItemOutcomes(Mergeable):
+    """Per condition, the outcome of each item in input order: a bool (exact match) or an MC row."""
+
+    merging = {"outcomes": "rows"}
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, int, object]] = []  # (condition, item index, outcome)
+
+    def of(self, condition: str) -> list:
+        return [outcome for name, _, outcome in self.outcomes if name == condition]
+
+
+@torch.no_grad()
+def evaluate_conditions(loaded, items: list, conditions: dict[str, HeadOffsets | None], multiple: bool,
+                        batch_size: int = 16, max_tokens: int = 512) -> dict[str, list[bool] | pd.DataFrame]:
+    """Every condition (the clean model, the offsets) on every item, as one pass (``headlab.tally``): units are
+    (condition, batch) for exact match and (condition, question) for multiple choice, so ranks, job-array shards
+    and a resumed run split all of it. Returns per condition what ``exact_match`` / ``multiple_choice`` return."""
+    if not items:
+        raise InputError("no items to evaluate")
+    size = 1 if multiple else batch_size
+    starts = list(range(0, len(items), size))
+    units = [(name, start) for name in conditions for start in starts]
+    outcomes = ItemOutcomes()
+
+    def step(unit: int) -> None:
+        name, start = units[unit]
+        with _edited(loaded, conditions[name]):
+            if multiple:
+                outcomes.outcomes.append((name, start, _mc_row(loaded, items[start], max_tokens)))
+            else:
+                outcomes.outcomes += [(name, start + i, ok) for i, ok in
+                                      enumerate(_exact_chunk(loaded, items[start : start + size], max_tokens))]
+
+    run_pass(Pass("evaluate", len(units), step, {"outcomes": outcomes}))
+    return {name: pd.DataFrame(outcomes.of(name)) if multiple else outcomes.of(name) for name in conditions}
 
 
 def mc_summary(table: pd.DataFrame) -> dict:

@@ -12,8 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["analyze"]:
         analyze_app(args=argv[1:], prog_name="analyze")
-    else:
-        headlab_app(args=argv, prog_name="headlab")
+    else:  # "headlab lofit eval …" as --nproc hands it on, or "lofit eval …" as a user types it
+        headlab_app(args=argv[1:] if argv[:1] == ["headlab"] else argv, prog_name="headlab")
 
 
 if __name__ == "__main__":

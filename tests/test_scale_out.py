@@ -427,3 +427,64 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, whole_runs, command, launche
     scale = json.loads((runs / "ranks" / "manifest.json").read_text())["provenance"]["scale"]
     assert scale == {"mode": "ranks", "world_size": 2, "backend": "gloo"}
     assert sorted(p.name for p in runs.iterdir()) == ["ranks"]  # no checkpoint folder of either rank is left
+
+
+# ---------------------------------------------------------------------------------------------
+# LoFiT evaluation: (condition, batch) units, the clean model and the offsets in one pass
+
+MC_CSV = """Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source
+Adversarial,Misc,What is red?,a cat,a cat; the cat,a dog; the sun,src
+Adversarial,Misc,"Where, then?",the map,the map,a pen; a cup; a box,src
+Adversarial,Misc,Which one?,the hat,the hat; a hat,the box,src
+"""
+
+
+@pytest.fixture(scope="module")
+def lofit_eval_args(tmp_path_factory):
+    """``headlab lofit eval`` on 10 completion items (batches of 4) and 3 MC questions, with trained offsets."""
+    from headlab.analyses.lofit_data import SFTItem, write_items
+
+    folder = tmp_path_factory.mktemp("lofit")
+    words = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat"]
+    items = [SFTItem(f"{words[i % 8]} {words[(3 * i) % 8]} {words[(5 * i + 1) % 8]}", " " + words[i % 8])
+             for i in range(10)]
+    write_items(items, folder / "items.jsonl")
+    (folder / "tqa.csv").write_text(MC_CSV, encoding="utf-8")
+    runs = folder / "runs"
+    common = ["--model", "tiny-llama", "--data", str(folder / "items.jsonl"), "--epochs", "1", "--batch-size", "4",
+              "--quiet", "--out", str(runs)]
+    for args in (["select", *common, "--name", "sel"], ["train", *common, "--heads", str(runs / "sel"), "--k", "3",
+                                                        "--name", "off"]):
+        result = runner.invoke(headlab_app, ["lofit", *args])
+        assert result.exit_code == 0, result.output
+    return {kind: ["lofit", "eval", "--data", str(folder / data), "--offsets", str(runs / "off"), "--batch-size",
+                   "4", "--quiet"] for kind, data in (("exact", "items.jsonl"), ("mc", "tqa.csv"))}
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc"])
+def test_lofit_eval_shards_merge_into_the_run_of_one_process(tmp_path, lofit_eval_args, kind):
+    args = lofit_eval_args[kind]
+    result = runner.invoke(headlab_app, [*args, "--out", str(tmp_path / "runs"), "--name", "whole"])
+    assert result.exit_code == 0, result.output
+    for k in range(3):
+        result = runner.invoke(headlab_app, [*args, "--shard", f"{k}/3", "--out", str(tmp_path / "parts"),
+                                             "--name", f"p{k}"])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(headlab_app, ["runs", "merge", *(str(tmp_path / "parts" / f"p{k}") for k in range(3)),
+                                         "--out", str(tmp_path / "runs"), "--name", "merged"])
+    assert result.exit_code == 0, result.output
+    _same_run(tmp_path / "runs" / "whole", tmp_path / "runs" / "merged")
+    tables = Result.load(tmp_path / "runs" / "merged").tables
+    assert {"mc_clean", "mc_offsets"} <= set(tables) if kind == "mc" else "accuracy" in tables
+
+
+@pytest.mark.slow
+def test_lofit_eval_on_two_gloo_ranks_equals_one_process(tmp_path, lofit_eval_args):
+    args = [*lofit_eval_args["exact"], "--threads", "1"]
+    result = runner.invoke(headlab_app, [*args, "--out", str(tmp_path / "runs"), "--name", "whole"])
+    assert result.exit_code == 0, result.output
+    done = subprocess.run([str(Path(sys.executable).parent / "headlab"), *args, "--nproc", "2", "--out",
+                           str(tmp_path / "runs"), "--name", "ranks"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_run(tmp_path / "runs" / "whole", tmp_path / "runs" / "ranks")

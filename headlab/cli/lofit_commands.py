@@ -218,7 +218,7 @@ def export(
                  runtimes=LOCAL, advice="export on a machine with more memory")
 
 
-@takes_model(None, "model (default: the offsets' model, else smollm2-135m)")
+@takes_model(None, "model (default: the offsets' model, else smollm2-135m)", scalable=True)
 def evaluate(
     data: Path = typer.Option(..., help="JSONL {prompt, target} (exact match) or a TruthfulQA-style .csv (MC1/MC2)"),
     offsets: Path = typer.Option(None, help="a `headlab lofit train` run directory; without it: the clean model"),
@@ -239,7 +239,9 @@ def evaluate(
         at_least(batch_size, 1, "--batch-size")
         is_csv = Path(data).suffix.lower() == ".csv"
         items = read_mc_csv(data) if is_csv else read_items(data, "sft")
-        return Prepared(*runs_folder_target("lofit-eval", args.model, out, name), extra=(is_csv, items))
+        # the items and the offsets run identify the inputs for --resume and merges
+        return Prepared(*runs_folder_target("lofit-eval", args.model, out, name), extra=(is_csv, items),
+                        inputs={"items": items, "offsets": None if offsets is None else str(Path(offsets).resolve())})
 
     def run(loaded, prepared: Prepared):
         if edit is not None:  # read from the offsets run below, before anything else
@@ -258,20 +260,18 @@ def evaluate(
 def _evaluate(loaded, items, is_csv: bool, edit, batch_size: int, max_tokens: int, data: Path, offsets_path):
     """The lofit-eval Result: exact match per condition, or MC1/MC2 per condition."""
     from headlab.analyses.lofit_data import data_hash
-    from headlab.analyses.lofit_eval import accuracy_result, exact_match, mc_summary, multiple_choice
+    from headlab.analyses.lofit_eval import accuracy_result, evaluate_conditions, mc_summary
     from headlab.result import Result
 
     config = {"data": str(data), "offsets": None if offsets_path is None else str(offsets_path),
               "batch_size": batch_size, "max_tokens": max_tokens}
+    outcomes = evaluate_conditions(loaded, items, {"clean": None, **({"offsets": edit} if edit is not None else {})},
+                                   is_csv, batch_size, max_tokens)
     if not is_csv:
-        conditions = {"clean": exact_match(loaded, items, None, batch_size, max_tokens)}
-        if edit is not None:
-            conditions["offsets"] = exact_match(loaded, items, edit, batch_size, max_tokens)
-        return accuracy_result(loaded.name, conditions, [i.prompt for i in items], config, data_hash(items),
+        return accuracy_result(loaded.name, outcomes, [i.prompt for i in items], config, data_hash(items),
                                loaded.revision)
     tables, summary = {}, {}
-    for name, applied in [("clean", None)] + ([("offsets", edit)] if edit is not None else []):
-        table = multiple_choice(loaded, items, applied, max_tokens)
+    for name, table in outcomes.items():
         tables[f"mc_{name}"] = table
         summary.update({f"{key}_{name}": value for key, value in mc_summary(table).items()})
     lines = [f"{name}: MC1 {summary[f'mc1_{name}']:.3f} ± {summary[f'mc1_se_{name}']:.3f}, MC2 "
