@@ -107,3 +107,38 @@ def false_yes_by_split(answers: Mapping[str, Sequence[str]], questions: Mapping[
                          [base["false_yes"], base["no_questions"] - base["false_yes"]]]
                 entry["fisher_p_more_than_random"] = float(fisher_exact(table, alternative="greater")[1])
     return out
+
+
+def auc(higher: Sequence[float], lower: Sequence[float]) -> float:
+    """P(a value of ``higher`` > a value of ``lower``), ties counted half: the area under the ROC curve of a
+    threshold on the value (Mann-Whitney U / (n_a · n_b))."""
+    a, b = np.asarray(higher, dtype=float)[:, None], np.asarray(lower, dtype=float)[None, :]
+    return float((a > b).mean() + 0.5 * (a == b).mean())
+
+
+def auc_interval(higher: Sequence[float], lower: Sequence[float], resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """``(auc, low, high)``: the AUC and its percentile bootstrap interval, each group resampled on its own."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(higher, dtype=float), np.asarray(lower, dtype=float)
+    draws = [auc(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]) for _ in range(resamples)]
+    tail = (1 - level) / 2
+    return auc(a, b), float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))
+
+
+def yes_margin_table(margins: Sequence[float], kinds: Sequence[str], resamples: int = 2000, seed: int = 0) -> dict:
+    """POPE read by margin, without the threshold a yes/no answer puts at 0: ``margins`` are logit(Yes) - logit(No)
+    at the answer's first token, ``kinds`` say what was asked about (``present``, ``partner``: the absent
+    co-occurring object POPE's adversarial split asks first, ``other``: an absent object that is no partner).
+    Returns the mean margin and the share answered yes (margin > 0) per kind, and AUCs with bootstrap intervals:
+    present above absent (grounding), partner above other (co-occurrence: the adversarial split is harder)."""
+    m, k = np.asarray(margins, dtype=float), np.asarray(kinds)
+    by = {kind: m[k == kind] for kind in ("present", "partner", "other")}
+    absent = np.concatenate([by["partner"], by["other"]])
+    out: dict = {kind: {"n": int(len(v)), "mean_margin": float(v.mean()), "yes_rate": float((v > 0).mean()),
+                        "yes_rate_ci": wilson(int((v > 0).sum()), len(v))} for kind, v in by.items()}
+    for name, (hi, lo) in {"present_vs_absent": (by["present"], absent),
+                           "partner_vs_other": (by["partner"], by["other"])}.items():
+        value, low, high = auc_interval(hi, lo, resamples, seed)
+        out[f"auc_{name}"] = {"auc": value, "ci": [low, high]}
+    return out

@@ -8,7 +8,8 @@
    the installed tuxpaint stamps at run time; keep them out of version control (GPL-2).
 2. ``baseline``: plain captions → CHAIR and the partner effect (analyses/cooccurrence.py) on both sets; ``pope``:
    POPE's three splits on the partner-missing set → false "yes" per split (the adversarial split asks about the
-   absent partner first).
+   absent partner first); questions end with " Answer yes or no.", as the recipe's do. ``margins``: POPE read by
+   logit(Yes) - logit(No), per present object, absent partner and absent non-partner, with AUCs.
 3. ``fixes``: ``analyze hallucination`` (the CLI, one run per call, saved under ``--runs``) with every fix and its
    random control on the partner-missing set, then the adaptive variants (against the plain ones of the run before,
    on the same images), then POPE adversarial on the same images (no controls for these two, for time); the
@@ -33,6 +34,7 @@ from headlab.training import photo_scenes as S
 SETS = ("partner-missing", "in-distribution")
 FIX_METHODS = "none,var,pai,paint,vaf,vhr,vcd"
 ADAPTIVE_METHODS = "none,pai,vaf"
+POPE_SUFFIX = " Answer yes or no."  # as the recipe's questions end (LLaVA-1.5 appends its own instruction too)
 VAR_TAU = "var.tau=15"  # smollm2's φ is at most sqrt(576) = 24: τ = 20 (set for 4096-dim backbones) finds no sink
 
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=120, help="images per CHAIR set")
     parser.add_argument("--n-pope", type=int, default=120, help="questions per POPE split")
     parser.add_argument("--model", default="llava-real")
-    parser.add_argument("--parts", default="sets,baseline,pope,fixes,adaptive,pope-fixes,origin")
+    parser.add_argument("--parts", default="sets,baseline,pope,margins,fixes,adaptive,pope-fixes,origin")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             save()
     if "pope" in parts:
         run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", "none",
-                       "--n", str(args.n_pope), "--name", "baseline-pope-partner-missing", *common], log)
+                       "--pope-suffix", POPE_SUFFIX, "--n", str(args.n_pope), "--name",
+                       "baseline-pope-partner-missing", *common], log)
         results["baseline_pope_partner-missing"] = pope_summary(run)
         save()
     if "fixes" in parts:
@@ -141,14 +144,54 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if "pope-fixes" in parts:
         run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
-                       "--splits", "adversarial", "--set", VAR_TAU, "--n", str(args.n_pope),
-                       "--name", "fixes-pope-adversarial", *common], log)
+                       "--controls", "--splits", "adversarial", "--set", VAR_TAU, "--pope-suffix", POPE_SUFFIX,
+                       "--n", str(args.n_pope), "--name", "fixes-pope-adversarial", *common], log)
         results["fixes_pope_adversarial"] = pope_summary(run)
+        save()
+    if "margins" in parts:
+        results["pope_margins"] = yes_margins(args.model, args.n, args.threads)
         save()
     if "origin" in parts:
         results["sinks_by_origin"] = sinks_by_origin(args.data / "in-distribution")
         save()
     print(f"written {args.out}")
+
+
+def yes_margins(model: str, n: int, threads: int) -> dict:
+    """POPE by margin on ``n`` partner-missing scenes: for each, one present object, the absent partner and one
+    absent non-partner (seeded), asked as the POPE files ask (+ ``POPE_SUFFIX``); logit(Yes) - logit(No) at the
+    first answer token (analyses/cooccurrence.py ``yes_margin_table``)."""
+    import random
+
+    import torch
+
+    import headlab
+    from headlab.analyses.cooccurrence import yes_margin_table
+    from headlab.analyses.lvlm_fixes import generate_fixed
+    from headlab.lvlm import LvlmSample
+
+    torch.set_num_threads(threads)
+    loaded = headlab.load(model)
+    tok = loaded.text_tokenizer
+    yes_id, no_id = tok.encode("Yes")[0], tok.encode("No")[0]
+    scenes = S.eval_scenes("partner-missing", n)
+    rng = random.Random(0)
+    items = []  # (scene index, object asked about, kind)
+    for index, scene in enumerate(scenes):
+        present = [p.word for p in scene.placements]
+        anchor = next(w for w in present if w in S.PARTNER)
+        others = [w for w in S.WORDS if w not in present and w != S.PARTNER[anchor]]
+        items += [(index, rng.choice(present), "present"), (index, S.PARTNER[anchor], "partner"),
+                  (index, rng.choice(others), "other")]
+    images = [S.render(scene)[0] for scene in scenes]
+    margins: list[float] = []
+    for start in range(0, len(items), 12):
+        chunk = items[start:start + 12]
+        samples = [LvlmSample(f"Is there {S.article(obj)} {obj} in the image?{POPE_SUFFIX}", [images[index]])
+                   for index, obj, _ in chunk]
+        _, scores = generate_fixed(loaded, samples, max_new_tokens=1, return_scores=True)
+        margins += (scores[:, 0, yes_id] - scores[:, 0, no_id]).float().tolist()
+    return {"scenes": n, "suffix": POPE_SUFFIX, **yes_margin_table(margins, [k for _, _, k in items])}
 
 
 def pope_summary(run: Path) -> dict:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from headlab.analyses.cooccurrence import false_yes_by_split, opportunities, partner_effect, wilson
+from headlab.analyses.cooccurrence import (
+    auc,
+    auc_interval,
+    false_yes_by_split,
+    opportunities,
+    partner_effect,
+    wilson,
+    yes_margin_table,
+)
 
 VOCAB = ["dog", "cat", "saw", "hammer", "apple", "key"]
 PARTNER = {"dog": "cat", "cat": "dog", "saw": "hammer", "hammer": "saw"}
@@ -34,6 +42,25 @@ def test_partner_effect_counts_by_hand():
     assert effect["rate_ratio"] == pytest.approx((1 / 2) / (2 / 13))
     low, high = effect["rate_difference_ci"]
     assert low <= effect["rate_difference"] <= high
+
+
+def test_auc_counts_pairs_by_hand():
+    # pairs (a, b): 3 > 1, 3 > 2, 3 = 3 (half), 2 > 1, 2 = 2 (half), 2 < 3: (3 + 2 · 0.5) / 6
+    assert auc([3, 2], [1, 2, 3]) == pytest.approx(4 / 6)
+    assert auc([1, 1], [2]) == 0.0 and auc([0.5], [0.5]) == 0.5
+    value, low, high = auc_interval([3, 2, 4, 5], [1, 2, 0, 1], resamples=300)
+    assert value == pytest.approx(15.5 / 16) and low <= value <= high <= 1
+
+
+def test_yes_margin_table_reads_grounding_and_co_occurrence():
+    margins = [2.0, 1.5, 0.5, -0.2, 0.1, 0.3, -1.0, -2.0, -0.5]
+    kinds = ["present"] * 3 + ["partner"] * 3 + ["other"] * 3
+    table = yes_margin_table(margins, kinds, resamples=200)
+    assert table["present"]["yes_rate"] == 1.0 and table["partner"]["yes_rate"] == pytest.approx(2 / 3)
+    assert table["other"]["yes_rate"] == 0.0 and table["other"]["mean_margin"] == pytest.approx(-3.5 / 3)
+    assert table["auc_partner_vs_other"]["auc"] == 1.0  # every partner margin above every other one
+    # present vs the six absent: 2.0, 1.5 and 0.5 are above every absent margin (the largest is 0.3)
+    assert table["auc_present_vs_absent"]["auc"] == pytest.approx(18 / 18)
 
 
 def test_false_yes_by_split():
