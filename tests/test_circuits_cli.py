@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import json
 
+from circuit_helpers import byte_task
 from typer.testing import CliRunner
 
-from headlab.analyses.circuit_tasks import CircuitExample, CircuitTask, write_jsonl
 from headlab.cli import analyze_app
 from headlab.result import Result
 
 runner = CliRunner()
 
 
-def _task(tmp_path, name: str, where: int):
-    """Byte-level prompts for tiny-llama's tokenizer: the letter at ``where`` differs, answers are letters."""
-    letters = "abcdefgh"
-    examples = []
-    for i in range(6):
-        a, b = letters[i], letters[(i + 3) % 8]
-        words = list("xyzw")
-        clean, cf = list(words), list(words)
-        clean[where], cf[where] = a, b
-        examples.append(CircuitExample("".join(clean), a, "".join(cf), b))
-    path = tmp_path / f"{name}.jsonl"
-    write_jsonl(CircuitTask(name, examples), path)
-    return path
 
 
 def test_circuits_command_writes_a_run_and_graphs(tmp_path, monkeypatch):
-    first, second = _task(tmp_path, "first", 0), _task(tmp_path, "second", 1)
+    first, second = byte_task(tmp_path, "first", 0), byte_task(tmp_path, "second", 1)
     result = runner.invoke(analyze_app, ["circuits", "--model", "tiny-llama", "--tasks", f"{first},{second}",
                                          "--n", "6", "--top", "0.25", "--method", "path", "--draws", "3",
                                          "--graph-dir", str(tmp_path / "graphs"), "--out", str(tmp_path / "runs"),
@@ -84,7 +71,7 @@ def _array(value):
 
 def test_circuits_command_refuses_bad_input_before_writing(tmp_path):
     out = tmp_path / "runs"
-    twice = _task(tmp_path, "same", 0)
+    twice = byte_task(tmp_path, "same", 0)
     for args, message in ((["--method", "exact"], "--method must be one of"),
                           (["--top", "0"], "--top is a share"),
                           (["--tasks", "ioi"], "one-token names"),

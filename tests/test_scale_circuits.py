@@ -15,34 +15,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from circuit_helpers import byte_task
 
 import headlab
 from headlab.analyses import circuits as C
-from headlab.analyses.circuit_tasks import CircuitExample, CircuitTask, read_jsonl, tokenize_task, write_jsonl
+from headlab.analyses.circuit_tasks import read_jsonl, tokenize_task
 from headlab.analyses.path_patching import AttributionPatching, SenderPatching, all_heads, path_patching
 from headlab.errors import RunStoreError
 from headlab.result import Result
 from headlab.tally import Scale, Shard, ShardDone, load_states, merge_all, save_states, scaled, tally
 
 
-def _task(folder: Path, name: str, where: int) -> Path:
-    """Byte-level prompts for tiny-llama's tokenizer: the letter at ``where`` differs, answers are letters."""
-    letters = "abcdefgh"
-    examples = []
-    for i in range(6):
-        a, b = letters[i], letters[(i + 3) % 8]
-        clean, cf = list("xyzw"), list("xyzw")
-        clean[where], cf[where] = a, b
-        examples.append(CircuitExample("".join(clean), a, "".join(cf), b))
-    path = folder / f"{name}.jsonl"
-    write_jsonl(CircuitTask(name, examples), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("tasks")
-    return str(_task(folder, "first", 0)), str(_task(folder, "second", 1))
+    return str(byte_task(folder, "first", 0)), str(byte_task(folder, "second", 1))
 
 
 @pytest.fixture(scope="module")

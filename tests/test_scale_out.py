@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from circuit_helpers import byte_task
 from typer.testing import CliRunner
 
 from headlab.cli import analyze_app, headlab_app
@@ -193,20 +194,6 @@ def _same_run(a: Path, b: Path) -> None:
     assert x.prompts == y.prompts and x.input_hash == y.input_hash
 
 
-def _circuit_task(folder: Path, name: str, where: int) -> Path:
-    """Byte-level prompts for tiny-llama's tokenizer: the letter at ``where`` differs, the answer is that letter."""
-    from headlab.analyses.circuit_tasks import CircuitExample, CircuitTask, write_jsonl
-
-    letters = "abcdefgh"
-    examples = []
-    for i in range(6):
-        a, b = letters[i], letters[(i + 3) % 8]
-        clean, cf = list("xyzw"), list("xyzw")
-        clean[where], cf[where] = a, b
-        examples.append(CircuitExample("".join(clean), a, "".join(cf), b))
-    path = folder / f"{name}.jsonl"
-    write_jsonl(CircuitTask(name, examples), path)
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -215,7 +202,7 @@ def lvlm_and_circuit_commands(tmp_path_factory):
     from headlab.training import lvlm_data as D
 
     folder = tmp_path_factory.mktemp("inputs")
-    tasks = f"{_circuit_task(folder, 'first', 0)},{_circuit_task(folder, 'second', 1)}"
+    tasks = f"{byte_task(folder, 'first', 0)},{byte_task(folder, 'second', 1)}"
     D.write_dataset(folder / "set", D.eval_scenes("weak", 5))
     COMMANDS["circuits"] = ["circuits", "--model", "tiny-llama", "--tasks", tasks, "--n", "6", "--top", "0.25",
                             "--method", "path", "--draws", "3", "--batch-size", "4", "--senders-per-pass", "5",
@@ -325,7 +312,7 @@ def test_bad_scale_options_are_refused_before_the_model_loads(tmp_path, monkeypa
     result = runner.invoke(analyze_app, SINKS + out + ["--device-map", "auto"])
     assert result.exit_code == 2 and "own replica" in result.output
     result = runner.invoke(analyze_app, SINKS + out + ["--runtime", "nnsight"])
-    assert result.exit_code == 2 and "torchrun ranks" in result.output
+    assert result.exit_code == 2 and "not split over ranks" in result.output
     result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2"])
     assert result.exit_code == 2 and "ranks of ranks" in result.output
     assert not (tmp_path / "runs").exists()

@@ -210,6 +210,18 @@ def dataclass_dict(config: Any) -> Any:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
 
 
+def _check_ranks(how: str, args: ScaleArgs, device_map: Any, remote: bool, runtime: str) -> None:
+    """What cannot run on ranks, however they start (``how``: ``--nproc`` or ``torchrun``)."""
+    if args.shard is not None:
+        raise InputError(f"--shard and {how} split the inputs twice: use {how} on one machine (or one job), "
+                         "--shard i/n across the jobs of an array")
+    if device_map is not None:
+        raise InputError(f"--device-map spreads one model over the GPUs, and {how} gives each rank its own replica: "
+                         "use one of them (docs/scale.md)")
+    if remote or runtime == "nnsight":
+        raise InputError(f"NDIF and nnsight runs are not split over ranks: run them in one process, without {how}")
+
+
 def plan_scale(args: ScaleArgs, *, command: str, device_map: Any, remote: bool, runtime: str) -> ScalePlan:
     """The plan for this process; refuses combinations that cannot work, before any model loads."""
     from headlab.distributed import from_environment
@@ -236,25 +248,11 @@ def plan_scale(args: ScaleArgs, *, command: str, device_map: Any, remote: bool, 
     if args.nproc > 1:
         if ranks is not None:
             raise InputError("--nproc inside torchrun would start ranks of ranks: use one of them")
-        if args.shard is not None:
-            raise InputError("--shard and --nproc split the inputs twice: use --nproc on one machine, --shard i/n "
-                             "across the jobs of an array")
-        if device_map is not None:
-            raise InputError("--device-map spreads one model over the GPUs, and --nproc gives each rank its own "
-                             "replica: use one of them (docs/scale.md)")
-        if remote or runtime == "nnsight":
-            raise InputError("NDIF and nnsight runs are not split over ranks: drop --nproc")
+        _check_ranks("--nproc", args, device_map, remote, runtime)
         plan.mode, plan.nproc = "launch", args.nproc
         return plan
     if ranks is not None:
-        if args.shard is not None:
-            raise InputError("--shard and torchrun split the inputs twice: use one (torchrun ranks on one job, "
-                             "--shard i/n across the jobs of an array)")
-        if device_map is not None:
-            raise InputError("--device-map spreads one model over the GPUs, and torchrun gives each rank its own "
-                             "replica: use one of them (docs/scale.md)")
-        if remote or runtime == "nnsight":
-            raise InputError("NDIF and nnsight runs are not split over torchrun ranks: run them in one process")
+        _check_ranks("torchrun", args, device_map, remote, runtime)
         plan.mode, plan.ranks, plan.shard = "ranks", ranks, ranks.shard
         return plan
     if args.shard is not None:
