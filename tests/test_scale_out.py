@@ -293,28 +293,27 @@ def test_merge_refuses_parts_that_do_not_make_one_run(tmp_path, whole_sinks):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_bad_scale_options_are_refused_before_the_model_loads(tmp_path, monkeypatch):
-    out = ["--out", str(tmp_path / "runs")]
-    result = runner.invoke(analyze_app, SINKS + out + ["--shard", "4/4"])
-    assert result.exit_code == 2 and "--shard 4/4" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--checkpoint-every", "-1"])
-    assert result.exit_code == 2 and "--checkpoint-every" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "0"])
-    assert result.exit_code == 2 and "--nproc must be at least 1" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2", "--shard", "0/2"])
-    assert result.exit_code == 2 and "split the inputs twice" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2", "--device-map", "auto"])
-    assert result.exit_code == 2 and "own replica" in result.output
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = runner.invoke(analyze_app, SINKS + out + ["--shard", "0/2"])
-    assert result.exit_code == 2 and "split the inputs twice" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--device-map", "auto"])
-    assert result.exit_code == 2 and "own replica" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--runtime", "nnsight"])
-    assert result.exit_code == 2 and "not split over ranks" in result.output
-    result = runner.invoke(analyze_app, SINKS + out + ["--nproc", "2"])
-    assert result.exit_code == 2 and "ranks of ranks" in result.output
+BAD_SCALE = [  # (inside torchrun?, options, what the error says)
+    (False, ["--shard", "4/4"], "--shard 4/4"),
+    (False, ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (False, ["--nproc", "0"], "--nproc must be at least 1"),
+    (False, ["--nproc", "2", "--shard", "0/2"], "split the inputs twice"),
+    (False, ["--nproc", "2", "--device-map", "auto"], "own replica"),
+    (True, ["--shard", "0/2"], "split the inputs twice"),
+    (True, ["--device-map", "auto"], "own replica"),
+    (True, ["--runtime", "nnsight"], "not split over ranks"),
+    (True, ["--nproc", "2"], "ranks of ranks"),
+]
+
+
+@pytest.mark.parametrize("in_torchrun,options,message", BAD_SCALE)
+def test_bad_scale_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, in_torchrun, options,
+                                                              message):
+    if in_torchrun:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(analyze_app, SINKS + ["--out", str(tmp_path / "runs"), *options])
+    assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "runs").exists()
 
 
