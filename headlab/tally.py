@@ -265,10 +265,6 @@ class Scale:
         # Every rank merges every rank's states in rank order (rank 0's first: input order) and goes on.
         return merge_all(self.exchange(work.state_dict()), work)
 
-    @property
-    def used(self) -> bool:
-        return bool(self.passes)
-
 
 _SCALE: ContextVar[Scale | None] = ContextVar("headlab_scale", default=None)
 
