@@ -9,7 +9,9 @@
 2. ``baseline``: plain captions → CHAIR and the partner effect (analyses/cooccurrence.py) on both sets; ``pope``:
    POPE's three splits on the partner-missing set → false "yes" per split (the adversarial split asks about the
    absent partner first); questions end with " Answer yes or no.", as the recipe's do. ``margins``: POPE read by
-   logit(Yes) - logit(No), per present object, absent partner and absent non-partner, with AUCs.
+   logit(Yes) - logit(No), per present object, absent partner and absent non-partner, with AUCs;
+   ``text-margins``: the same questions to the same frozen LM with the scene's true caption instead of the image
+   (can the language model answer from the objects written out?).
 3. ``fixes``: ``analyze hallucination`` (the CLI, one run per call, saved under ``--runs``) with every fix and its
    random control on the partner-missing set, then the adaptive variants (against the plain ones of the run before,
    on the same images), then POPE adversarial on the same images (no controls for these two, for time); the
@@ -151,16 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     if "margins" in parts:
         results["pope_margins"] = yes_margins(args.model, args.n, args.threads)
         save()
+    if "text-margins" in parts:
+        results["pope_margins_text_control"] = yes_margins(args.model, args.n, args.threads, as_text=True)
+        save()
     if "origin" in parts:
         results["sinks_by_origin"] = sinks_by_origin(args.data / "in-distribution")
         save()
     print(f"written {args.out}")
 
 
-def yes_margins(model: str, n: int, threads: int) -> dict:
+def yes_margins(model: str, n: int, threads: int, as_text: bool = False) -> dict:
     """POPE by margin on ``n`` partner-missing scenes: for each, one present object, the absent partner and one
     absent non-partner (seeded), asked as the POPE files ask (+ ``POPE_SUFFIX``); logit(Yes) - logit(No) at the
-    first answer token (analyses/cooccurrence.py ``yes_margin_table``)."""
+    first answer token (analyses/cooccurrence.py ``yes_margin_table``). ``as_text``: the control without the
+    image: the scene's true caption written before the question, to the same frozen language model."""
     import random
 
     import torch
@@ -187,11 +193,14 @@ def yes_margins(model: str, n: int, threads: int) -> dict:
     margins: list[float] = []
     for start in range(0, len(items), 12):
         chunk = items[start:start + 12]
-        samples = [LvlmSample(f"Is there {S.article(obj)} {obj} in the image?{POPE_SUFFIX}", [images[index]])
+        question = "Is there {} {} in the image?" + POPE_SUFFIX
+        samples = [LvlmSample(f"{S.caption_text(scenes[index].objects)} {question.format(S.article(obj), obj)}")
+                   if as_text else LvlmSample(question.format(S.article(obj), obj), [images[index]])
                    for index, obj, _ in chunk]
         _, scores = generate_fixed(loaded, samples, max_new_tokens=1, return_scores=True)
         margins += (scores[:, 0, yes_id] - scores[:, 0, no_id]).float().tolist()
-    return {"scenes": n, "suffix": POPE_SUFFIX, **yes_margin_table(margins, [k for _, _, k in items])}
+    return {"scenes": n, "suffix": POPE_SUFFIX, "as_text": as_text,
+            **yes_margin_table(margins, [k for _, _, k in items])}
 
 
 def pope_summary(run: Path) -> dict:
