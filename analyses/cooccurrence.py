@@ -142,3 +142,25 @@ def yes_margin_table(margins: Sequence[float], kinds: Sequence[str], resamples: 
         value, low, high = auc_interval(hi, lo, resamples, seed)
         out[f"auc_{name}"] = {"auc": value, "ci": [low, high]}
     return out
+
+
+def false_yes_by_partner(said: Sequence[str], objects: Sequence[str], present: Sequence[set[str]],
+                         partner: Mapping[str, str]) -> dict:
+    """POPE's "no" questions split by what they ask about: an absent *partner* of an object in the image (what the
+    adversarial split asks first) or an absent *other* object. ``said``: the parsed answers ("yes"/"no"/…),
+    ``objects``: the object each asks about, ``present``: the image's objects; questions about a present object
+    are skipped. Rates with Wilson intervals, and Fisher's exact one-sided test (partner more often "yes")."""
+    from scipy.stats import fisher_exact
+
+    counts = {"partner": [0, 0], "other": [0, 0]}  # [yes, questions]
+    for answer, obj, here in zip(said, objects, present, strict=True):
+        if obj in here:
+            continue
+        kind = "partner" if any(partner.get(o) == obj for o in here) else "other"
+        counts[kind][0] += answer == "yes"
+        counts[kind][1] += 1
+    out: dict = {kind: {"false_yes": yes, "no_questions": n, "false_yes_rate": yes / n if n else float("nan"),
+                        "false_yes_rate_ci": list(wilson(yes, n))} for kind, (yes, n) in counts.items()}
+    (py, pn), (oy, on) = counts["partner"], counts["other"]
+    out["fisher_p_partner_more"] = float(fisher_exact([[py, pn - py], [oy, on - oy]], alternative="greater")[1])
+    return out

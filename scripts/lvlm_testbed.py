@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", "none",
                        "--pope-suffix", POPE_SUFFIX, "--n", str(args.n_pope), "--name",
                        "baseline-pope-partner-missing", *common], log)
-        results["baseline_pope_partner-missing"] = pope_summary(run)
+        results["baseline_pope_partner-missing"] = pope_summary(run, args.data / "partner-missing")
         save()
     if "fixes" in parts:
         run = analyze(["--bench", "chair", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     if "pope-fixes" in parts:
         run = analyze(["--bench", "pope", "--data", str(args.data / "partner-missing"), "--methods", FIX_METHODS,
                        "--controls", "--splits", "adversarial", "--set", VAR_TAU, "--pope-suffix", POPE_SUFFIX,
+                       "--max-new-tokens", "3",  # "Yes." / "No.": the parser reads the first word
                        "--n", str(args.n_pope), "--name", "fixes-pope-adversarial", *common], log)
-        results["fixes_pope_adversarial"] = pope_summary(run)
+        results["fixes_pope_adversarial"] = pope_summary(run, args.data / "partner-missing")
         save()
     if "margins" in parts:
         results["pope_margins"] = yes_margins(args.model, args.n, args.threads)
@@ -203,18 +204,27 @@ def yes_margins(model: str, n: int, threads: int, as_text: bool = False) -> dict
             **yes_margin_table(margins, [k for _, _, k in items])}
 
 
-def pope_summary(run: Path) -> dict:
-    """Metrics per method and split, and the false-yes rate per split (analyses/cooccurrence.py)."""
-    from headlab.analyses.cooccurrence import false_yes_by_split
+def pope_summary(run: Path, folder: Path) -> dict:
+    """Metrics per method and split, the false-yes rate per split, and per split the false-yes rate on absent
+    partners against other absent objects (analyses/cooccurrence.py)."""
+    import re
+
+    from headlab.analyses.cooccurrence import false_yes_by_partner, false_yes_by_split
     from headlab.result import Result
 
     result = Result.load(run)
     answers = result.tables["answers"]
-    out = {**run_tables(run), "false_yes": {}}
+    truth = scenes_of(folder)
+    out = {**run_tables(run), "false_yes": {}, "false_yes_by_partner": {}}
     for method, rows in answers.groupby("method", sort=False):
         by_split = {s: list(r["answer"]) for s, r in rows.groupby("split", sort=False)}
         questions = {s: [{"label": label} for label in r["label"]] for s, r in rows.groupby("split", sort=False)}
         out["false_yes"][method] = false_yes_by_split(by_split, questions)
+        out["false_yes_by_partner"][method] = {
+            split: false_yes_by_partner(list(r["read_as"]),
+                                        [re.match(r"Is there an? (\w+) in", q)[1] for q in r["question"]],
+                                        [truth[i] for i in r["image"]], S.PARTNER)
+            for split, r in rows.groupby("split", sort=False)}
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from headlab.analyses.cooccurrence import (
     auc,
     auc_interval,
+    false_yes_by_partner,
     false_yes_by_split,
     opportunities,
     partner_effect,
@@ -61,6 +62,17 @@ def test_yes_margin_table_reads_grounding_and_co_occurrence():
     assert table["auc_partner_vs_other"]["auc"] == 1.0  # every partner margin above every other one
     # present vs the six absent: 2.0, 1.5 and 0.5 are above every absent margin (the largest is 0.3)
     assert table["auc_present_vs_absent"]["auc"] == pytest.approx(18 / 18)
+
+
+def test_false_yes_by_partner_counts_by_hand():
+    said = ["yes", "no", "yes", "yes", "no", "no"]
+    objects = ["cat", "hammer", "dog", "key", "apple", "saw"]
+    present = [{"dog"}, {"saw"}, {"dog"}, {"dog"}, {"saw"}, {"dog"}]
+    # cat | dog: partner, yes; hammer | saw: partner, no; dog | dog: present, skipped; key, apple, saw: other
+    out = false_yes_by_partner(said, objects, present, PARTNER)
+    assert (out["partner"]["false_yes"], out["partner"]["no_questions"]) == (1, 2)
+    assert (out["other"]["false_yes"], out["other"]["no_questions"]) == (1, 3)
+    assert 0 < out["fisher_p_partner_more"] <= 1
 
 
 def test_false_yes_by_split():
