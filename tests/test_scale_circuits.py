@@ -144,7 +144,7 @@ def test_public_functions_ignore_the_callers_scale(llama, tasks):
     plain = path_patching(llama, batch, batch_size=4, senders_per_pass=5)
     with scaled(Scale(mode="shard", shard=Shard(0, 2))) as scale:
         assert torch.equal(path_patching(llama, batch, batch_size=4, senders_per_pass=5), plain)
-    assert not scale.used
+    assert scale.passes == []  # the scale saw no pass: the function ran its units itself
 
 
 def test_ranks_shard_both_passes_and_agree(tasks, whole):
