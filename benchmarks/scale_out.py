@@ -37,13 +37,12 @@ BIN = Path(sys.executable).parent
 
 
 def prompt_file(folder: Path, n: int) -> Path:
+    from headlab.cli.scaling import write_prompts_file
     from headlab.prompts import bundled_prompts
 
     bundled = bundled_prompts()
-    lines = [f"{bundled[i % len(bundled)]} {bundled[(7 * i + 3) % len(bundled)]}" for i in range(n)]
-    path = folder / "prompts.txt"
-    path.write_text("".join(line.replace("\n", "\\n") + "\n" for line in lines), encoding="utf-8")
-    return path
+    return write_prompts_file(folder, [f"{bundled[i % len(bundled)]} {bundled[(7 * i + 3) % len(bundled)]}"
+                                       for i in range(n)])
 
 
 def command(args: argparse.Namespace, prompts: Path) -> list[str]:
